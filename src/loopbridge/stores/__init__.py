@@ -1,0 +1,62 @@
+"""Object stores the checkpoint uploader writes to: S3 (the `s3` extra) and local files.
+
+`open_store(url)` builds one from `s3://bucket/prefix`, `file:///dir` or a plain path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from loopbridge.stores.keys import escape_segment, join_key
+from loopbridge.stores.local import LocalStore
+from loopbridge.stores.protocol import ObjectInfo, ObjectStore, PutResult
+from loopbridge.stores.s3 import S3Store
+
+__all__ = [
+    "LocalStore",
+    "ObjectInfo",
+    "ObjectStore",
+    "PutResult",
+    "S3Store",
+    "escape_segment",
+    "join_key",
+    "open_store",
+]
+
+
+def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
+    """Build the store a destination URL names; `options` go to the store's constructor.
+
+    `s3://bucket/prefix` gives an `S3Store` (aioboto3 is imported only when it first talks
+    to S3); `file:///dir` or a plain path gives a `LocalStore`.
+
+    Raises:
+        ValueError: the URL has another scheme, no bucket, or an unsafe prefix.
+    """
+    text = os.fspath(url)
+    if "://" not in text:
+        if not text:
+            msg = "empty store destination: give s3://bucket/prefix, file:///dir or a path"
+            raise ValueError(msg)
+        return LocalStore(text, **options)
+    parts = urlsplit(text)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            msg = f"S3 destination {text!r} has no bucket: write it as s3://bucket/prefix"
+            raise ValueError(msg)
+        if parts.query or parts.fragment:
+            msg = f"S3 destination {text!r} has a query or fragment; give s3://bucket/prefix only"
+            raise ValueError(msg)
+        return S3Store(parts.netloc, parts.path, **options)
+    if parts.scheme == "file":
+        if parts.netloc not in {"", "localhost"}:
+            msg = (
+                f"file URL {text!r} names the host {parts.netloc!r}; write file:///absolute/dir "
+                f"(three slashes) or a plain path"
+            )
+            raise ValueError(msg)
+        return LocalStore(unquote(parts.path), **options)
+    msg = f"unsupported store URL scheme {parts.scheme!r} in {text!r}: use s3://, file:// or a path"
+    raise ValueError(msg)

@@ -1,0 +1,95 @@
+"""A local file being uploaded: read in order, hashed as read, and checked for changes.
+
+The file is opened once and read through that descriptor, so a file deleted mid-upload
+still reads consistently; what catches the deletion, or a rewrite, is comparing the path's
+stat (device, inode, size, mtime) and the bytes read with what they were at the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from loopbridge._exceptions import IntegrityError
+
+__all__ = ["SourceFile"]
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The parts of a stat that change when a file is replaced or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class SourceFile:
+    """An open local file whose bytes are hashed (sha256 overall, md5 per part) as read."""
+
+    def __init__(self, path: Path, key: str, handle: BinaryIO) -> None:
+        self.path = path
+        self.key = key
+        self._handle = handle
+        self._before = _fingerprint(os.fstat(handle.fileno()))
+        self._sha = hashlib.sha256()
+        self._read = 0
+
+    @classmethod
+    async def open(cls, path: Path, key: str) -> SourceFile:
+        """Open `path` for upload to `key`.
+
+        Raises:
+            IntegrityError: the file is gone (deleted while its upload was queued).
+        """
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as exc:
+            msg = f"cannot upload {key!r}: the local file {str(path)!r} disappeared before upload"
+            raise IntegrityError(msg, key=key) from exc
+        return cls(path, key, handle)
+
+    @property
+    def size(self) -> int:
+        """The size when the file was opened."""
+        return self._before[2]
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the bytes read so far."""
+        return self._sha.hexdigest()
+
+    def _read_part(self, size: int) -> tuple[bytes, bytes]:
+        """Read and hash up to `size` bytes; runs in a worker thread (hashing frees the GIL)."""
+        data = self._handle.read(size)
+        self._sha.update(data)
+        self._read += len(data)
+        return data, hashlib.md5(data, usedforsecurity=False).digest()
+
+    async def read_part(self, size: int) -> tuple[bytes, bytes]:
+        """The next `size` bytes (fewer at the end) and their MD5 digest."""
+        return await asyncio.to_thread(self._read_part, size)
+
+    def _problem(self, expected_sha256: str | None) -> str | None:
+        """What changed since the file was opened, or None."""
+        try:
+            after = _fingerprint(self.path.stat())
+        except FileNotFoundError:
+            return "was deleted while it was uploaded"
+        if after != self._before:
+            return "changed while it was uploaded (size, mtime or inode differ)"
+        if self._read != self._before[2]:
+            return f"gave {self._read} bytes, not the {self._before[2]} it had when opened"
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            return f"has sha256 {self.sha256}, not the expected {expected_sha256}"
+        return None
+
+    async def check_unchanged(self, expected_sha256: str | None = None) -> None:
+        """Raise IntegrityError if the file changed or vanished, or its bytes are not expected."""
+        problem = await asyncio.to_thread(self._problem, expected_sha256)
+        if problem is not None:
+            msg = f"refusing to publish {self.key!r}: the local file {str(self.path)!r} {problem}"
+            raise IntegrityError(msg, key=self.key)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._handle.close()

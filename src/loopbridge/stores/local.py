@@ -1,0 +1,242 @@
+"""`LocalStore`: objects as files under a root directory, published atomically.
+
+A put streams into a temporary name in the target directory, fsyncs it, checks that the
+source did not change while it was read, and only then renames it into place (and fsyncs the
+directory), so a reader sees either the old object or the whole new one. It suits a local
+disk and shared filesystems alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from loopbridge._digest import CHUNK_BYTES
+from loopbridge._exceptions import IntegrityError, StoreError
+from loopbridge.stores.keys import join_key
+from loopbridge.stores.protocol import ObjectInfo, PutResult
+
+__all__ = ["LocalStore"]
+
+_TMP_MARK = ".lb-tmp-"
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The parts of a stat that change when a file is replaced or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class LocalStore:
+    """An `ObjectStore` over a directory; keys map to relative paths under `root`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self._root)!r})"
+
+    @property
+    def url(self) -> str:
+        """The root as a `file://` URL."""
+        return self._root.as_uri()
+
+    @property
+    def root(self) -> Path:
+        """The directory that holds the objects."""
+        return self._root
+
+    @property
+    def retries(self) -> int:
+        """Always 0: local writes are not retried."""
+        return 0
+
+    def _path(self, key: str) -> Path:
+        """The file for `key`, after the key passed the safety checks."""
+        return self._root / join_key(key)
+
+    async def put_file(
+        self, key: str, path: Path, *, expected_sha256: str | None = None
+    ) -> PutResult:
+        """Copy `path` to `key` through a temporary file; refuse it if the source changed."""
+        target = self._path(key)
+        return await asyncio.to_thread(self._copy_file, key, Path(path), target, expected_sha256)
+
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> PutResult:
+        """Write `data` to `key` through a temporary file."""
+        target = self._path(key)
+        return await asyncio.to_thread(self._write_bytes, key, data, target)
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """Read the file for `key`, or None when there is none."""
+        target = self._path(key)
+        try:
+            return await asyncio.to_thread(target.read_bytes)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size and modification time of the file for `key`, or None when there is none."""
+        target = self._path(key)
+        try:
+            st = await asyncio.to_thread(target.stat)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
+
+    async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        """Every file whose key starts with `prefix`, skipping unfinished temporary files."""
+        return await asyncio.to_thread(self._list, prefix)
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Remove the files for `keys`, then any directories that became empty."""
+        targets = [self._path(key) for key in keys]
+        await asyncio.to_thread(self._delete, targets)
+
+    async def aclose(self) -> None:
+        """Nothing to release: files are opened and closed per call."""
+
+    def _copy_file(
+        self, key: str, source: Path, target: Path, expected_sha256: str | None
+    ) -> PutResult:
+        """Stream `source` into `target`, hashing as it goes; runs in a worker thread."""
+        try:
+            src = source.open("rb")
+        except FileNotFoundError as exc:
+            msg = f"cannot store {key!r}: the local file {str(source)!r} disappeared before upload"
+            raise IntegrityError(msg, key=key) from exc
+        hasher = hashlib.sha256()
+        size = 0
+        with src:
+            before = _fingerprint(os.fstat(src.fileno()))
+            tmp = self._tmp_path(target)
+            try:
+                with tmp.open("wb") as dst:
+                    while chunk := src.read(CHUNK_BYTES):
+                        hasher.update(chunk)
+                        size += len(chunk)
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                sha = hasher.hexdigest()
+                self._check_unchanged(
+                    key=key,
+                    source=source,
+                    before=before,
+                    size=size,
+                    sha=sha,
+                    expected_sha256=expected_sha256,
+                )
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+        self._fsync_dir(target.parent)
+        return PutResult(key=key, size=size, sha256=sha, etag=None)
+
+    def _write_bytes(self, key: str, data: bytes, target: Path) -> PutResult:
+        """Write `data` into `target` atomically; runs in a worker thread."""
+        tmp = self._tmp_path(target)
+        try:
+            with tmp.open("wb") as dst:
+                dst.write(data)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self._fsync_dir(target.parent)
+        return PutResult(
+            key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(), etag=None
+        )
+
+    @staticmethod
+    def _check_unchanged(
+        *,
+        key: str,
+        source: Path,
+        before: tuple[int, int, int, int],
+        size: int,
+        sha: str,
+        expected_sha256: str | None,
+    ) -> None:
+        """Raise IntegrityError if the source was replaced, rewritten or removed while read."""
+        try:
+            after: tuple[int, int, int, int] | None = _fingerprint(source.stat())
+        except FileNotFoundError:
+            after = None
+        problem = None
+        if after is None:
+            problem = "was deleted while it was read"
+        elif after != before or size != before[2]:
+            problem = "changed while it was read (size, mtime or inode differ)"
+        elif expected_sha256 is not None and sha != expected_sha256:
+            problem = f"has sha256 {sha}, not the expected {expected_sha256}"
+        if problem is not None:
+            msg = f"refusing to store {key!r}: the local file {str(source)!r} {problem}"
+            raise IntegrityError(msg, key=key)
+
+    def _tmp_path(self, target: Path) -> Path:
+        """A fresh temporary name beside `target`, creating its directory."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = f"cannot create the directory {str(target.parent)!r} in {self.url}: {exc}"
+            raise StoreError(msg, key=str(target.relative_to(self._root))) from exc
+        return target.with_name(f"{_TMP_MARK}{uuid.uuid4().hex}-{target.name}")
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        """Persist a rename: fsync the directory that holds the new name."""
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
+        """Walk only the directory that can hold keys with `prefix`; runs in a worker thread."""
+        head, _, _ = prefix.rpartition("/")
+        start = self._path(head) if head else self._root
+        found: builtins.list[ObjectInfo] = []
+        if not start.is_dir():
+            return found
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
+                if name.startswith(_TMP_MARK):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self._root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = full.stat()
+                    found.append(ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def _delete(self, targets: builtins.list[Path]) -> None:
+        """Unlink files and prune the directories they leave empty, up to the root."""
+        parents: set[Path] = set()
+        for target in targets:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            parents.add(target.parent)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            current = parent
+            while current != self._root and self._root in current.parents:
+                try:
+                    current.rmdir()
+                except OSError:
+                    break
+                current = current.parent

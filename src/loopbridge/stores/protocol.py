@@ -1,0 +1,94 @@
+"""The `ObjectStore` protocol that the checkpoint uploader writes through, and its results."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+__all__ = ["ObjectInfo", "ObjectStore", "PutResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a put verified: the key, the bytes sent, their sha256, and the store's ETag.
+
+    `sha256` is the hex digest of exactly the bytes that were read and stored, hashed while
+    streaming. `parts` is 1 for a single request. `retries` counts retried requests of this put.
+    """
+
+    key: str
+    size: int
+    sha256: str
+    etag: str | None
+    parts: int = 1
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object as `head` and `list` see it."""
+
+    key: str
+    size: int
+    etag: str | None = None
+    last_modified: float | None = None
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """An async object store: keys are `/`-separated and relative to the store's own prefix.
+
+    Implementations verify what they store: a put returns only after the stored size (and,
+    where the store offers one, its checksum or ETag) matches what was read, and raises
+    `IntegrityError` otherwise. Permanent refusals raise `PermanentStoreError`; other failures,
+    after the store's own retries, raise `StoreError`. Each error names the key.
+    """
+
+    @property
+    def url(self) -> str:
+        """Where the store writes, as a URL without credentials (`s3://b/p`, `file:///d`)."""
+        ...
+
+    @property
+    def retries(self) -> int:
+        """How many requests this store has retried since it was created."""
+        ...
+
+    async def put_file(
+        self, key: str, path: Path, *, expected_sha256: str | None = None
+    ) -> PutResult:
+        """Stream the file at `path` to `key`; refuse to publish it if it changed meanwhile.
+
+        If `expected_sha256` (hex) is given and the bytes read differ, nothing is published
+        at `key` where the store can avoid it, and `IntegrityError` is raised.
+        """
+        ...
+
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> PutResult:
+        """Store `data` at `key` in one request."""
+        ...
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        """Read the object at `key`, or None when there is none."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Describe the object at `key`, or None when there is none."""
+        ...
+
+    async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        """Every object whose key starts with `prefix`, sorted by key."""
+        ...
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete the objects at `keys`; keys that do not exist are ignored."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the clients this store opened on the running event loop."""
+        ...
