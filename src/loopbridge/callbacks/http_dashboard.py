@@ -1,0 +1,622 @@
+"""HttpDashboard: post step metrics, evals, benchmarks and run lifecycle events as JSON batches.
+
+The loop thread only appends to a per-run buffer; a pump task on the bridge loop takes batches
+(by size, by age, at train end and at run end), encodes them and posts them with one
+`httpx.AsyncClient`, in order per run.
+
+Payload, `schema_version` 1 (one JSON object per POST, `Content-Type: application/json`)::
+
+    {
+      "schema_version": 1,
+      "run": {"run_name": str|null, "run_id": str|null, "experiment": str|null,
+              "arm": str|null, "group": str|null, "repeat": int|null, "stage": int|null},
+      "batch": int,                     # 0, 1, 2... per run, in posting order
+      "events": [event, ...]            # in the order the hooks fired ("seq" ascending)
+    }
+
+Each event has "seq" (per run, from 0; null for "gap"), "type" and "time" (unix seconds):
+
+- "run_start":  {"config": {...}}                                  (Experiment runs)
+- "train_start": {"step": int, "max_steps": int|null, "config": {...}}
+- "step":       {"step": int, "metrics": {str: number}}            `step` = steps completed
+- "eval":       {"step": int, "name": str, "metrics": {...}}
+- "benchmark":  {"step": int|null, "name": str, "metrics": {...}, "breakdowns": {...},
+                 "tags": {...}, "predictions": [...]}               `step` null = post-training
+- "checkpoint": {"step": int, "path": str, "size_bytes": int, "digest": str|null,
+                 "is_final": bool}
+- "train_end":  {"step": int, "steps_completed": int, "stop_reason": str}
+- "run_end":    {"status": "completed"|"failed", "final_metrics": {...}, "error": str|null}
+- "gap":        {"dropped_steps": int}   step rows dropped from a full buffer before this batch
+
+Numbers that JSON cannot hold are sent as strings: "NaN", "Infinity", "-Infinity".
+
+Only "step" events are ever dropped: when the buffer holds `max_buffer_rows` step rows, each
+new row pushes out the oldest waiting one. The batch being posted is kept and retried. Drops
+are counted exactly, logged, reported through `Bridge.report_loss` (so the drain report is not
+ok) and shown in `summary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loopbridge._callback import Callback
+from loopbridge._types import (
+    ArmResult,
+    EvalResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    ManifestRow,
+    RunResult,
+    TrainingBatch,
+)
+from loopbridge.callbacks._http import (
+    HttpRequestError,
+    HttpRetryPolicy,
+    PermanentHttpError,
+    Redactor,
+    RetryingClient,
+    redact_url,
+)
+
+if TYPE_CHECKING:
+    from loopbridge._bridge import Bridge
+
+__all__ = ["SCHEMA_VERSION", "DashboardSummary", "HttpDashboard"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SOURCE = "HttpDashboard"
+
+# A step row: (seq, step, unix time, metrics). Tuples, because the loop thread builds one per step.
+_StepRow = tuple[int, int, float, dict[str, float]]
+# Any other event: (seq, unix time, JSON-ready dict).
+_EventRow = tuple[int, float, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DashboardSummary:
+    """What a dashboard did so far: requests, rows delivered, retries, drops and failures."""
+
+    requests: int
+    batches: int
+    rows: int
+    step_rows: int
+    retries: int
+    dropped_rows: int
+    failed_batches: int
+    failed_rows: int
+
+
+class _Stream:
+    """One run's buffer: filled by the loop thread, emptied by that run's pump on the bridge."""
+
+    def __init__(self, run: dict[str, Any], key: tuple[str, int, int]) -> None:
+        self.run = run
+        self.key = key
+        self.steps: deque[_StepRow] = deque()
+        self.events: deque[_EventRow] = deque()
+        self.seq = 0
+        self.batch = 0
+        # Written by the loop thread only.
+        self.dropped = 0
+        self.dropped_first: int | None = None
+        self.dropped_last: int | None = None
+        self.dropped_reported = 0
+        # Read by the pump to emit "gap" events.
+        self.dropped_announced = 0
+        self.closing = False
+        self.pump_started = False
+        self.wake_pending = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake: asyncio.Event | None = None
+
+    def next_seq(self) -> int:
+        seq = self.seq
+        self.seq = seq + 1
+        return seq
+
+
+class HttpDashboard(Callback):
+    """Posts a run's metrics and events to an HTTP endpoint in ordered JSON batches.
+
+    Args:
+        url: where each batch is POSTed; credentials in it are never logged.
+        headers: sent with every request (e.g. Authorization); secret ones are never logged.
+        max_batch_rows: rows per request at most; a full batch is sent at once.
+        flush_interval_s: a partial batch is sent once its oldest row is this old.
+        max_buffer_rows: step rows waiting at most; beyond it the oldest are dropped.
+        timeout: seconds for each HTTP request.
+        retry: the retry policy for 5xx, 429, 408, connection errors and timeouts.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_batch_rows: int = 500,
+        flush_interval_s: float = 2.0,
+        max_buffer_rows: int = 50_000,
+        timeout: float = 10.0,
+        retry: HttpRetryPolicy | None = None,
+    ) -> None:
+        if max_batch_rows < 1 or max_buffer_rows < 1 or flush_interval_s <= 0:
+            msg = (
+                f"HttpDashboard(max_batch_rows={max_batch_rows}, max_buffer_rows="
+                f"{max_buffer_rows}, flush_interval_s={flush_interval_s}): give positive values"
+            )
+            raise ValueError(msg)
+        self._url = url
+        self._headers = dict(headers or {})
+        self._redactor = Redactor(url, self._headers)
+        self._safe_url = redact_url(url)
+        self._max_batch_rows = max_batch_rows
+        self._flush_interval_s = flush_interval_s
+        self._max_buffer_rows = max_buffer_rows
+        self._timeout = timeout
+        self._retry = retry or HttpRetryPolicy()
+        self._stream: _Stream | None = None
+        self._run_counter = 0
+        self._client: RetryingClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._registered_bridges: list[Bridge] = []
+        self._lock = threading.Lock()  # guards the counters written on the bridge loop
+        self._batches = 0
+        self._rows = 0
+        self._step_rows = 0
+        self._dropped = 0
+        self._failed_batches = 0
+        self._failed_rows = 0
+        self._requests_closed = 0
+        self._retries_closed = 0
+
+    def __repr__(self) -> str:
+        return f"HttpDashboard({self._safe_url!r})"
+
+    @property
+    def summary(self) -> DashboardSummary:
+        """Counters since this callback was created."""
+        client = self._client
+        requests = self._requests_closed + (client.stats.requests if client else 0)
+        retries = self._retries_closed + (client.stats.retries if client else 0)
+        with self._lock:
+            return DashboardSummary(
+                requests=requests,
+                batches=self._batches,
+                rows=self._rows,
+                step_rows=self._step_rows,
+                retries=retries,
+                dropped_rows=self._dropped,
+                failed_batches=self._failed_batches,
+                failed_rows=self._failed_rows,
+            )
+
+    # ------------------------------------------------------------------ hooks (loop thread)
+
+    def on_run_start(self, ctx: LogContext) -> None:
+        """Open this run's stream and queue its run_start event."""
+        stream = self._open(
+            {
+                "run_name": ctx.run_name,
+                "run_id": None,
+                "experiment": ctx.experiment_name,
+                "arm": ctx.arm_name,
+                "group": ctx.group_name,
+                "repeat": ctx.repeat_index,
+                "stage": ctx.stage_index,
+            }
+        )
+        self._event(stream, {"type": "run_start", "config": ctx.run_config})
+
+    def on_train_start(self, state: LoopState) -> None:
+        """Start the run's pump on the bridge and queue the train_start event."""
+        stream = self._stream
+        if stream is None or stream.pump_started:
+            # A plain TrainLoop (no on_run_start), or a second loop in the same run.
+            stream = self._open({"run_name": state.run_name, "run_id": state.run_id})
+        else:
+            stream.run = {**stream.run, "run_name": state.run_name, "run_id": state.run_id}
+        self._register_shutdown()
+        self._event(
+            stream,
+            {
+                "type": "train_start",
+                "step": state.step,
+                "max_steps": state.max_steps,
+                "config": dict(state.config),
+            },
+        )
+        stream.pump_started = True
+        self.spawn(self._pump(stream), name=f"{_SOURCE}.pump", key=stream.key)
+
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
+    ) -> None:
+        """Append the step row; nothing else unless the buffer is full or a batch is ready."""
+        stream = self._stream
+        if stream is None:
+            return
+        seq = stream.seq
+        stream.seq = seq + 1
+        steps = stream.steps
+        # A copy, because the loop or another callback may reuse the dict after this hook.
+        steps.append((seq, state.step, time.time(), metrics.copy()))
+        n = len(steps)
+        if n > self._max_buffer_rows:
+            self._drop_oldest(stream)
+        elif n >= self._max_batch_rows and not stream.wake_pending:
+            self._wake(stream)
+
+    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+        """Queue a checkpoint event."""
+        stream = self._stream
+        if stream is not None:
+            self._event(
+                stream,
+                {
+                    "type": "checkpoint",
+                    "step": row.step,
+                    "path": str(row.path),
+                    "size_bytes": row.size_bytes,
+                    "digest": row.digest,
+                    "is_final": row.is_final,
+                },
+            )
+
+    def on_eval(
+        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+    ) -> None:
+        """Queue an eval event at `state.step`."""
+        stream = self._stream
+        if stream is not None:
+            self._event(
+                stream,
+                {"type": "eval", "step": state.step, "name": eval_name, "metrics": dict(metrics)},
+            )
+
+    def on_benchmark_eval(
+        self,
+        ctx: LogContext,
+        eval_result: EvalResult,
+        predictions: list[dict],  # type: ignore[type-arg]  # the contract's exact type
+        *,
+        step: int | None = None,
+    ) -> None:
+        """Queue a benchmark event; after training, post it right away."""
+        stream = self._stream
+        if stream is None:
+            return
+        self._event(
+            stream,
+            {
+                "type": "benchmark",
+                "step": step,
+                "name": eval_result.name,
+                "metrics": dict(eval_result.metrics),
+                "breakdowns": {k: dict(v) for k, v in eval_result.breakdowns.items()},
+                "tags": dict(eval_result.tags),
+                "predictions": list(predictions),
+            },
+        )
+        if stream.closing:
+            self._spawn_flush(stream)
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        """Queue train_end, report drops, and let the pump post everything before the drain."""
+        stream = self._stream
+        if stream is None:
+            return
+        self._event(
+            stream,
+            {
+                "type": "train_end",
+                "step": state.step,
+                "steps_completed": artifacts.steps_completed,
+                "stop_reason": artifacts.stop_reason,
+            },
+        )
+        self._report_drops(stream)
+        stream.closing = True
+        self._wake(stream)
+
+    def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
+        """Queue run_end and post what is left of the run."""
+        stream = self._stream
+        if stream is None:
+            return
+        error = run_result.error
+        self._event(
+            stream,
+            {
+                "type": "run_end",
+                "status": str(run_result.status),
+                "final_metrics": dict(run_result.final_metrics),
+                "error": None if error is None else self._redactor.text(repr(error)),
+            },
+        )
+        self._report_drops(stream)
+        stream.closing = True
+        self._spawn_flush(stream)
+        self._stream = None
+
+    # ------------------------------------------------------------------ loop-thread helpers
+
+    def _open(self, run: dict[str, Any]) -> _Stream:
+        self._run_counter += 1
+        stream = _Stream(run, (_SOURCE, id(self), self._run_counter))
+        self._stream = stream
+        return stream
+
+    def _event(self, stream: _Stream, event: dict[str, Any]) -> None:
+        now = time.time()
+        event["seq"] = stream.next_seq()
+        event["time"] = now
+        stream.events.append((event["seq"], now, event))
+
+    def _drop_oldest(self, stream: _Stream) -> None:
+        try:
+            row = stream.steps.popleft()
+        except IndexError:  # the pump took the rows meanwhile: nothing to drop
+            return
+        if stream.dropped == 0:
+            logger.warning(
+                "%s: buffer full (%d step rows) for run %r; dropping the oldest step rows "
+                "until %s catches up",
+                _SOURCE,
+                self._max_buffer_rows,
+                stream.run.get("run_name"),
+                self._safe_url,
+            )
+            stream.dropped_first = row[1]
+        stream.dropped += 1
+        stream.dropped_last = row[1]
+        with self._lock:
+            self._dropped += 1
+
+    def _report_drops(self, stream: _Stream) -> None:
+        new = stream.dropped - stream.dropped_reported
+        if new <= 0:
+            return
+        stream.dropped_reported = stream.dropped
+        detail = (
+            f"oldest step rows of run {stream.run.get('run_name')!r} (steps "
+            f"{stream.dropped_first}..{stream.dropped_last}) while {self._safe_url} lagged; "
+            f"raise max_buffer_rows={self._max_buffer_rows} to keep more"
+        )
+        self._attached_bridge().report_loss(_SOURCE, new, detail)
+
+    def _wake(self, stream: _Stream) -> None:
+        stream.wake_pending = True
+        loop, wake = stream.loop, stream.wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    def _spawn_flush(self, stream: _Stream) -> None:
+        self.spawn(self._flush_rest(stream), name=f"{_SOURCE}.flush", key=stream.key)
+
+    def _register_shutdown(self) -> None:
+        bridge = self._attached_bridge()
+        if not any(b is bridge for b in self._registered_bridges):
+            bridge.add_shutdown_callback(self._close_client)
+            self._registered_bridges.append(bridge)
+
+    # ------------------------------------------------------------------ bridge loop
+
+    def _get_client(self) -> RetryingClient:
+        loop = asyncio.get_running_loop()
+        client = self._client
+        if client is None or self._client_loop is not loop:
+            if client is not None:
+                # A client left on another (closed) bridge loop: keep its counts only.
+                self._requests_closed += client.stats.requests
+                self._retries_closed += client.stats.retries
+            client = RetryingClient(
+                name=_SOURCE,
+                redactor=self._redactor,
+                headers=self._headers,
+                timeout=self._timeout,
+                policy=self._retry,
+            )
+            self._client, self._client_loop = client, loop
+        return client
+
+    async def _close_client(self) -> None:
+        client = self._client
+        if client is not None and self._client_loop is asyncio.get_running_loop():
+            await client.aclose()
+
+    async def _pump(self, stream: _Stream) -> None:
+        """Post the run's batches until train end: full batches at once, partial ones by age."""
+        stream.wake = asyncio.Event()
+        stream.loop = asyncio.get_running_loop()
+        interval = self._flush_interval_s
+        while True:
+            stream.wake_pending = False
+            age = _oldest_age(stream)
+            full = len(stream.steps) + len(stream.events) >= self._max_batch_rows
+            if stream.closing or full or (age is not None and age >= interval):
+                rows = self._take(stream)
+                if rows:
+                    await self._deliver(stream, rows)
+                    continue
+                if stream.closing:
+                    return
+            stream.wake.clear()
+            wait = interval if age is None else max(0.0, interval - age)
+            try:
+                async with asyncio.timeout(wait):
+                    await stream.wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _flush_rest(self, stream: _Stream) -> None:
+        """Post whatever the run still holds (after training: post-training benchmarks, run end)."""
+        while rows := self._take(stream):
+            await self._deliver(stream, rows)
+
+    def _take(self, stream: _Stream) -> list[dict[str, Any]]:
+        """Pop up to a batch of rows, merging steps and events back into hook order."""
+        out: list[dict[str, Any]] = []
+        steps, events = stream.steps, stream.events
+        limit = self._max_batch_rows
+        dropped = stream.dropped
+        if dropped > stream.dropped_announced:
+            out.append(
+                {
+                    "seq": None,
+                    "type": "gap",
+                    "time": time.time(),
+                    "dropped_steps": dropped - stream.dropped_announced,
+                }
+            )
+            stream.dropped_announced = dropped
+        while len(out) < limit:
+            try:
+                # popleft, not a peek: the loop thread may drop the oldest row at any moment.
+                seq, step, when, metrics = steps.popleft()
+            except IndexError:
+                while events and len(out) < limit:
+                    out.append(events.popleft()[2])
+                break
+            while events and events[0][0] < seq:
+                out.append(events.popleft()[2])
+            out.append({"seq": seq, "type": "step", "time": when, "step": step, "metrics": metrics})
+        return out
+
+    async def _deliver(self, stream: _Stream, rows: list[dict[str, Any]]) -> None:
+        """Post one batch; keep retrying while the run trains, give up once it is closing."""
+        payload = {
+            "schema_version": SCHEMA_VERSION,
+            "run": stream.run,
+            "batch": stream.batch,
+            "events": rows,
+        }
+        stream.batch += 1
+        body = _encode(payload)
+        client = self._get_client()
+        headers = {"content-type": "application/json"}
+        while True:
+            try:
+                await client.request("POST", self._url, content=body, headers=headers)
+            except PermanentHttpError as exc:
+                # Retrying cannot help; count the rows lost and go on with the next batch.
+                self._fail(stream, rows, str(exc))
+                return
+            except HttpRequestError as exc:
+                if stream.closing:
+                    self._fail(stream, rows, str(exc))
+                    left = self._take_all(stream)
+                    if left:
+                        self._fail(stream, left, "the rows after it were abandoned with it")
+                    raise
+                logger.warning(
+                    "%s: %s; will keep retrying batch %d while the run trains",
+                    _SOURCE,
+                    exc,
+                    payload["batch"],
+                )
+                await _pause(stream, client.policy.max_backoff_s)
+                continue
+            n_steps = sum(1 for r in rows if r["type"] == "step")
+            with self._lock:
+                self._batches += 1
+                self._rows += len(rows)
+                self._step_rows += n_steps
+            return
+
+    def _take_all(self, stream: _Stream) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        while more := self._take(stream):
+            rows.extend(more)
+        return rows
+
+    def _fail(self, stream: _Stream, rows: list[dict[str, Any]], reason: str) -> None:
+        with self._lock:
+            self._failed_batches += 1
+            self._failed_rows += len(rows)
+        detail = self._redactor.text(
+            f"{len(rows)} rows of run {stream.run.get('run_name')!r} not delivered: {reason}"
+        )
+        logger.error("%s: %s", _SOURCE, detail)
+        bridge = self._registered_bridges[-1] if self._registered_bridges else None
+        if bridge is not None:
+            bridge.report_loss(_SOURCE, len(rows), detail)
+
+
+async def _pause(stream: _Stream, seconds: float) -> None:
+    """Sleep between retry rounds, but wake early when train end asks for the final flush."""
+    wake = stream.wake
+    if wake is None:
+        await asyncio.sleep(seconds)
+        return
+    wake.clear()
+    if stream.closing:
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            await wake.wait()
+    except TimeoutError:
+        pass
+
+
+def _oldest_age(stream: _Stream) -> float | None:
+    """Seconds since the oldest waiting row was queued, or None when nothing waits."""
+    oldest: float | None = None
+    with contextlib.suppress(IndexError):
+        oldest = stream.steps[0][2]
+    try:
+        event_time = stream.events[0][1]
+    except IndexError:
+        pass
+    else:
+        oldest = event_time if oldest is None else min(oldest, event_time)
+    return None if oldest is None else time.time() - oldest
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    """JSON bytes; non-finite numbers become "NaN"/"Infinity"/"-Infinity" strings."""
+    try:
+        text = json.dumps(payload, allow_nan=False, separators=(",", ":"), default=_default)
+    except ValueError:
+        text = json.dumps(
+            _finite(payload), allow_nan=False, separators=(",", ":"), default=_default
+        )
+    return text.encode()
+
+
+def _nonfinite(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else _nonfinite(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _default(obj: Any) -> Any:
+    """Numbers from numpy or torch as floats, anything else as its str."""
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else _nonfinite(value)

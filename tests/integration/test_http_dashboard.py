@@ -1,0 +1,294 @@
+"""HttpDashboard against a real uvicorn server on loopback, its hooks fired as a loop fires them."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.fixtures.http import DashboardServer
+
+from loopbridge._bridge import Bridge
+from loopbridge._report import DrainReport
+from loopbridge._types import EvalResult, LogContext, LoopArtifacts, LoopState, TrainingBatch
+from loopbridge.callbacks._http import HttpRetryPolicy
+from loopbridge.callbacks.http_dashboard import SCHEMA_VERSION, HttpDashboard
+
+FAST_RETRY = HttpRetryPolicy(
+    max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05, jitter_s=0.01
+)
+TOKEN = "s3cr3t-T0KEN-value-42"
+PASSWORD = "pa55-w0rd-in-url"
+
+
+@pytest.fixture
+def bridge() -> Iterator[Bridge]:
+    """A bridge closed at the end of the test."""
+    with Bridge(name="test-dashboard") as b:
+        yield b
+
+
+def attach(callback: HttpDashboard, bridge: Bridge) -> HttpDashboard:
+    """Attach the callback to the bridge the way CallbackList does."""
+    callback._loopbridge_bridge = bridge
+    return callback
+
+
+def run_steps(
+    dash: HttpDashboard,
+    bridge: Bridge,
+    tmp_path: Path,
+    n_steps: int,
+    *,
+    evals_every: int = 0,
+    on_step: Any = None,
+) -> DrainReport:
+    """Fire the hooks of one plain training run and drain, as TrainLoop does."""
+    state = LoopState(run_name="run-a", run_id="id-a", max_steps=n_steps, out_dir=tmp_path)
+    dash.on_train_start(state)
+    for idx in range(n_steps):
+        state.step = idx + 1
+        metrics = {"loss": 1.0 / (idx + 1), "lr": 0.1, "nan": math.nan}
+        dash.on_step_end(state, idx, TrainingBatch(index=idx, data=None), metrics)
+        if evals_every and state.step % evals_every == 0:
+            dash.on_eval(state, idx, "val", {"acc": state.step / n_steps})
+        if on_step is not None:
+            on_step(state.step)
+    artifacts = LoopArtifacts(
+        out_dir=tmp_path,
+        metrics_path=tmp_path / "m.jsonl",
+        manifest_path=tmp_path / "manifest.jsonl",
+        manifest=[],
+        final_checkpoint=None,
+        steps_completed=n_steps,
+        stop_reason="max_steps",
+    )
+    dash.on_train_end(state, artifacts)
+    return bridge.drain(timeout=30)
+
+
+def step_numbers(events: list[dict[str, Any]]) -> list[int]:
+    """The step numbers of the step events, in arrival order."""
+    return [e["step"] for e in events if e["type"] == "step"]
+
+
+class TestDelivery:
+    def test_2000_steps_arrive_complete_in_order_in_few_requests(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """2,000 steps arrive once each, in order, in far fewer requests than steps."""
+        dash = attach(HttpDashboard(dashboard_server.url + "/ingest", max_batch_rows=200), bridge)
+        report = run_steps(dash, bridge, tmp_path, 2000, evals_every=500)
+        assert report.ok, report
+        events = dashboard_server.events()
+        assert step_numbers(events) == list(range(1, 2001))
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == len(seqs)
+        posts = dashboard_server.posts()
+        assert len(posts) <= 2000 // 200 + 5
+        payload = posts[0].json()
+        assert payload["schema_version"] == SCHEMA_VERSION
+        assert payload["run"]["run_id"] == "id-a"
+        assert [p.json()["batch"] for p in posts] == list(range(len(posts)))
+        first = next(e for e in events if e["type"] == "step")
+        assert first["metrics"]["nan"] == "NaN"
+        evals = [e for e in events if e["type"] == "eval"]
+        assert [e["step"] for e in evals] == [500, 1000, 1500, 2000]
+        # Each eval arrives right after the step row it follows.
+        for ev in evals:
+            i = events.index(ev)
+            assert events[i - 1]["type"] == "step"
+            assert events[i - 1]["step"] == ev["step"]
+        assert events[0]["type"] == "train_start"
+        assert events[-1]["type"] == "train_end"
+        summary = dash.summary
+        assert summary.step_rows == 2000
+        assert summary.dropped_rows == 0
+        assert summary.failed_batches == 0
+        assert summary.requests == len(posts)
+
+    def test_503_for_a_while_then_200_every_row_arrives(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """A server answering 503 three times, then 200: every row arrives and retries count."""
+        dashboard_server.fail_next(3, 503)
+        dash = attach(
+            HttpDashboard(dashboard_server.url, max_batch_rows=50, retry=FAST_RETRY), bridge
+        )
+        report = run_steps(dash, bridge, tmp_path, 300)
+        assert report.ok, report
+        assert step_numbers(dashboard_server.events()) == list(range(1, 301))
+        statuses = [r.status for r in dashboard_server.posts()]
+        assert statuses[:3] == [503, 503, 503]
+        assert dash.summary.retries == 3
+        assert dash.summary.failed_batches == 0
+
+    def test_429_retry_after_is_honoured(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """After a 429 with Retry-After: 1 the next request comes at least 1 s later."""
+        dashboard_server.fail_next(1, 429, headers={"Retry-After": "1"})
+        dash = attach(HttpDashboard(dashboard_server.url, retry=FAST_RETRY), bridge)
+        report = run_steps(dash, bridge, tmp_path, 10)
+        assert report.ok, report
+        posts = dashboard_server.posts()
+        assert [p.status for p in posts[:2]] == [429, 200]
+        assert posts[1].arrived - posts[0].responded >= 1.0
+        assert posts[0].body == posts[1].body  # the same batch, retried
+        assert step_numbers(dashboard_server.events()) == list(range(1, 11))
+
+    def test_400_is_reported_and_not_retried(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """A 400 is sent once, its rows are reported lost, and later batches still arrive."""
+        dashboard_server.fail_next(1, 400, body=b'{"error": "bad schema"}')
+        dash = attach(
+            HttpDashboard(dashboard_server.url, max_batch_rows=10, retry=FAST_RETRY), bridge
+        )
+        report = run_steps(dash, bridge, tmp_path, 100)
+        posts = dashboard_server.posts()
+        assert posts[0].status == 400
+        assert all(p.status == 200 for p in posts[1:])
+        rejected = len(posts[0].json()["events"])
+        assert dash.summary.retries == 0
+        assert dash.summary.failed_batches == 1
+        assert dash.summary.failed_rows == rejected
+        assert not report.ok
+        assert [loss.count for loss in report.losses] == [rejected]
+        assert "400" in report.losses[0].detail
+        delivered = step_numbers(dashboard_server.events())
+        assert (
+            len(delivered) + sum(1 for e in posts[0].json()["events"] if e["type"] == "step") == 100
+        )
+
+
+class TestOverflow:
+    def test_outage_drops_oldest_steps_exactly_and_keeps_events(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """Down long enough to overflow: the drop count is exact and every other event arrives."""
+        dashboard_server.set_down(True)
+        dash = attach(
+            HttpDashboard(
+                dashboard_server.url, max_batch_rows=20, max_buffer_rows=50, retry=FAST_RETRY
+            ),
+            bridge,
+        )
+
+        def come_back(step: int) -> None:
+            if step == 400:
+                # The pump has been failing to post: the first batch is being retried.
+                dashboard_server.wait_until(lambda: dashboard_server.aborted_connections >= 2)
+                dashboard_server.set_down(False)
+
+        report = run_steps(dash, bridge, tmp_path, 500, evals_every=50, on_step=come_back)
+        events = dashboard_server.events()
+        delivered = step_numbers(events)
+        dropped = 500 - len(delivered)
+        assert dropped > 0
+        assert len(set(delivered)) == len(delivered)
+        assert delivered == sorted(delivered)
+        assert dash.summary.dropped_rows == dropped
+        assert sum(e["dropped_steps"] for e in events if e["type"] == "gap") == dropped
+        assert [loss.count for loss in report.losses] == [dropped]
+        assert not report.ok
+        assert not report.failed
+        # The dropped rows are the oldest waiting ones: one gap after the in-flight batch.
+        assert delivered == delivered[:20] + list(range(delivered[20], 501))
+        assert [e["step"] for e in events if e["type"] == "eval"] == list(range(50, 501, 50))
+        kinds = [e["type"] for e in events]
+        assert kinds.count("train_start") == 1
+        assert kinds[-1] == "train_end"
+
+
+class TestRedaction:
+    def test_bearer_token_never_appears_in_logs(
+        self,
+        dashboard_server: DashboardServer,
+        bridge: Bridge,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """An Authorization header reaches the server but never a log line or a loss detail."""
+        caplog.set_level(logging.DEBUG)
+        dashboard_server.fail_next(1, 503)
+        dashboard_server.fail_next(1, 401, body=f"token {TOKEN} expired".encode())
+        dash = attach(
+            HttpDashboard(
+                dashboard_server.url,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                max_batch_rows=10,
+                retry=FAST_RETRY,
+            ),
+            bridge,
+        )
+        report = run_steps(dash, bridge, tmp_path, 30)
+        assert dashboard_server.posts()[0].headers["authorization"] == f"Bearer {TOKEN}"
+        texts = [r.getMessage() for r in caplog.records] + [str(x) for x in report.losses]
+        assert any("401" in t for t in texts)
+        assert not [t for t in texts if TOKEN in t]
+
+    def test_token_never_appears_in_logs_or_errors(
+        self,
+        dashboard_server: DashboardServer,
+        bridge: Bridge,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """The token in the header, the URL userinfo and the query never reach logs or errors."""
+        caplog.set_level(logging.DEBUG)
+        host = dashboard_server.url.removeprefix("http://")
+        url = f"http://user:{PASSWORD}@{host}/ingest?token={TOKEN}&project=p"
+        dashboard_server.fail_next(2, 503)
+        dashboard_server.fail_next(1, 400, body=f"bad token {TOKEN}".encode())
+        dash = attach(
+            HttpDashboard(
+                url,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                max_batch_rows=10,
+                retry=FAST_RETRY,
+            ),
+            bridge,
+        )
+        report = run_steps(dash, bridge, tmp_path, 30)
+        posts = dashboard_server.posts()
+        # httpx turns URL userinfo into Basic auth, which wins over the header.
+        assert posts[0].headers["authorization"].startswith("Basic ")
+        assert f"token={TOKEN}" in posts[0].query
+        assert report.losses
+        texts = [r.getMessage() for r in caplog.records]
+        texts += [str(loss) for loss in report.losses]
+        texts.append(repr(dash))
+        assert any("503" in t for t in texts)
+        assert any("400" in t for t in texts)
+        leaked = [t for t in texts if TOKEN in t or PASSWORD in t]
+        assert not leaked
+
+
+class TestExperimentEvents:
+    def test_benchmark_and_run_end_after_training_arrive_in_order(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """Post-training benchmark and run_end events follow train_end, with predictions."""
+        dash = attach(HttpDashboard(dashboard_server.url), bridge)
+        ctx = LogContext(experiment_name="exp", arm_name="a", run_name="run-a", run_config={})
+        dash.on_run_start(ctx)
+        run_steps(dash, bridge, tmp_path, 5)
+        result = EvalResult("bench", {"acc": 0.5}, {"easy": {"acc": 1.0}}, {"v": "1"})
+        dash.on_benchmark_eval(ctx, result, [{"id": 1, "pred": "x"}], step=None)
+        from loopbridge._types import ArmResult, RunResult, RunStatus
+
+        run_result = RunResult(run_name="run-a", status=RunStatus.COMPLETED)
+        dash.on_run_end(ctx, run_result, ArmResult("a", {}))
+        assert bridge.drain(timeout=10).ok
+        kinds = [e["type"] for e in dashboard_server.events()]
+        assert kinds[0] == "run_start"
+        assert kinds[-3:] == ["train_end", "benchmark", "run_end"]
+        bench = dashboard_server.events()[-2]
+        assert bench["predictions"] == [{"id": 1, "pred": "x"}]
+        assert bench["breakdowns"] == {"easy": {"acc": 1.0}}
+        assert dashboard_server.posts()[0].json()["run"]["experiment"] == "exp"
