@@ -1,16 +1,16 @@
 """The errors loopbridge raises.
 
-    LoopbridgeError
-    ├── CallbackValidationError (also TypeError)   a callback refused at registration
-    ├── CallbackNotAttachedError (also RuntimeError) spawn/call on a callback in no list
-    ├── BridgeError (also RuntimeError)
-    │   ├── BridgeClosedError                      spawn/call after close()
-    │   └── BridgeLoopThreadError                  a blocking call made on the bridge's own loop
-    ├── DrainError                                 background work of a run failed or was left undone
-    ├── StoreError                                 an object store refused an operation
-    │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
-    │   └── IntegrityError                         what was uploaded is not what was saved
-    └── MissingExtraError (also ImportError)       an optional dependency is not installed
+LoopbridgeError
+├── CallbackValidationError (also TypeError)   a callback refused at registration
+├── CallbackNotAttachedError (also RuntimeError) spawn/call on a callback in no list
+├── BridgeError (also RuntimeError)
+│   ├── BridgeClosedError                      spawn/call after close()
+│   └── BridgeLoopThreadError                  a blocking call made on the bridge's own loop
+├── DrainError                                 background work of a run failed or was left undone
+├── StoreError                                 an object store refused an operation
+│   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
+│   └── IntegrityError                         what was uploaded is not what was saved
+└── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
 
 from __future__ import annotations

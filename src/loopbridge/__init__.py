@@ -1,0 +1,78 @@
+"""loopbridge: the callback layer of a training loop.
+
+Hooks run inline on the loop thread; slow work is spawned onto one background event loop
+and drained, with a report, when training ends.
+"""
+
+from loopbridge._bridge import Bridge
+from loopbridge._callback import HOOK_NAMES, Callback
+from loopbridge._dispatch import CallbackList
+from loopbridge._exceptions import (
+    BridgeClosedError,
+    BridgeError,
+    BridgeLoopThreadError,
+    CallbackNotAttachedError,
+    CallbackValidationError,
+    DrainError,
+    IntegrityError,
+    LoopbridgeError,
+    MissingExtraError,
+    PermanentStoreError,
+    StoreError,
+)
+from loopbridge._experiment import Experiment
+from loopbridge._future import TaskFuture
+from loopbridge._loop import TrainLoop
+from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._types import (
+    ArmResult,
+    EvalResult,
+    ExperimentResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    ManifestRow,
+    RunResult,
+    RunStatus,
+    TrainingBatch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HOOK_NAMES",
+    "ArmResult",
+    "Bridge",
+    "BridgeClosedError",
+    "BridgeError",
+    "BridgeLoopThreadError",
+    "BridgeStats",
+    "Callback",
+    "CallbackList",
+    "CallbackNotAttachedError",
+    "CallbackValidationError",
+    "DrainError",
+    "DrainReport",
+    "EvalResult",
+    "Experiment",
+    "ExperimentResult",
+    "HookProfiler",
+    "IntegrityError",
+    "LogContext",
+    "LoopArtifacts",
+    "LoopState",
+    "LoopbridgeError",
+    "Loss",
+    "ManifestRow",
+    "MissingExtraError",
+    "PermanentStoreError",
+    "RunResult",
+    "RunStatus",
+    "StoreError",
+    "TaskFuture",
+    "TaskRecord",
+    "TimingRow",
+    "TrainLoop",
+    "TrainingBatch",
+]

@@ -1,0 +1,664 @@
+"""Bridge: one daemon thread running one asyncio loop, fed by a queue that any thread can fill.
+
+The spawn path is the hot path: it allocates one TaskFuture, appends it to a deque (atomic
+under the GIL) and wakes the loop only if no wake-up is already on its way, so a burst of
+spawns costs one cross-thread wake-up, not one per task. Everything else (per-key ordering,
+the in-flight limit, bookkeeping) happens on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import itertools
+import logging
+import selectors
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from types import CoroutineType
+from typing import Any, TypeVar
+
+from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
+from loopbridge._future import TaskFuture
+from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+
+__all__ = ["Bridge"]
+
+logger = logging.getLogger("loopbridge.bridge")
+
+T = TypeVar("T")
+Work = Coroutine[Any, Any, T] | Callable[[], Awaitable[T]]
+
+_perf_ns = time.perf_counter_ns
+
+# An inbox at least this long when the loop wakes means a burst is under way.
+_BURST = 256
+_BURST_SETTLE_S = 0.0005
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _TimedSelector(selectors.DefaultSelector):
+    """A selector that adds up the time the loop spends waiting, so busy time is the rest."""
+
+    idle_ns = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        start = _perf_ns()
+        try:
+            return super().select(timeout)
+        finally:
+            self.idle_ns += _perf_ns() - start
+
+
+class Bridge:
+    """Runs async work for sync code on one background event loop; drains it on demand.
+
+    Use it as a context manager, or let it start on the first `spawn` and `close()` it.
+
+    Args:
+        max_in_flight: tasks running at once on the loop.
+        max_pending: tasks queued and not yet started; a spawn beyond it blocks its caller.
+        exit_timeout: how long the interpreter-exit handler drains a bridge left open.
+        name: names the loop thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_in_flight: int = 64,
+        max_pending: int = 10_000,
+        exit_timeout: float = 10.0,
+        name: str = "loopbridge",
+    ) -> None:
+        for label, value in (("max_in_flight", max_in_flight), ("max_pending", max_pending)):
+            if not isinstance(value, int) or value < 1:
+                msg = f"Bridge({label}={value!r}): give a whole number of at least 1"
+                raise ValueError(msg)
+        self._max_in_flight = max_in_flight
+        self._max_pending = max_pending
+        self._exit_timeout = exit_timeout
+        self._name = name
+
+        self._state = _State.NEW
+        self._lifecycle = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._selector: _TimedSelector | None = None
+        self._started_at = 0.0
+
+        # Filled by any thread; emptied by the loop thread.
+        self._inbox: deque[TaskFuture[Any]] = deque()
+        self._wake_scheduled = False
+        self._burst_seen = 0
+        self._seq = itertools.count(1)
+        self._spawned = 0
+
+        # Owned by the loop thread.
+        self._ready: deque[TaskFuture[Any]] = deque()
+        self._key_queues: dict[Hashable, deque[TaskFuture[Any]]] = {}
+        self._outstanding: dict[int, TaskFuture[Any]] = {}
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0
+        self._taken = 0
+
+        # Totals, written on the loop thread.
+        self._n_completed = 0
+        self._n_failed = 0
+        self._n_cancelled = 0
+        self._n_calls = 0
+
+        # What the next drain reports; guarded by _idle's lock.
+        self._idle = threading.Condition()
+        self._reported_completed = 0
+        self._failed: list[TaskRecord] = []
+        self._cancelled: list[TaskRecord] = []
+        self._losses: list[Loss] = []
+
+        # Backpressure.
+        self._space = threading.Condition()
+        self._space_waiters = 0
+        self._bp_waits = 0
+        self._bp_ns = 0
+        self._spawn_ns = 0
+
+        self._shutdown_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._close_report: DrainReport | None = None
+
+    def __repr__(self) -> str:
+        return f"<Bridge {self._name!r} {self._state.value}>"
+
+    def __enter__(self) -> Bridge:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun."""
+        return self._state in (_State.CLOSING, _State.CLOSED)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The background event loop (starting the bridge if needed)."""
+        self.start()
+        loop = self._loop
+        if loop is None:  # pragma: no cover - start() either sets it or raises
+            raise BridgeError("the bridge's event loop did not start")
+        return loop
+
+    def in_loop_thread(self) -> bool:
+        """True when called from the bridge's own event-loop thread."""
+        return threading.get_ident() == self._thread_id
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the loop thread if it is not running yet; spawn does this on first use."""
+        if self._state is _State.RUNNING:
+            return
+        with self._lifecycle:
+            state: _State = self._state  # may have changed while we waited for the lock
+            if state is _State.RUNNING:
+                return
+            if state is not _State.NEW:
+                msg = (
+                    f"{self!r} is closed and cannot be restarted; create a new Bridge, "
+                    f"or spawn work before on_train_end returns"
+                )
+                raise BridgeClosedError(msg)
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=self._thread_main, args=(ready,), name=f"{self._name}-loop", daemon=True
+            )
+            thread.start()
+            if not ready.wait(30):
+                raise BridgeError(f"{self!r}: the event-loop thread did not start within 30 s")
+            self._thread = thread
+            self._started_at = time.monotonic()
+            self._state = _State.RUNNING
+            _LIVE_BRIDGES.add(self)
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        selector = _TimedSelector()
+        loop = asyncio.SelectorEventLoop(selector)
+        asyncio.set_event_loop(loop)
+        self._selector = selector
+        self._loop = loop
+        self._thread_id = threading.get_ident()
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def add_shutdown_callback(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Await `fn()` on the loop during close(), after the work is drained (close clients)."""
+        if fn not in self._shutdown_callbacks:
+            self._shutdown_callbacks.append(fn)
+
+    def close(self, timeout: float | None = None, *, cancel_grace: float = 2.0) -> DrainReport:
+        """Drain for up to `timeout` s, cancel what is left, stop the loop and join its thread.
+
+        Idempotent: a second call returns the first call's report.
+        """
+        with self._lifecycle:
+            if self._state is _State.NEW:
+                self._state = _State.CLOSED
+                self._close_report = DrainReport(losses=self._take_losses())
+                return self._close_report
+            if self._state is not _State.RUNNING:
+                return self._close_report or DrainReport()
+            if self.in_loop_thread():
+                msg = "Bridge.close() cannot run on the bridge's own loop; close it from outside"
+                raise BridgeLoopThreadError(msg)
+            self._state = _State.CLOSING
+        started = time.monotonic()
+        report = self.drain(timeout)
+        if not report.timed_out:
+            report = report.merge(self.cancel_all(timeout=cancel_grace))  # stray calls only
+        else:
+            report = report.merge(self.cancel_all(timeout=cancel_grace))
+        self._run_shutdown_callbacks(cancel_grace)
+        self._stop_loop(cancel_grace)
+        with self._lifecycle:
+            self._state = _State.CLOSED
+        _LIVE_BRIDGES.discard(self)
+        with self._space:
+            self._space.notify_all()
+        self._close_report = DrainReport(
+            completed=report.completed,
+            failed=report.failed,
+            cancelled=report.cancelled,
+            pending=report.pending,
+            losses=report.losses,
+            elapsed=time.monotonic() - started,
+            timed_out=report.timed_out,
+            notes=report.notes,
+        )
+        return self._close_report
+
+    def _run_shutdown_callbacks(self, timeout: float) -> None:
+        if not self._shutdown_callbacks or self._loop is None:
+            return
+
+        async def run_all() -> None:
+            for fn in self._shutdown_callbacks:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await fn()
+                except Exception:
+                    logger.exception("shutdown callback %r of %r failed", fn, self)
+
+        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        try:
+            future.result(timeout * (len(self._shutdown_callbacks) + 1))
+        except TimeoutError:
+            future.cancel()
+            logger.warning("%r: shutdown callbacks did not finish in time", self)
+
+    def _stop_loop(self, timeout: float) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            busy = ", ".join(str(_record(f)) for f in self._running()) or "unknown work"
+            logger.warning(
+                "%r: the loop thread is still busy (%s) and was abandoned; it is a daemon "
+                "thread and will not keep the process alive",
+                self,
+                busy,
+            )
+
+    # ------------------------------------------------------------------ spawn and call
+
+    def spawn(
+        self, work: Work[T], *, name: str | None = None, key: Hashable | None = None
+    ) -> TaskFuture[T]:
+        """Queue `work` (a coroutine or an async callable) on the loop and return its future.
+
+        Safe from any thread, the loop's own included. Tasks sharing a `key` run one at a time
+        in submission order. When `max_pending` tasks are already queued, the caller blocks
+        until one starts (never on the loop's own thread, where blocking would deadlock).
+        """
+        started = _perf_ns()
+        if self._state is not _State.RUNNING:
+            self._check_can_spawn(work)
+        if type(work) is not CoroutineType and not callable(work):
+            msg = (
+                f"spawn() takes a coroutine or an async callable, not {type(work).__name__}; "
+                f"pass `fn()` for an async def fn, or `fn` itself"
+            )
+            raise TypeError(msg)
+        seq = next(self._seq)
+        future: TaskFuture[T] = TaskFuture(work, name, key, seq)
+        self._spawned = seq
+        if seq - self._taken > self._max_pending:
+            self._wait_for_space(seq)
+        self._inbox.append(future)
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop = self._loop
+            assert loop is not None  # set before the state becomes RUNNING
+            loop.call_soon_threadsafe(self._pump)
+        self._spawn_ns += _perf_ns() - started
+        return future
+
+    def _check_can_spawn(self, work: object) -> None:
+        if self._state is _State.NEW:
+            self.start()
+            return
+        if self._state is _State.CLOSING and self.in_loop_thread():
+            return  # tasks may spawn follow-up work while close() drains
+        if isinstance(work, Coroutine):
+            work.close()
+        msg = (
+            f"{self!r} is {self._state.value}: no more work can be spawned; spawn work "
+            f"before on_train_end returns, or use a new Bridge"
+        )
+        raise BridgeClosedError(msg)
+
+    def _wait_for_space(self, seq: int) -> None:
+        if self.in_loop_thread():
+            return  # blocking here would stop the very loop that makes room
+        started = _perf_ns()
+        with self._space:
+            self._space_waiters += 1
+            try:
+                while seq - self._taken > self._max_pending and self._state is not _State.CLOSED:
+                    # The timeout is a safety net; the loop notifies as it starts tasks.
+                    self._space.wait(0.5)
+            finally:
+                self._space_waiters -= 1
+        self._bp_waits += 1
+        self._bp_ns += _perf_ns() - started
+
+    def call(self, work: Work[T], timeout: float | None = None) -> T:
+        """Run `work` on the loop now, wait up to `timeout` s, and return its result.
+
+        For rare work that needs an answer (create a remote run and keep its id). It skips the
+        queue and the in-flight limit. On timeout the work is cancelled and TimeoutError raised.
+        """
+        if self.in_loop_thread():
+            if isinstance(work, Coroutine):
+                work.close()
+            msg = (
+                "Bridge.call() was called on the bridge's own event loop, where waiting would "
+                "deadlock; `await` the work directly, or use spawn() and don't wait"
+            )
+            raise BridgeLoopThreadError(msg)
+        if self._state is not _State.RUNNING:
+            self._check_can_spawn(work)
+        future: TaskFuture[T] = TaskFuture(work, None, None, 0)
+        loop = self.loop
+        loop.call_soon_threadsafe(self._start_call, future)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            msg = (
+                f"Bridge.call({future.name!r}) did not finish within {timeout} s; it was cancelled"
+            )
+            raise TimeoutError(msg) from None
+
+    # ------------------------------------------------------------------ loop side
+
+    def _pump(self) -> None:
+        """Move newly spawned tasks from the inbox to their queues and start what may start."""
+        inbox = self._inbox
+        size = len(inbox)
+        if size >= _BURST and size != self._burst_seen and size < self._max_pending // 2:
+            # A burst is still arriving: wait a moment, off the GIL, rather than contend with
+            # the submitting thread for it task by task. Backpressure bounds the wait.
+            self._burst_seen = size
+            loop = self._loop
+            assert loop is not None  # runs on the loop
+            loop.call_later(_BURST_SETTLE_S, self._pump)
+            return
+        self._burst_seen = 0
+        self._wake_scheduled = False
+        outstanding, ready = self._outstanding, self._ready
+        key_queues = self._key_queues
+        while inbox:
+            future = inbox[0]
+            # Registered before it leaves the inbox, so a drain never sees it in neither.
+            outstanding[future.seq] = future
+            inbox.popleft()
+            key = future.key
+            if key is None:
+                ready.append(future)
+            elif key in key_queues:
+                key_queues[key].append(future)
+            else:
+                key_queues[key] = deque()
+                ready.append(future)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        ready, loop = self._ready, self._loop
+        assert loop is not None  # only called on the running loop
+        while self._in_flight < self._max_in_flight and ready:
+            future = ready.popleft()
+            self._taken += 1
+            if not future._mark_running():
+                self._retire_cancelled(future)
+                continue
+            self._in_flight += 1
+            future.asyncio_task = loop.create_task(self._run(future))
+        if self._space_waiters:
+            with self._space:
+                self._space.notify_all()
+
+    async def _run(self, future: TaskFuture[Any]) -> None:
+        try:
+            result = await _awaitable_of(future)
+        except asyncio.CancelledError:
+            future._set_cancelled()
+            self._n_cancelled += 1
+            with self._idle:
+                self._cancelled.append(_record(future))
+        except BaseException as exc:
+            future._set_exception(exc)
+            self._n_failed += 1
+            with self._idle:
+                self._failed.append(_record(future, exc))
+            key = "" if future.key is None else f" (key={future.key!r})"
+            logger.error(
+                "background task %r%s failed: %s: %s",
+                future.name,
+                key,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+        else:
+            future._set_result(result)
+            self._n_completed += 1
+        finally:
+            self._in_flight -= 1
+            self._finish(future)
+
+    def _finish(self, future: TaskFuture[Any]) -> None:
+        del self._outstanding[future.seq]
+        key = future.key
+        if key is not None:
+            queue = self._key_queues[key]
+            if queue:
+                self._ready.append(queue.popleft())
+            else:
+                del self._key_queues[key]
+        self._start_ready()
+        if not self._outstanding and not self._inbox:
+            with self._idle:
+                self._idle.notify_all()
+
+    def _retire_cancelled(self, future: TaskFuture[Any]) -> None:
+        """Account for a task cancelled while it was still queued."""
+        work = future.work
+        if isinstance(work, Coroutine):
+            work.close()
+        self._n_cancelled += 1
+        with self._idle:
+            self._cancelled.append(_record(future))
+        self._finish(future)
+
+    def _start_call(self, future: TaskFuture[Any]) -> None:
+        if not future._mark_running():
+            return
+        loop = self._loop
+        assert loop is not None  # runs on the loop
+        self._n_calls += 1
+        task = loop.create_task(self._run_call(future))
+        future.asyncio_task = task
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    @staticmethod
+    async def _run_call(future: TaskFuture[Any]) -> None:
+        try:
+            result = await _awaitable_of(future)
+        except asyncio.CancelledError:
+            future._set_cancelled()
+        except BaseException as exc:
+            future._set_exception(exc)
+        else:
+            future._set_result(result)
+
+    # ------------------------------------------------------------------ drain and report
+
+    def drain(self, timeout: float | None = None) -> DrainReport:
+        """Wait up to `timeout` s for all work spawned so far, and the work it spawns.
+
+        Returns by the deadline, always. The report covers what ended since the previous
+        drain and names what was still pending; pending work keeps running.
+        """
+        if self.in_loop_thread():
+            msg = "Bridge.drain() cannot wait on the bridge's own loop; drain from outside it"
+            raise BridgeLoopThreadError(msg)
+        started = time.monotonic()
+        idle = True
+        if self._loop is not None:
+            with self._idle:
+                idle = self._idle.wait_for(self._is_idle, timeout)
+        return self._take_report(time.monotonic() - started, timed_out=not idle)
+
+    def _is_idle(self) -> bool:
+        return not self._inbox and not self._outstanding
+
+    def cancel_all(self, timeout: float = 2.0) -> DrainReport:
+        """Cancel every queued and running task, wait up to `timeout` s for them to end."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self.in_loop_thread():
+            return self._take_report(0.0, timed_out=False)
+        started = time.monotonic()
+        done = threading.Event()
+
+        def cancel_everything() -> None:
+            self._pump()
+            for future in list(self._outstanding.values()):
+                future.cancel()
+                task = future.asyncio_task
+                if task is not None:
+                    task.cancel()
+            for task in list(self._calls):
+                task.cancel()
+            # Queued tasks, now marked cancelled, are retired as they reach the front.
+            self._start_ready()
+            done.set()
+
+        loop.call_soon_threadsafe(cancel_everything)
+        idle = done.wait(timeout)
+        if idle:
+            with self._idle:
+                remaining = max(0.0, timeout - (time.monotonic() - started))
+                idle = self._idle.wait_for(self._is_idle, remaining)
+        return self._take_report(time.monotonic() - started, timed_out=not idle)
+
+    def report_loss(self, source: str, count: int, detail: str) -> None:
+        """Record data a callback dropped, so the next drain report shows it (and is not ok)."""
+        if count <= 0:
+            return
+        logger.warning("%s dropped %d: %s", source, count, detail)
+        with self._idle:
+            self._losses.append(Loss(source, count, detail))
+
+    def _take_losses(self) -> tuple[Loss, ...]:
+        with self._idle:
+            losses, self._losses = tuple(self._losses), []
+        return losses
+
+    def _take_report(self, elapsed: float, *, timed_out: bool) -> DrainReport:
+        pending: tuple[TaskRecord, ...] = ()
+        if timed_out:
+            waiting = list(self._outstanding.copy().values()) + list(self._inbox)
+            waiting.sort(key=lambda f: f.seq)
+            pending = tuple(_record(f) for f in waiting if not f.done())
+        with self._idle:
+            completed = self._n_completed - self._reported_completed
+            self._reported_completed += completed
+            failed, self._failed = tuple(self._failed), []
+            cancelled, self._cancelled = tuple(self._cancelled), []
+            losses, self._losses = tuple(self._losses), []
+        return DrainReport(
+            completed=completed,
+            failed=failed,
+            cancelled=cancelled,
+            pending=pending,
+            losses=losses,
+            elapsed=elapsed,
+            timed_out=timed_out,
+        )
+
+    def _running(self) -> list[TaskFuture[Any]]:
+        return [f for f in self._outstanding.copy().values() if f.running()]
+
+    @property
+    def stats(self) -> BridgeStats:
+        """Counters and timings since the bridge was created."""
+        uptime = time.monotonic() - self._started_at if self._started_at else 0.0
+        idle_ns = self._selector.idle_ns if self._selector is not None else 0
+        return BridgeStats(
+            spawned=self._spawned,
+            completed=self._n_completed,
+            failed=self._n_failed,
+            cancelled=self._n_cancelled,
+            calls=self._n_calls,
+            spawn_seconds=self._spawn_ns / 1e9,
+            backpressure_waits=self._bp_waits,
+            backpressure_seconds=self._bp_ns / 1e9,
+            busy_seconds=max(0.0, uptime - idle_ns / 1e9) if self._started_at else 0.0,
+            uptime_seconds=uptime,
+        )
+
+    def _close_at_exit(self) -> None:
+        if self._state is not _State.RUNNING:
+            return
+        report = self.close(self._exit_timeout)
+        if report.ok:
+            logger.info("%r was closed at interpreter exit: %s", self, report.summary())
+            return
+        abandoned = report.pending + report.cancelled
+        names = "; ".join(str(r) for r in abandoned) or "none"
+        logger.warning(
+            "%r was not closed before interpreter exit; drained for up to %.1f s and "
+            "abandoned %d task(s): %s. Close it (or use `with Bridge()`) to wait for them. %s",
+            self,
+            self._exit_timeout,
+            len(abandoned),
+            names,
+            report.summary(),
+        )
+
+
+async def _awaitable_of(future: TaskFuture[T]) -> T:
+    work = future.work
+    if type(work) is CoroutineType:
+        return await work  # type: ignore[no-any-return]
+    assert work is not None  # spawn refuses None
+    awaitable = work()  # type: ignore[operator]
+    if not isinstance(awaitable, Awaitable):
+        msg = (
+            f"spawned work {future.name!r} returned {type(awaitable).__name__}, not an "
+            f"awaitable; spawn takes a coroutine or an async callable (`async def`)"
+        )
+        raise TypeError(msg)
+    return await awaitable
+
+
+def _record(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
+    return TaskRecord(future.name, future.key, exc)
+
+
+_LIVE_BRIDGES: weakref.WeakSet[Bridge] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_bridges_at_exit() -> None:
+    for bridge in list(_LIVE_BRIDGES):
+        bridge._close_at_exit()

@@ -1,0 +1,216 @@
+"""Experiment: arms x (repeats | continual stages), one TrainLoop per run, one shared bridge."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from loopbridge._bridge import Bridge
+from loopbridge._callback import Callback
+from loopbridge._dispatch import CallbackList
+from loopbridge._exceptions import DrainError
+from loopbridge._loop import BenchmarkFn, DrainPolicy, TrainLoop
+from loopbridge._profile import HookProfiler
+from loopbridge._types import (
+    ArmResult,
+    EvalResult,
+    ExperimentResult,
+    LogContext,
+    ManifestRow,
+    RunResult,
+    RunStatus,
+)
+
+__all__ = ["BuildFn", "Experiment"]
+
+logger = logging.getLogger("loopbridge.experiment")
+
+BuildFn = Callable[[LogContext], TrainLoop]
+"""Builds one run's TrainLoop from its context (`ctx.run_config`, `ctx.resume_from`)."""
+
+
+class Experiment:
+    """Runs each arm `n_repeats` times, or through continual `stages`, firing every hook.
+
+    Args:
+        name: the experiment's name.
+        arms: `{arm name: config}`; each run's `ctx.run_config` starts from its arm's config.
+        build: `build(ctx) -> TrainLoop` for one run.
+        n_repeats: replicates per arm; more than one puts each arm's runs in a group.
+        stages: continual stages; each is merged over the arm's config, and each stage's
+            `ctx.resume_from` is the previous stage's final checkpoint.
+        benchmarks: `{name: fn(state) -> (EvalResult, predictions)}`, scored after training.
+        callbacks: fired at every level, ahead of each loop's own callbacks.
+        stop_on_failure: re-raise a run's error instead of recording it and going on.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        arms: Mapping[str, Mapping[str, Any]],
+        build: BuildFn,
+        *,
+        n_repeats: int = 1,
+        stages: Sequence[Mapping[str, Any]] | None = None,
+        benchmarks: Mapping[str, BenchmarkFn] | None = None,
+        callbacks: Sequence[Callback] = (),
+        bridge: Bridge | None = None,
+        drain_timeout: float | None = 300.0,
+        on_drain_failure: DrainPolicy = "raise",
+        stop_on_failure: bool = False,
+        profile: bool | HookProfiler = False,
+    ) -> None:
+        if not arms:
+            raise ValueError(f"Experiment({name!r}) has no arms; pass arms={{'name': config}}")
+        if not isinstance(n_repeats, int) or n_repeats < 1:
+            raise ValueError(f"Experiment(n_repeats={n_repeats!r}): give a whole number >= 1")
+        if stages is not None and n_repeats != 1:
+            msg = "Experiment takes n_repeats or stages, not both; run stages once per arm"
+            raise ValueError(msg)
+        if stages is not None and not stages:
+            raise ValueError("Experiment(stages=[]) has no stages; pass None or some stages")
+        if on_drain_failure not in ("raise", "warn"):
+            raise ValueError(f"on_drain_failure={on_drain_failure!r}: use 'raise' or 'warn'")
+        self.name = name
+        self.arms = {arm: dict(config) for arm, config in arms.items()}
+        self.build = build
+        self.n_repeats = n_repeats
+        self.stages = [dict(stage) for stage in stages] if stages is not None else None
+        self.benchmarks = dict(benchmarks or {})
+        self.drain_timeout = drain_timeout
+        self.on_drain_failure: DrainPolicy = on_drain_failure
+        self.stop_on_failure = stop_on_failure
+        self._callbacks = tuple(callbacks)
+        self._bridge = bridge
+        self._owns_bridge = bridge is None
+        if isinstance(profile, HookProfiler):
+            self.profiler: HookProfiler | None = profile
+        else:
+            self.profiler = HookProfiler() if profile else None
+        # Validates the callbacks now, where a mistake is cheapest to see.
+        self.callbacks = CallbackList(callbacks, bridge=bridge, profile=self.profiler or False)
+
+    @property
+    def bridge(self) -> Bridge | None:
+        """The bridge shared by every run (created when the experiment starts, if not given)."""
+        return self._bridge
+
+    def run(self) -> ExperimentResult:
+        """Run every arm and return the results; failed runs are recorded, not raised."""
+        started = time.monotonic()
+        if self._bridge is None:
+            self._bridge = Bridge(name=f"loopbridge-{self.name}")
+        bridge = self._bridge
+        self.callbacks.bridge = bridge
+        ctx = LogContext(experiment_name=self.name)
+        result = ExperimentResult(name=self.name, arms={}, duration_s=0.0, ids=ctx.ids)
+        try:
+            self.callbacks.on_experiment_start(ctx)
+            for arm, config in self.arms.items():
+                result.arms[arm] = self._run_arm(ctx, arm, config)
+            result.duration_s = time.monotonic() - started
+            self.callbacks.on_experiment_end(ctx, result)
+        except BaseException as exc:
+            self.callbacks.annotate(exc)
+            raise
+        finally:
+            if self._owns_bridge:
+                report = bridge.close(self.drain_timeout)
+                if not report.ok:
+                    logger.warning("experiment %s: background work at close: %s", self.name, report)
+        return result
+
+    def _run_arm(self, exp_ctx: LogContext, arm: str, config: dict[str, Any]) -> ArmResult:
+        arm_result = ArmResult(name=arm, config=config)
+        group = arm if (self.n_repeats > 1 or self.stages is not None) else None
+        if group is not None:
+            group_ctx = LogContext(
+                experiment_name=self.name,
+                arm_name=arm,
+                group_name=group,
+                run_config=dict(config),
+                ids=exp_ctx.ids,
+            )
+            self.callbacks.on_group_start(group_ctx, group)
+        resume_from: ManifestRow | None = None
+        for index, overrides in self._plan():
+            is_stage = self.stages is not None
+            run_name = arm if group is None else f"{arm}-{'s' if is_stage else 'r'}{index}"
+            ctx = LogContext(
+                experiment_name=self.name,
+                arm_name=arm,
+                group_name=group,
+                repeat_index=None if is_stage else index,
+                stage_index=index if is_stage else None,
+                run_name=run_name,
+                run_config={**config, **overrides},
+                # A copy, so one run's ids (its run_id) do not leak into the next run.
+                ids=dict(exp_ctx.ids),
+                resume_from=resume_from,
+            )
+            run = self._run_one(ctx, arm_result)
+            arm_result.runs.append(run)
+            if is_stage:
+                if run.status is not RunStatus.COMPLETED or run.artifacts is None:
+                    logger.error(
+                        "arm %s: stage %d failed, so its later stages were not run", arm, index
+                    )
+                    break
+                resume_from = run.artifacts.final_checkpoint
+        return arm_result
+
+    def _plan(self) -> list[tuple[int, dict[str, Any]]]:
+        if self.stages is not None:
+            return list(enumerate(self.stages))
+        return [(i, {}) for i in range(self.n_repeats)]
+
+    def _run_one(self, ctx: LogContext, arm: ArmResult) -> RunResult:
+        started = time.monotonic()
+        bridge = self._bridge
+        assert bridge is not None  # run() sets it
+        result = RunResult(run_name=ctx.run_name or "", status=RunStatus.COMPLETED)
+        loop: TrainLoop | None = None
+        try:
+            self.callbacks.on_run_start(ctx)
+            loop = self.build(ctx)
+            if not isinstance(loop, TrainLoop):
+                msg = f"build(ctx) returned {type(loop).__name__}; it must return a TrainLoop"
+                raise TypeError(msg)
+            loop.drain_timeout = self.drain_timeout
+            loop.on_drain_failure = self.on_drain_failure
+            loop._adopt(self._callbacks, bridge, ctx, self.profiler)
+            artifacts = loop.run()
+            result.artifacts = artifacts
+            result.drain_report = artifacts.drain_report
+            result.final_metrics = dict(loop.state.metrics)
+            result.eval_results = self._score(loop, ctx)
+        except Exception as exc:
+            if loop is not None:
+                loop.callbacks.annotate(exc)
+                result.artifacts = loop.artifacts
+                result.final_metrics = dict(loop.state.metrics)
+            self.callbacks.annotate(exc)
+            result.status = RunStatus.FAILED
+            result.error = exc
+            if isinstance(exc, DrainError):
+                result.drain_report = exc.report
+            logger.error("run %s failed: %s: %s", result.run_name, type(exc).__name__, exc)
+        result.duration_s = time.monotonic() - started
+        self.callbacks.on_run_end(ctx, result, arm)
+        if result.error is not None and self.stop_on_failure:
+            raise result.error
+        return result
+
+    def _score(self, loop: TrainLoop, ctx: LogContext) -> list[EvalResult]:
+        results = []
+        for name, benchmark in self.benchmarks.items():
+            evaluated, predictions = benchmark(loop.state)
+            if not isinstance(evaluated, EvalResult):
+                msg = f"benchmark {name!r} returned {type(evaluated).__name__}, not EvalResult"
+                raise TypeError(msg)
+            # Through the loop's list, so the run's own callbacks see its final scores too.
+            loop.callbacks.on_benchmark_eval(ctx, evaluated, predictions, step=None)
+            results.append(evaluated)
+        return results

@@ -1,0 +1,366 @@
+"""TrainLoop: runs the user's step function and fires the hooks at their moments.
+
+Per step: run the step, write its metric row, fire `on_step_end`; every `eval_every` steps,
+run the evaluators (`on_eval`) and the loop's benchmarks (`on_benchmark_eval(step=N)`);
+every `checkpoint_every` steps, save, record the manifest row, fire `on_checkpoint`. At the
+end: the final checkpoint, `on_train_end`, then the drain of the background work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from loopbridge._bridge import Bridge
+from loopbridge._callback import Callback
+from loopbridge._digest import digest_path
+from loopbridge._dispatch import CallbackList
+from loopbridge._exceptions import DrainError
+from loopbridge._profile import HookProfiler
+from loopbridge._records import JsonLinesWriter
+from loopbridge._report import DrainReport
+from loopbridge._types import (
+    EvalResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    ManifestRow,
+    TrainingBatch,
+)
+
+__all__ = ["BenchmarkFn", "DrainPolicy", "EvalFn", "SaveFn", "StepFn", "TrainLoop"]
+
+logger = logging.getLogger("loopbridge.loop")
+
+StepFn = Callable[[LoopState, TrainingBatch], Mapping[str, float] | None]
+"""Runs one training step on a batch and returns its metrics."""
+SaveFn = Callable[[LoopState, Path], None]
+"""Writes a checkpoint, a file or a directory of shards, at the given path."""
+EvalFn = Callable[[LoopState], Mapping[str, float]]
+"""Evaluates the model and returns metrics."""
+BenchmarkFn = Callable[[LoopState], tuple[EvalResult, list[dict[str, Any]]]]
+"""Scores a benchmark: its result and the per-task prediction rows."""
+DrainPolicy = Literal["raise", "warn"]
+
+METRICS_FILE = "metrics.jsonl"
+MANIFEST_FILE = "manifest.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainLoop:
+    """Runs `step` over `batches` and fires the callbacks' hooks at their moments.
+
+    Args:
+        step: `step(state, batch) -> metrics`, one training step.
+        batches: an iterable of batches; items that are TrainingBatch are used as they are.
+        max_steps: stop after this many steps (else when the batches run out).
+        out_dir: where metric rows, the manifest and checkpoints are written.
+        save: `save(state, path)` writes a checkpoint at `path`; needed for checkpoints.
+        checkpoint_every: save every N steps; a final checkpoint is always saved if `save`.
+        evaluators: `{name: fn(state) -> metrics}`, run every `eval_every` steps.
+        benchmarks: `{name: fn(state) -> (EvalResult, predictions)}`, also every `eval_every`.
+        callbacks: the loop's own callbacks (an Experiment puts its callbacks ahead of them).
+        bridge: the background loop to use; by default the loop owns one for this run.
+        drain_timeout: seconds to wait for background work after `on_train_end`.
+        on_drain_failure: "raise" DrainError (after `on_train_end`) or "warn" when the drain
+            finds work failed, cancelled or still pending.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
+        profile: True, or a shared HookProfiler, to time every hook call.
+        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+    """
+
+    def __init__(
+        self,
+        step: StepFn,
+        batches: Iterable[Any],
+        *,
+        max_steps: int | None = None,
+        out_dir: str | Path,
+        save: SaveFn | None = None,
+        checkpoint_every: int | None = None,
+        evaluators: Mapping[str, EvalFn] | None = None,
+        eval_every: int | None = None,
+        benchmarks: Mapping[str, BenchmarkFn] | None = None,
+        callbacks: Sequence[Callback] = (),
+        bridge: Bridge | None = None,
+        drain_timeout: float | None = 300.0,
+        on_drain_failure: DrainPolicy = "raise",
+        interrupt_grace: float = 5.0,
+        profile: bool | HookProfiler = False,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        hash_checkpoints: bool = True,
+    ) -> None:
+        _check_positive("max_steps", max_steps)
+        _check_positive("checkpoint_every", checkpoint_every)
+        _check_positive("eval_every", eval_every)
+        if checkpoint_every is not None and save is None:
+            msg = (
+                f"TrainLoop(checkpoint_every={checkpoint_every}) needs save=fn(state, path) "
+                f"that writes the checkpoint"
+            )
+            raise ValueError(msg)
+        if (evaluators or benchmarks) and eval_every is None:
+            msg = (
+                "TrainLoop got evaluators or benchmarks but no eval_every; pass eval_every=N "
+                "to run them every N steps"
+            )
+            raise ValueError(msg)
+        if on_drain_failure not in ("raise", "warn"):
+            msg = f"on_drain_failure={on_drain_failure!r}: use 'raise' or 'warn'"
+            raise ValueError(msg)
+        if not callable(step):
+            raise TypeError(f"step must be callable as step(state, batch), got {step!r}")
+        self.step_fn = step
+        self.batches = batches
+        self.max_steps = max_steps
+        self.out_dir = Path(out_dir)
+        self.save = save
+        self.checkpoint_every = checkpoint_every
+        self.evaluators = dict(evaluators or {})
+        self.eval_every = eval_every
+        self.benchmarks = dict(benchmarks or {})
+        self.drain_timeout = drain_timeout
+        self.on_drain_failure: DrainPolicy = on_drain_failure
+        self.interrupt_grace = interrupt_grace
+        self.hash_checkpoints = hash_checkpoints
+        self._own_callbacks = tuple(callbacks)
+        self._bridge = bridge
+        self._owns_bridge = bridge is None
+        self.callbacks = CallbackList(callbacks, bridge=bridge, profile=profile)
+        name = run_name or self.out_dir.name or "run"
+        self.state = LoopState(
+            run_name=name,
+            run_id=uuid.uuid4().hex,
+            max_steps=max_steps,
+            out_dir=self.out_dir,
+            config=dict(config or {}),
+        )
+        self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
+        self.artifacts: LoopArtifacts | None = None
+        self._ran = False
+
+    @property
+    def profiler(self) -> HookProfiler | None:
+        """The hook profiler, when profiling is on."""
+        return self.callbacks.profiler
+
+    @property
+    def bridge(self) -> Bridge | None:
+        """The bridge background work goes to (created when the run starts, if not given)."""
+        return self._bridge
+
+    def _adopt(
+        self,
+        callbacks: Sequence[Callback],
+        bridge: Bridge,
+        ctx: LogContext,
+        profiler: HookProfiler | None,
+    ) -> None:
+        """Join an Experiment: its callbacks first, its bridge, its context and profiler."""
+        self._bridge = bridge
+        self._owns_bridge = False
+        profile: bool | HookProfiler = (
+            profiler if profiler is not None else (self.callbacks.profiler or False)
+        )
+        self.callbacks = CallbackList(
+            [*callbacks, *self._own_callbacks], bridge=bridge, profile=profile
+        )
+        self.ctx = ctx
+        self.state.run_name = ctx.run_name or self.state.run_name
+        self.state.config = dict(ctx.run_config)
+
+    def run(self) -> LoopArtifacts:
+        """Train until `max_steps`, the end of the batches, or a stop request."""
+        if self._ran:
+            raise RuntimeError("this TrainLoop has already run; build a new one for another run")
+        self._ran = True
+        if self._bridge is None:
+            self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
+        self.callbacks.bridge = self._bridge
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._on_interrupt()
+            raise
+        except BaseException as exc:
+            self.callbacks.annotate(exc)
+            if self._owns_bridge:
+                report = self._bridge.close(self.drain_timeout)
+                if not report.ok:
+                    logger.error("run %s failed; background work: %s", self.state.run_name, report)
+            raise
+        finally:
+            if self._owns_bridge and not self._bridge.closed:
+                self._bridge.close(self.drain_timeout)
+
+    def _run(self) -> LoopArtifacts:
+        state, cbs = self.state, self.callbacks
+        manifest: list[ManifestRow] = []
+        metrics_path = self.out_dir / METRICS_FILE
+        manifest_path = self.out_dir / MANIFEST_FILE
+        with JsonLinesWriter(metrics_path) as metrics_out, JsonLinesWriter(manifest_path) as rows:
+            cbs.on_train_start(state)
+            batches = _batches(self.batches)
+            batch = None if state.should_stop else next(batches, None)
+            while batch is not None:
+                metrics = dict(self.step_fn(state, batch) or {})
+                step_idx = state.step
+                state.step += 1
+                state.metrics = metrics
+                metrics_out.write({"step": state.step, "time": time.time(), **metrics})
+                cbs.on_step_end(state, step_idx, batch, metrics)
+                if self.eval_every is not None and state.step % self.eval_every == 0:
+                    self._evaluate(step_idx, metrics_out)
+                # Knowing whether this step is the last decides between a periodic and the
+                # final checkpoint, so the next batch is fetched before saving.
+                last = state.should_stop or (
+                    self.max_steps is not None and state.step >= self.max_steps
+                )
+                batch = None if last else next(batches, None)
+                last = last or batch is None
+                if (
+                    not last
+                    and self.checkpoint_every is not None
+                    and state.step % self.checkpoint_every == 0
+                ):
+                    self._checkpoint(manifest, rows, final=False)
+            final = None
+            if self.save is not None and state.step > 0:
+                final = self._checkpoint(manifest, rows, final=True)
+        reason = state.stop_reason or (
+            "max_steps"
+            if self.max_steps is not None and state.step >= self.max_steps
+            else "batches exhausted"
+        )
+        artifacts = LoopArtifacts(
+            out_dir=self.out_dir,
+            metrics_path=metrics_path,
+            manifest_path=manifest_path,
+            manifest=manifest,
+            final_checkpoint=final,
+            steps_completed=state.step,
+            stop_reason=reason,
+        )
+        self.artifacts = artifacts
+        cbs.on_train_end(state, artifacts)
+        artifacts.drain_report = self._drain()
+        report = artifacts.drain_report
+        if not report.ok:
+            if self.on_drain_failure == "raise":
+                msg = f"run {state.run_name}: background work not done: {report.summary()}"
+                raise DrainError(msg, report)
+            logger.warning("run %s: background work not done: %s", state.run_name, report)
+        return artifacts
+
+    def _evaluate(self, step_idx: int, metrics_out: JsonLinesWriter) -> None:
+        state, cbs = self.state, self.callbacks
+        for name, evaluate in self.evaluators.items():
+            metrics = dict(evaluate(state))
+            metrics_out.write({"step": state.step, "eval": name, "time": time.time(), **metrics})
+            cbs.on_eval(state, step_idx, name, metrics)
+        for name, benchmark in self.benchmarks.items():
+            result, predictions = benchmark(state)
+            _check_benchmark(name, result)
+            cbs.on_benchmark_eval(self.ctx, result, predictions, step=state.step)
+
+    def _checkpoint(
+        self, manifest: list[ManifestRow], rows: JsonLinesWriter, *, final: bool
+    ) -> ManifestRow:
+        state = self.state
+        assert self.save is not None  # callers check
+        path = self.out_dir / CHECKPOINT_DIR / f"step-{state.step:08d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.save(state, path)
+        if not path.exists():
+            msg = (
+                f"save() returned without writing a checkpoint at {path}; write a file or a "
+                f"directory at exactly the path it is given"
+            )
+            raise FileNotFoundError(msg)
+        if self.hash_checkpoints:
+            size, digest = digest_path(path)
+        else:
+            size, digest = _size_of(path), None
+        row = ManifestRow(
+            step=state.step,
+            path=path,
+            size_bytes=size,
+            digest=digest,
+            created_at=time.time(),
+            is_final=final,
+            run_name=state.run_name,
+        )
+        rows.write(row.to_json())
+        manifest.append(row)
+        self.callbacks.on_checkpoint(state, row)
+        return row
+
+    def _drain(self) -> DrainReport:
+        bridge = self._bridge
+        assert bridge is not None  # run() sets it
+        report = bridge.drain(self.drain_timeout)
+        if report.timed_out:
+            # Left running, this run's work would leak into the next run's report.
+            report = report.merge(bridge.cancel_all(timeout=self.interrupt_grace))
+            report = DrainReport(
+                completed=report.completed,
+                failed=report.failed,
+                cancelled=report.cancelled,
+                pending=report.pending,
+                losses=report.losses,
+                elapsed=report.elapsed,
+                timed_out=True,
+                notes=(*report.notes, "work still pending at the deadline was cancelled"),
+            )
+        return report
+
+    def _on_interrupt(self) -> None:
+        bridge = self._bridge
+        if bridge is None:
+            return
+        report = bridge.drain(self.interrupt_grace)
+        if report.timed_out:
+            report = report.merge(bridge.cancel_all(timeout=self.interrupt_grace))
+        if self._owns_bridge:
+            report = report.merge(bridge.close(self.interrupt_grace))
+        logger.warning(
+            "run %s interrupted at step %d; background work: %s",
+            self.state.run_name,
+            self.state.step,
+            report.summary(),
+        )
+
+
+def _batches(batches: Iterable[Any]) -> Iterator[TrainingBatch]:
+    for index, item in enumerate(batches):
+        if isinstance(item, TrainingBatch):
+            yield item
+        else:
+            yield TrainingBatch(index=index, data=item, size=None)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        msg = f"TrainLoop({name}={value!r}): give a whole number of at least 1, or None"
+        raise ValueError(msg)
+
+
+def _check_benchmark(name: str, result: object) -> None:
+    if not isinstance(result, EvalResult):
+        msg = (
+            f"benchmark {name!r} returned {type(result).__name__} where (EvalResult, "
+            f"predictions) was expected"
+        )
+        raise TypeError(msg)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,132 @@
+"""What the background loop did: the DrainReport of a drain, and the bridge's running stats."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from loopbridge._exceptions import DrainError
+
+__all__ = ["BridgeStats", "DrainReport", "Loss", "TaskRecord"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One task named in a report: its name, key, and the exception it raised if any."""
+
+    name: str
+    key: Hashable | None = None
+    exception: BaseException | None = None
+
+    def __str__(self) -> str:
+        key = "" if self.key is None else f" [key={self.key!r}]"
+        error = "" if self.exception is None else f": {type(self.exception).__name__}: "
+        return f"{self.name}{key}{error}{self.exception if self.exception else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """Data a callback had to drop (a full buffer), counted and explained."""
+
+    source: str
+    count: int
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.source} dropped {self.count}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What became of the background work since the previous drain.
+
+    `completed` counts the tasks that finished; `failed`, `cancelled` and `pending` name the
+    others. `pending` lists the tasks still queued or running when the deadline hit.
+    """
+
+    completed: int = 0
+    failed: tuple[TaskRecord, ...] = ()
+    cancelled: tuple[TaskRecord, ...] = ()
+    pending: tuple[TaskRecord, ...] = ()
+    losses: tuple[Loss, ...] = ()
+    elapsed: float = 0.0
+    timed_out: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        """True when every task completed and nothing was dropped."""
+        return not (self.failed or self.cancelled or self.pending or self.losses)
+
+    def raise_for_failures(self) -> None:
+        """Raise an ExceptionGroup of the failed tasks' exceptions, if there are any."""
+        if self.failed:
+            errors = [_as_exception(record) for record in self.failed]
+            msg = f"{len(self.failed)} background task(s) failed"
+            raise ExceptionGroup(msg, errors)
+
+    def raise_if_not_ok(self) -> None:
+        """Raise DrainError (with this report) unless every task completed and nothing dropped."""
+        if not self.ok:
+            raise DrainError(f"background work not done: {self.summary()}", self)
+
+    def summary(self) -> str:
+        """One line: the counts, then the names of what did not complete."""
+        parts = [f"{self.completed} completed"]
+        for label, records in (
+            ("failed", self.failed),
+            ("cancelled", self.cancelled),
+            ("pending", self.pending),
+        ):
+            if records:
+                names = ", ".join(str(r) for r in records[:5])
+                more = f" (+{len(records) - 5} more)" if len(records) > 5 else ""
+                parts.append(f"{len(records)} {label} ({names}{more})")
+        parts.extend(str(loss) for loss in self.losses)
+        timeout = " [deadline hit]" if self.timed_out else ""
+        return f"{'; '.join(parts)} in {self.elapsed:.3f} s{timeout}"
+
+    def __str__(self) -> str:
+        return f"DrainReport({self.summary()})"
+
+    def merge(self, other: DrainReport) -> DrainReport:
+        """Combine two reports, as when a run drains twice (at train end and at close)."""
+        return DrainReport(
+            completed=self.completed + other.completed,
+            failed=self.failed + other.failed,
+            cancelled=self.cancelled + other.cancelled,
+            pending=other.pending,
+            losses=self.losses + other.losses,
+            elapsed=self.elapsed + other.elapsed,
+            timed_out=self.timed_out or other.timed_out,
+            notes=self.notes + other.notes,
+        )
+
+
+def _as_exception(record: TaskRecord) -> Exception:
+    exc = record.exception
+    if isinstance(exc, Exception):
+        return exc
+    # ExceptionGroup only holds Exceptions; wrap the rare BaseException so none is lost.
+    return RuntimeError(f"task {record.name!r} raised {exc!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStats:
+    """Counters and timings of a bridge since it was created."""
+
+    spawned: int
+    completed: int
+    failed: int
+    cancelled: int
+    calls: int
+    spawn_seconds: float
+    backpressure_waits: int
+    backpressure_seconds: float
+    busy_seconds: float
+    uptime_seconds: float
+
+    @property
+    def spawn_mean_us(self) -> float:
+        """Mean time a caller spent inside spawn, in microseconds."""
+        return self.spawn_seconds / self.spawned * 1e6 if self.spawned else 0.0
