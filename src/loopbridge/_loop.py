@@ -9,11 +9,12 @@ end: the final checkpoint, `on_train_end`, then the drain of the background work
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
@@ -70,6 +71,8 @@ class TrainLoop:
             finds work failed, cancelled or still pending.
         interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
         profile: True, or a shared HookProfiler, to time every hook call.
+        print_profile: at train end, write the profiler's table to stderr (True) or to the
+            given stream; turns profiling on.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
     """
 
@@ -91,6 +94,7 @@ class TrainLoop:
         on_drain_failure: DrainPolicy = "raise",
         interrupt_grace: float = 5.0,
         profile: bool | HookProfiler = False,
+        print_profile: bool | TextIO = False,
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
         hash_checkpoints: bool = True,
@@ -131,6 +135,9 @@ class TrainLoop:
         self._own_callbacks = tuple(callbacks)
         self._bridge = bridge
         self._owns_bridge = bridge is None
+        self.print_profile = print_profile
+        if print_profile and not profile:
+            profile = True
         self.callbacks = CallbackList(callbacks, bridge=bridge, profile=profile)
         name = run_name or self.out_dir.name or "run"
         self.state = LoopState(
@@ -251,12 +258,32 @@ class TrainLoop:
         cbs.on_train_end(state, artifacts)
         artifacts.drain_report = self._drain()
         report = artifacts.drain_report
+        assert self._bridge is not None  # run() sets it
+        artifacts.bridge_stats = self._bridge.stats
+        if self.profiler is not None:
+            artifacts.hook_timings = self.profiler.rows()
+            if self.print_profile:
+                self._print_profile(artifacts)
         if not report.ok:
             if self.on_drain_failure == "raise":
                 msg = f"run {state.run_name}: background work not done: {report.summary()}"
                 raise DrainError(msg, report)
             logger.warning("run %s: background work not done: %s", state.run_name, report)
         return artifacts
+
+    def _print_profile(self, artifacts: LoopArtifacts) -> None:
+        target = self.print_profile
+        stream: TextIO = target if not isinstance(target, bool) else sys.stderr
+        assert self.profiler is not None  # checked by the caller
+        stats = artifacts.bridge_stats
+        lines = [f"loopbridge hook profile, run {self.state.run_name}:", self.profiler.table()]
+        if stats is not None:
+            lines.append(
+                f"bridge: {stats.spawned} spawned, {stats.spawn_seconds * 1e3:.2f} ms in spawn "
+                f"({stats.spawn_mean_us:.2f} µs each), {stats.backpressure_seconds * 1e3:.2f} ms "
+                f"blocked by backpressure, {stats.busy_seconds:.3f} s busy in the background"
+            )
+        print("\n".join(lines), file=stream)
 
     def _evaluate(self, step_idx: int, metrics_out: JsonLinesWriter) -> None:
         state, cbs = self.state, self.callbacks

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from loopbridge._report import DrainReport
+    from loopbridge._profile import TimingRow
+    from loopbridge._report import BridgeStats, DrainReport
 
 __all__ = [
     "ArmResult",
@@ -115,6 +116,10 @@ class LoopArtifacts:
     steps_completed: int
     stop_reason: str
     drain_report: DrainReport | None = None
+    hook_timings: list[TimingRow] = field(default_factory=list)
+    """Per (callback, hook) timings on the loop thread, when profiling is on."""
+    bridge_stats: BridgeStats | None = None
+    """The bridge's counters and timings when the run ended (cumulative if shared)."""
 
 
 @dataclass
