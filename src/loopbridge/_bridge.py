@@ -102,7 +102,6 @@ class Bridge:
         self._wake_scheduled = False
         self._burst_seen = 0
         self._seq = itertools.count(1)
-        self._spawned = 0
 
         # Owned by the loop thread.
         self._ready: deque[TaskFuture[Any]] = deque()
@@ -236,10 +235,8 @@ class Bridge:
             self._state = _State.CLOSING
         started = time.monotonic()
         report = self.drain(timeout)
-        if not report.timed_out:
-            report = report.merge(self.cancel_all(timeout=cancel_grace))  # stray calls only
-        else:
-            report = report.merge(self.cancel_all(timeout=cancel_grace))
+        # After a full drain this only cancels stray call()s; after a timeout, the rest.
+        report = report.merge(self.cancel_all(timeout=cancel_grace))
         self._run_shutdown_callbacks(cancel_grace)
         self._stop_loop(cancel_grace)
         with self._lifecycle:
@@ -316,7 +313,6 @@ class Bridge:
             raise TypeError(msg)
         seq = next(self._seq)
         future: TaskFuture[T] = TaskFuture(work, name, key, seq)
-        self._spawned = seq
         if seq - self._taken > self._max_pending:
             self._wait_for_space(seq)
         self._inbox.append(future)
@@ -523,7 +519,7 @@ class Bridge:
             raise BridgeLoopThreadError(msg)
         started = time.monotonic()
         idle = True
-        if self._loop is not None:
+        if self._loop is not None and self._state is not _State.CLOSED:
             with self._idle:
                 idle = self._idle.wait_for(self._is_idle, timeout)
         return self._take_report(time.monotonic() - started, timed_out=not idle)
@@ -603,8 +599,11 @@ class Bridge:
         """Counters and timings since the bridge was created."""
         uptime = time.monotonic() - self._started_at if self._started_at else 0.0
         idle_ns = self._selector.idle_ns if self._selector is not None else 0
+        # Counted from where tasks are rather than on the spawn path; exact when quiet.
+        finished = self._n_completed + self._n_failed + self._n_cancelled
+        spawned = finished + len(self._outstanding) + len(self._inbox)
         return BridgeStats(
-            spawned=self._spawned,
+            spawned=spawned,
             completed=self._n_completed,
             failed=self._n_failed,
             cancelled=self._n_cancelled,

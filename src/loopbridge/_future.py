@@ -130,7 +130,9 @@ class TaskFuture(Generic[T]):
             return True
         task = self.asyncio_task
         if task is not None:
-            task.get_loop().call_soon_threadsafe(task.cancel)
+            loop = task.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
         return True
 
     def add_done_callback(self, fn: Callable[[TaskFuture[T]], object]) -> None:
