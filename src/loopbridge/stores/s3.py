@@ -44,6 +44,7 @@ _MIN_PART = 5 * MiB
 _MAX_PART = 5 * 1024 * MiB
 _MAX_PARTS = 10_000
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+_ABORT_TIMEOUT = 5.0
 
 
 def _import_aioboto3() -> Any:
@@ -493,7 +494,9 @@ class S3Store:
             )
 
         try:
-            async with asyncio.timeout(self._policy.call_timeout):
+            # Bounded tightly: this also runs while a cancelled upload unwinds, and the
+            # bridge gives cancelled work only a short grace period.
+            async with asyncio.timeout(min(self._policy.call_timeout, _ABORT_TIMEOUT)):
                 await self._call("AbortMultipartUpload", full_key, abort)
         except Exception as exc:
             logger.warning(

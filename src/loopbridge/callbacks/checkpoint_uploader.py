@@ -1,0 +1,391 @@
+"""`CheckpointUploader`: ship each checkpoint to an object store in the background.
+
+Remote layout, under the destination's prefix (`s3://bucket/prefix` or a local directory)::
+
+    <prefix>/<experiment>/<arm>/<run>/
+        step-00000100/<file>            a single-file checkpoint, or
+        step-00000100/<shard paths>     every file of a directory of shards
+        step-00000100/_COMPLETE         completion marker (JSON: digest, sizes, files)
+        manifest.json                   every published checkpoint of the run, by step
+        latest                          JSON pointer to the newest published checkpoint
+
+`<experiment>` and `<arm>` come from the `LogContext` of `on_run_start` when the run is part
+of an `Experiment` (the arm is left out when there is none); a bare `TrainLoop` run is
+`<prefix>/<run>/`. Names are percent-escaped into single safe key segments.
+
+A checkpoint counts as published only once its marker, then the manifest, then `latest` are
+written, and each of them only after every byte was uploaded and verified: the bytes
+hashed while streaming must match the row's digest, sizes and ETags must match, and the
+local files must not have changed or disappeared meanwhile (`IntegrityError` otherwise). A
+failed checkpoint leaves no marker and no manifest entry, and what it had uploaded is deleted.
+Uploads of one run run in order (one bridge key per run); different runs upload concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from loopbridge._bridge import Bridge
+from loopbridge._callback import Callback
+from loopbridge._digest import combine_shard_digests, shard_files
+from loopbridge._exceptions import IntegrityError
+from loopbridge._types import (
+    ArmResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    ManifestRow,
+    RunResult,
+)
+from loopbridge.stores import ObjectStore, open_store
+from loopbridge.stores.keys import escape_segment, join_key, normalize_prefix
+from loopbridge.stores.s3 import MiB
+
+__all__ = ["CheckpointUploader", "UploadSummary"]
+
+logger = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_MAX_ERRORS_KEPT = 20
+_DISCARD_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSummary:
+    """What the uploader did so far: checkpoints published and failed, bytes, retries, time."""
+
+    uploaded: int = 0
+    failed: int = 0
+    bytes_uploaded: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    pruned: int = 0
+    errors: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        rate = self.bytes_uploaded / self.seconds / MiB if self.seconds > 0 else 0.0
+        return (
+            f"{self.uploaded} uploaded ({self.bytes_uploaded / MiB:.1f} MiB, {rate:.1f} MiB/s), "
+            f"{self.failed} failed, {self.retries} retries, {self.pruned} pruned, "
+            f"{self.seconds:.2f}s uploading"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    """One uploaded file of a checkpoint, relative to its step prefix."""
+
+    rel: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.rel, "size": self.size, "sha256": self.sha256}
+
+
+def _expected_hex(digest: str | None) -> str | None:
+    """The hex part of a `sha256:<hex>` digest."""
+    if digest is None:
+        return None
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm != "sha256" or not hexdigest:
+        msg = f"unsupported checkpoint digest {digest!r}: expected 'sha256:<hex>'"
+        raise ValueError(msg)
+    return hexdigest
+
+
+class CheckpointUploader(Callback):
+    """Upload every checkpoint to `dest` in the background, verified, in order per run.
+
+    Args:
+        dest: `s3://bucket/prefix`, `file:///dir` or a directory path. With `store=`, a key
+            prefix inside that store instead (`""` for its root).
+        keep_last: keep only this many newest checkpoints per run remotely; older ones are
+            pruned after each successful upload. None keeps everything.
+        store: an `ObjectStore` to write to instead of opening one from `dest`.
+        part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
+            passed to `S3Store` when `dest` is an `s3://` URL.
+
+    Raises:
+        ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        store: ObjectStore | None = None,
+        part_size: int = 8 * MiB,
+        max_concurrency: int = 4,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        call_timeout: float = 120.0,
+        max_attempts: int = 5,
+    ) -> None:
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
+            raise ValueError(msg)
+        self.keep_last = keep_last
+        if store is None:
+            text = os.fspath(dest)
+            if text.startswith("s3://"):
+                store = open_store(
+                    text,
+                    part_size=part_size,
+                    max_concurrency=max_concurrency,
+                    endpoint_url=endpoint_url,
+                    region=region,
+                    call_timeout=call_timeout,
+                    max_attempts=max_attempts,
+                )
+            else:
+                store = open_store(text)
+            self._prefix = ""
+        else:
+            self._prefix = normalize_prefix(os.fspath(dest))
+        self.store: ObjectStore = store
+        self._ctx: LogContext | None = None
+        self._bridge_with_close: Bridge | None = None
+        # Manifests per run prefix; only touched by that run's upload tasks, which run in order.
+        self._manifests: dict[str, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._uploaded = 0
+        self._failed = 0
+        self._bytes = 0
+        self._seconds = 0.0
+        self._pruned = 0
+        self._errors: list[str] = []
+        self._retries_at_start = store.retries
+
+    def __repr__(self) -> str:
+        return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
+
+    @property
+    def destination(self) -> str:
+        """The store URL and prefix uploads go to."""
+        return f"{self.store.url}/{self._prefix}".rstrip("/")
+
+    @property
+    def summary(self) -> UploadSummary:
+        """A snapshot of what was uploaded so far; complete after the loop's drain."""
+        with self._lock:
+            return UploadSummary(
+                uploaded=self._uploaded,
+                failed=self._failed,
+                bytes_uploaded=self._bytes,
+                retries=self.store.retries - self._retries_at_start,
+                seconds=self._seconds,
+                pruned=self._pruned,
+                errors=tuple(self._errors),
+            )
+
+    # -- hooks (training thread) -----------------------------------------------------------
+
+    def on_run_start(self, ctx: LogContext) -> None:
+        """Remember where the run sits, for the remote layout."""
+        self._ctx = ctx
+
+    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+        """Queue the upload of this checkpoint behind the run's earlier ones."""
+        run_prefix = self.run_prefix(state)
+        self._close_store_with(self._attached_bridge())
+        self.spawn(
+            self._upload(row, run_prefix),
+            name=f"upload step {row.step} to {self.store.url}/{run_prefix}",
+            key=("loopbridge.CheckpointUploader", id(self), run_prefix),
+        )
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        """Log the summary once this run's uploads are done (queued behind them)."""
+        run_prefix = self.run_prefix(state)
+        self.spawn(
+            self._log_summary(run_prefix),
+            name=f"log upload summary of {run_prefix}",
+            key=("loopbridge.CheckpointUploader", id(self), run_prefix),
+        )
+
+    def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
+        """Forget the run's context."""
+        self._ctx = None
+
+    def run_prefix(self, state: LoopState) -> str:
+        """The key prefix of this run's checkpoints: `<prefix>/<experiment>/<arm>/<run>`."""
+        ctx = self._ctx
+        names: list[str | None] = [state.run_name]
+        if ctx is not None and ctx.experiment_name:
+            names = [ctx.experiment_name, ctx.arm_name, ctx.run_name or state.run_name]
+        return join_key(self._prefix, *(escape_segment(n) for n in names if n))
+
+    def _close_store_with(self, bridge: Bridge) -> None:
+        """Have the bridge close our store's client on its own loop when it shuts down."""
+        if bridge is not self._bridge_with_close:
+            bridge.add_shutdown_callback(self.store.aclose)
+            self._bridge_with_close = bridge
+
+    # -- background work (bridge loop) -----------------------------------------------------
+
+    async def _upload(self, row: ManifestRow, run_prefix: str) -> None:
+        """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
+        started = time.monotonic()
+        step_dir = f"step-{row.step:08d}"
+        step_prefix = join_key(run_prefix, step_dir)
+        sent: list[str] = []
+        try:
+            if await asyncio.to_thread(row.path.is_dir):
+                shards = await self._upload_dir(row, step_prefix, sent)
+            else:
+                shards = await self._upload_file(row, step_prefix, sent)
+            total = sum(shard.size for shard in shards)
+            if total != row.size_bytes:
+                msg = (
+                    f"checkpoint step {row.step} at {row.path}: uploaded {total} bytes, but the "
+                    f"manifest row says {row.size_bytes}; it was modified after it was saved"
+                )
+                raise IntegrityError(msg, key=step_prefix)
+            await self._publish(row, run_prefix, step_dir, shards)
+        except Exception as exc:
+            await self._discard(sent)
+            with self._lock:
+                self._failed += 1
+                self._errors.append(f"step {row.step}: {exc}")
+                del self._errors[:-_MAX_ERRORS_KEPT]
+            raise
+        finally:
+            with self._lock:
+                self._seconds += time.monotonic() - started
+        with self._lock:
+            self._uploaded += 1
+            self._bytes += total
+
+    async def _upload_file(
+        self, row: ManifestRow, step_prefix: str, sent: list[str]
+    ) -> list[_Shard]:
+        """Upload a single-file checkpoint, checked against the row's digest while streamed."""
+        key = join_key(step_prefix, row.path.name)
+        result = await self.store.put_file(key, row.path, expected_sha256=_expected_hex(row.digest))
+        sent.append(key)
+        return [_Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
+
+    async def _upload_dir(
+        self, row: ManifestRow, step_prefix: str, sent: list[str]
+    ) -> list[_Shard]:
+        """Upload a directory of shards file by file, then check the set and the digest."""
+        files = await asyncio.to_thread(shard_files, row.path)
+        rels = [file.relative_to(row.path).as_posix() for file in files]
+        if not files:
+            msg = f"checkpoint step {row.step}: the directory {row.path} has no files to upload"
+            raise IntegrityError(msg, key=step_prefix)
+        shards = []
+        for file, rel in zip(files, rels, strict=True):
+            key = join_key(step_prefix, rel)
+            result = await self.store.put_file(key, file)
+            sent.append(key)
+            shards.append(_Shard(rel=rel, size=result.size, sha256=result.sha256))
+        now = await asyncio.to_thread(shard_files, row.path)
+        if [file.relative_to(row.path).as_posix() for file in now] != rels:
+            msg = (
+                f"checkpoint step {row.step}: files were added to or removed from {row.path} "
+                f"while it was uploaded"
+            )
+            raise IntegrityError(msg, key=step_prefix)
+        digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+        if row.digest is not None and digest != row.digest:
+            msg = (
+                f"checkpoint step {row.step}: the shards in {row.path} hash to {digest}, not "
+                f"the saved {row.digest}; a shard changed after it was saved"
+            )
+            raise IntegrityError(msg, key=step_prefix)
+        return shards
+
+    async def _publish(
+        self, row: ManifestRow, run_prefix: str, step_dir: str, shards: list[_Shard]
+    ) -> None:
+        """Write the marker, then the manifest, then `latest`; then prune past keep_last."""
+        digest = row.digest or combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+        entry = {
+            "step": row.step,
+            "prefix": step_dir,
+            "digest": digest,
+            "size_bytes": row.size_bytes,
+            "is_final": row.is_final,
+            "created_at": row.created_at,
+            "uploaded_at": time.time(),
+            "source": str(row.path),
+            "files": [shard.to_json() for shard in shards],
+        }
+        await self.store.put_bytes(join_key(run_prefix, step_dir, MARKER), _json(entry))
+        entries = await self._manifest(run_prefix)
+        entries[:] = sorted(
+            [e for e in entries if e["step"] != row.step] + [entry], key=lambda e: int(e["step"])
+        )
+        doomed: list[dict[str, Any]] = []
+        if self.keep_last is not None and len(entries) > self.keep_last:
+            # Never the newest and never the one `latest` is about to point at.
+            doomed = [e for e in entries[: -self.keep_last] if e["prefix"] != step_dir]
+            entries[:] = [e for e in entries if e not in doomed]
+        manifest = {"version": 1, "run": run_prefix, "checkpoints": entries}
+        await self.store.put_bytes(join_key(run_prefix, MANIFEST), _json(manifest))
+        latest = {"step": row.step, "prefix": step_dir, "digest": digest, "manifest": MANIFEST}
+        await self.store.put_bytes(join_key(run_prefix, LATEST), _json(latest))
+        for old in doomed:
+            await self._prune(run_prefix, str(old["prefix"]))
+
+    async def _manifest(self, run_prefix: str) -> list[dict[str, Any]]:
+        """The run's manifest entries, read from the store the first time (to resume)."""
+        entries = self._manifests.get(run_prefix)
+        if entries is None:
+            raw = await self.store.get_bytes(join_key(run_prefix, MANIFEST))
+            entries = []
+            if raw is not None:
+                try:
+                    entries = list(json.loads(raw)["checkpoints"])
+                except (ValueError, KeyError, TypeError):
+                    logger.warning(
+                        "the remote manifest of %s is unreadable; starting a new one", run_prefix
+                    )
+            self._manifests[run_prefix] = entries
+        return entries
+
+    async def _prune(self, run_prefix: str, step_dir: str) -> None:
+        """Delete an older checkpoint already dropped from the manifest."""
+        prefix = join_key(run_prefix, step_dir) + "/"
+        try:
+            objects = await self.store.list(prefix)
+            # The marker goes last, so a half-pruned checkpoint never looks complete.
+            markers = [o.key for o in objects if o.key.endswith("/" + MARKER)]
+            await self.store.delete(o.key for o in objects if o.key not in markers)
+            await self.store.delete(markers)
+        except Exception as exc:
+            logger.warning("could not prune %s from %s: %s", prefix, self.store.url, exc)
+            return
+        with self._lock:
+            self._pruned += 1
+
+    async def _discard(self, keys: list[str]) -> None:
+        """Best-effort removal of what a failed upload sent; it is unreferenced either way."""
+        if not keys:
+            return
+        # Bounded: the store may be what failed, and the keys are unreferenced anyway.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DISCARD_TIMEOUT):
+                await self.store.delete(keys)
+
+    async def _log_summary(self, run_prefix: str) -> None:
+        """Log the uploader's summary once a run's uploads are done."""
+        logger.info("checkpoint uploads to %s (%s): %s", self.store.url, run_prefix, self.summary)
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    """Encode a small JSON document for the store."""
+    return json.dumps(data, indent=1, sort_keys=True).encode()
