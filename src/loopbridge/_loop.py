@@ -74,6 +74,8 @@ class TrainLoop:
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        start_step: steps already completed by an earlier process (when resuming from a
+            checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
     """
 
     def __init__(
@@ -98,10 +100,14 @@ class TrainLoop:
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
         hash_checkpoints: bool = True,
+        start_step: int = 0,
     ) -> None:
         _check_positive("max_steps", max_steps)
         _check_positive("checkpoint_every", checkpoint_every)
         _check_positive("eval_every", eval_every)
+        if not isinstance(start_step, int) or start_step < 0:
+            msg = f"TrainLoop(start_step={start_step!r}): give the steps already completed, >= 0"
+            raise ValueError(msg)
         if checkpoint_every is not None and save is None:
             msg = (
                 f"TrainLoop(checkpoint_every={checkpoint_every}) needs save=fn(state, path) "
@@ -146,7 +152,9 @@ class TrainLoop:
             max_steps=max_steps,
             out_dir=self.out_dir,
             config=dict(config or {}),
+            step=start_step,
         )
+        self._start_step = start_step
         self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
         self.artifacts: LoopArtifacts | None = None
         self._ran = False
@@ -238,7 +246,7 @@ class TrainLoop:
                 ):
                     self._checkpoint(manifest, rows, final=False)
             final = None
-            if self.save is not None and state.step > 0:
+            if self.save is not None and state.step > self._start_step:
                 final = self._checkpoint(manifest, rows, final=True)
         reason = state.stop_reason or (
             "max_steps"
