@@ -28,6 +28,7 @@ __all__ = [
     "CallbackValidationError",
     "DrainError",
     "IntegrityError",
+    "JournalError",
     "LoopbridgeError",
     "MissingExtraError",
     "PermanentStoreError",
@@ -73,6 +74,10 @@ class DrainError(LoopbridgeError):
     def __init__(self, message: str, report: DrainReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class JournalError(LoopbridgeError):
+    """An upload journal cannot be used: corrupt, foreign, or from another schema."""
 
 
 class StoreError(LoopbridgeError):

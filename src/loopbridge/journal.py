@@ -1,0 +1,214 @@
+"""The upload journal: a durable record of checkpoint uploads promised and finished.
+
+One SQLite database per run, `upload-journal.sqlite3` in the run's out dir, in WAL mode. The
+uploader records an intent (where the checkpoint lies, its digest, where it goes) before it
+queues the upload, and marks it published once the checkpoint is verified and the manifest
+and `latest` point at it. An intent still open after the process died is an upload to redo:
+`loopbridge resume OUT_DIR`, or the uploader itself when the run starts again, finishes it.
+
+WAL with `synchronous=NORMAL` makes each commit durable against the process dying (SIGKILL,
+OOM, preemption), which is the failure this journal is for, without an fsync per commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loopbridge._exceptions import JournalError
+from loopbridge._types import ManifestRow
+
+__all__ = ["JOURNAL_FILE", "UploadIntent", "UploadJournal", "find_journals"]
+
+JOURNAL_FILE = "upload-journal.sqlite3"
+_APPLICATION_ID = 0x4C42524A  # "LBRJ": tells our journal from any other SQLite file
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS intents (
+    id           INTEGER PRIMARY KEY,
+    dest         TEXT    NOT NULL,
+    run_prefix   TEXT    NOT NULL,
+    step         INTEGER NOT NULL,
+    path         TEXT    NOT NULL,
+    size_bytes   INTEGER NOT NULL,
+    digest       TEXT,
+    created_at   REAL    NOT NULL,
+    is_final     INTEGER NOT NULL,
+    run_name     TEXT    NOT NULL,
+    state        TEXT    NOT NULL CHECK (state IN ('pending', 'published', 'failed')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    recorded_at  REAL    NOT NULL,
+    finished_at  REAL
+);
+CREATE INDEX IF NOT EXISTS open_intents ON intents (state) WHERE state != 'published';
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadIntent:
+    """One recorded upload: the checkpoint, where it goes, and how far it got."""
+
+    id: int
+    dest: str
+    run_prefix: str
+    row: ManifestRow
+    state: str
+    attempts: int
+    error: str | None
+
+
+class UploadJournal:
+    """A run's upload journal; safe to use from the loop thread and the bridge thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists() and path.stat().st_size > 0
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise JournalError(_unreadable(path, exc)) from exc
+        self._lock = threading.Lock()
+        try:
+            self._open(existed)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise JournalError(_unreadable(path, exc)) from exc
+        except JournalError:
+            self._db.close()
+            raise
+
+    def _open(self, existed: bool) -> None:
+        db = self._db
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        if existed and app_id != _APPLICATION_ID:
+            msg = (
+                f"{self.path} is not a loopbridge upload journal (application_id {app_id:#x}); "
+                f"move it aside, or point loopbridge at the run's own out dir"
+            )
+            raise JournalError(msg)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if existed and version != _SCHEMA_VERSION:
+            msg = (
+                f"{self.path} is an upload journal of schema {version}, and this loopbridge "
+                f"reads schema {_SCHEMA_VERSION}; resume it with the loopbridge that wrote it"
+            )
+            raise JournalError(msg)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        if not existed:
+            db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        db.executescript(_SCHEMA)
+
+    def __enter__(self) -> UploadJournal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database; the WAL is folded back into it."""
+        with self._lock:
+            self._db.close()
+
+    def record_intent(self, dest: str, run_prefix: str, row: ManifestRow) -> int:
+        """Durably record that `row` is to be uploaded to `dest`; return the intent's id."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO intents (dest, run_prefix, step, path, size_bytes, digest,"
+                " created_at, is_final, run_name, state, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (
+                    dest,
+                    run_prefix,
+                    row.step,
+                    str(row.path),
+                    row.size_bytes,
+                    row.digest,
+                    row.created_at,
+                    int(row.is_final),
+                    row.run_name,
+                    time.time(),
+                ),
+            )
+            intent_id = cursor.lastrowid
+        if intent_id is None:  # pragma: no cover - sqlite always sets it after an INSERT
+            raise JournalError(f"{self.path}: the intent was not recorded")
+        return intent_id
+
+    def mark_attempt(self, intent_id: int) -> None:
+        """Count one more attempt at an intent."""
+        self._update("UPDATE intents SET attempts = attempts + 1 WHERE id = ?", (intent_id,))
+
+    def mark_published(self, intent_id: int) -> None:
+        """Record that the intent's checkpoint is published and verified."""
+        self._update(
+            "UPDATE intents SET state = 'published', error = NULL, finished_at = ? WHERE id = ?",
+            (time.time(), intent_id),
+        )
+
+    def mark_failed(self, intent_id: int, error: str) -> None:
+        """Record that an attempt failed; the intent stays open for a later resume."""
+        self._update(
+            "UPDATE intents SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+            (error[:2000], time.time(), intent_id),
+        )
+
+    def _update(self, sql: str, args: tuple[object, ...]) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    def open_intents(self) -> list[UploadIntent]:
+        """The intents not yet published, oldest first: what a resume has to finish."""
+        return self._select("WHERE state != 'published' ORDER BY id")
+
+    def intents(self) -> list[UploadIntent]:
+        """Every intent, oldest first."""
+        return self._select("ORDER BY id")
+
+    def _select(self, where: str) -> list[UploadIntent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, dest, run_prefix, step, path, size_bytes, digest, created_at,"
+                f" is_final, run_name, state, attempts, error FROM intents {where}"
+            ).fetchall()
+        return [
+            UploadIntent(
+                id=r[0],
+                dest=r[1],
+                run_prefix=r[2],
+                row=ManifestRow(
+                    step=r[3],
+                    path=Path(r[4]),
+                    size_bytes=r[5],
+                    digest=r[6],
+                    created_at=r[7],
+                    is_final=bool(r[8]),
+                    run_name=r[9],
+                ),
+                state=r[10],
+                attempts=r[11],
+                error=r[12],
+            )
+            for r in rows
+        ]
+
+
+def find_journals(out_dir: Path) -> Iterator[Path]:
+    """Every upload journal at or below `out_dir` (an experiment holds one per run)."""
+    yield from sorted(out_dir.rglob(JOURNAL_FILE))
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    return (
+        f"{path} cannot be read as an upload journal ({exc}); it is corrupt or not a "
+        f"journal. Move it aside; the checkpoints it recorded are still listed in the run's "
+        f"manifest.jsonl"
+    )
