@@ -42,7 +42,6 @@ from loopbridge._types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "HOOK_NAMES",
     "ArmResult",
     "Bridge",
     "BridgeClosedError",
@@ -58,6 +57,7 @@ __all__ = [
     "EvalResult",
     "Experiment",
     "ExperimentResult",
+    "HOOK_NAMES",
     "HookProfiler",
     "IntegrityError",
     "JournalError",
