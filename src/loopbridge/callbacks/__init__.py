@@ -1,11 +1,19 @@
 """The built-in callbacks; each module imports its optional dependencies itself."""
 
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader, UploadSummary
+from loopbridge.callbacks.early_stopping import EarlyStopping
 from loopbridge.callbacks.http_dashboard import DashboardSummary, HttpDashboard
+from loopbridge.callbacks.jsonl import JsonlLogger
+from loopbridge.callbacks.mlflow import MLflowLogger
+from loopbridge.callbacks.progress import ConsoleProgress
 
 __all__ = [
     "CheckpointUploader",
+    "ConsoleProgress",
     "DashboardSummary",
+    "EarlyStopping",
     "HttpDashboard",
+    "JsonlLogger",
+    "MLflowLogger",
     "UploadSummary",
 ]

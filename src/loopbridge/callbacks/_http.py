@@ -5,6 +5,7 @@ Everything here runs on the bridge loop except the redaction helpers, which are 
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import math
@@ -12,9 +13,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -28,8 +29,12 @@ from tenacity import (
 
 from loopbridge._exceptions import LoopbridgeError
 
+if TYPE_CHECKING:
+    from loopbridge._bridge import Bridge
+
 __all__ = [
     "REDACTED",
+    "ClientSlot",
     "HttpRequestError",
     "HttpRetryPolicy",
     "PermanentHttpError",
@@ -341,8 +346,11 @@ class RetryingClient:
         content: bytes | None = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        accept: Collection[int] = (),
     ) -> httpx.Response:
         """Send one request, retrying transient failures; return the 2xx/3xx response.
+
+        Statuses in `accept` (e.g. 404 for a lookup) are returned rather than raised.
 
         Raises:
             PermanentHttpError: a 4xx other than 408/429; it is never retried.
@@ -374,7 +382,7 @@ class RetryingClient:
             self.stats.failures += 1
             self._raise_exhausted(outcome, method, safe_url)
         response: httpx.Response = outcome
-        if response.status_code >= 400:
+        if response.status_code >= 400 and response.status_code not in accept:
             self.stats.failures += 1
             body = self._redactor.text(response.text[:500])
             msg = (
@@ -404,3 +412,60 @@ class RetryingClient:
             f"{attempts} attempts; the server is unhealthy, or raise max_attempts"
         )
         raise HttpRequestError(msg, url=safe_url, status=status, attempts=attempts)
+
+
+class ClientSlot:
+    """Holds one `RetryingClient` per bridge loop: made lazily on the loop, closed at close().
+
+    A TrainLoop without an Experiment closes its bridge at the end of the run; the next run's
+    bridge then gets a fresh client, and the counters of the old one are kept.
+    """
+
+    def __init__(self, factory: Callable[[], RetryingClient]) -> None:
+        self._factory = factory
+        self._client: RetryingClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bridges: list[Bridge] = []
+        self._closed_stats = RequestStats()
+
+    def register(self, bridge: Bridge) -> None:
+        """Close the client when `bridge` closes; call from the loop thread (cheap if done)."""
+        if not any(b is bridge for b in self._bridges):
+            bridge.add_shutdown_callback(self._aclose)
+            self._bridges.append(bridge)
+
+    @property
+    def bridge(self) -> Bridge | None:
+        """The bridge registered last: the one serving the current run."""
+        return self._bridges[-1] if self._bridges else None
+
+    def get(self) -> RetryingClient:
+        """The client of the running (bridge) loop, created on first use."""
+        loop = asyncio.get_running_loop()
+        client = self._client
+        if client is None or self._loop is not loop:
+            if client is not None:
+                self._keep_stats(client)
+            client = self._factory()
+            self._client, self._loop = client, loop
+        return client
+
+    def stats(self) -> RequestStats:
+        """Requests, retries and failures of every client this slot has made."""
+        client = self._client
+        total = RequestStats(**vars(self._closed_stats))
+        if client is not None:
+            total.requests += client.stats.requests
+            total.retries += client.stats.retries
+            total.failures += client.stats.failures
+        return total
+
+    def _keep_stats(self, client: RetryingClient) -> None:
+        self._closed_stats.requests += client.stats.requests
+        self._closed_stats.retries += client.stats.retries
+        self._closed_stats.failures += client.stats.failures
+
+    async def _aclose(self) -> None:
+        client = self._client
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()

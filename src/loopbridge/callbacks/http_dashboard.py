@@ -62,6 +62,7 @@ from loopbridge._types import (
     TrainingBatch,
 )
 from loopbridge.callbacks._http import (
+    ClientSlot,
     HttpRequestError,
     HttpRetryPolicy,
     PermanentHttpError,
@@ -71,7 +72,7 @@ from loopbridge.callbacks._http import (
 )
 
 if TYPE_CHECKING:
-    from loopbridge._bridge import Bridge
+    pass
 
 __all__ = ["SCHEMA_VERSION", "DashboardSummary", "HttpDashboard"]
 
@@ -118,7 +119,10 @@ class _Stream:
         # Read by the pump to emit "gap" events.
         self.dropped_announced = 0
         self.closing = False
-        self.pump_started = False
+        self.train_started = False
+        # True while a pump task is queued or running; flipped under `lock` only.
+        self.pump_running = False
+        self.lock = threading.Lock()
         self.wake_pending = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake: asyncio.Event | None = None
@@ -170,9 +174,7 @@ class HttpDashboard(Callback):
         self._retry = retry or HttpRetryPolicy()
         self._stream: _Stream | None = None
         self._run_counter = 0
-        self._client: RetryingClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._registered_bridges: list[Bridge] = []
+        self._clients = ClientSlot(self._new_client)
         self._lock = threading.Lock()  # guards the counters written on the bridge loop
         self._batches = 0
         self._rows = 0
@@ -180,8 +182,6 @@ class HttpDashboard(Callback):
         self._dropped = 0
         self._failed_batches = 0
         self._failed_rows = 0
-        self._requests_closed = 0
-        self._retries_closed = 0
 
     def __repr__(self) -> str:
         return f"HttpDashboard({self._safe_url!r})"
@@ -189,16 +189,14 @@ class HttpDashboard(Callback):
     @property
     def summary(self) -> DashboardSummary:
         """Counters since this callback was created."""
-        client = self._client
-        requests = self._requests_closed + (client.stats.requests if client else 0)
-        retries = self._retries_closed + (client.stats.retries if client else 0)
+        stats = self._clients.stats()
         with self._lock:
             return DashboardSummary(
-                requests=requests,
+                requests=stats.requests,
                 batches=self._batches,
                 rows=self._rows,
                 step_rows=self._step_rows,
-                retries=retries,
+                retries=stats.retries,
                 dropped_rows=self._dropped,
                 failed_batches=self._failed_batches,
                 failed_rows=self._failed_rows,
@@ -224,7 +222,7 @@ class HttpDashboard(Callback):
     def on_train_start(self, state: LoopState) -> None:
         """Start the run's pump on the bridge and queue the train_start event."""
         stream = self._stream
-        if stream is None or stream.pump_started:
+        if stream is None or stream.train_started:
             # A plain TrainLoop (no on_run_start), or a second loop in the same run.
             stream = self._open({"run_name": state.run_name, "run_id": state.run_id})
         else:
@@ -239,8 +237,7 @@ class HttpDashboard(Callback):
                 "config": dict(state.config),
             },
         )
-        stream.pump_started = True
-        self.spawn(self._pump(stream), name=f"{_SOURCE}.pump", key=stream.key)
+        stream.train_started = True
 
     def on_step_end(
         self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
@@ -254,6 +251,8 @@ class HttpDashboard(Callback):
         steps = stream.steps
         # A copy, because the loop or another callback may reuse the dict after this hook.
         steps.append((seq, state.step, time.time(), metrics.copy()))
+        if not stream.pump_running:
+            self._start_pump(stream)
         n = len(steps)
         if n > self._max_buffer_rows:
             self._drop_oldest(stream)
@@ -311,8 +310,6 @@ class HttpDashboard(Callback):
                 "predictions": list(predictions),
             },
         )
-        if stream.closing:
-            self._spawn_flush(stream)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         """Queue train_end, report drops, and let the pump post everything before the drain."""
@@ -349,7 +346,7 @@ class HttpDashboard(Callback):
         )
         self._report_drops(stream)
         stream.closing = True
-        self._spawn_flush(stream)
+        self._wake(stream)
         self._stream = None
 
     # ------------------------------------------------------------------ loop-thread helpers
@@ -365,6 +362,8 @@ class HttpDashboard(Callback):
         event["seq"] = stream.next_seq()
         event["time"] = now
         stream.events.append((event["seq"], now, event))
+        if not stream.pump_running:
+            self._start_pump(stream)
 
     def _drop_oldest(self, stream: _Stream) -> None:
         try:
@@ -404,56 +403,57 @@ class HttpDashboard(Callback):
         if loop is not None and wake is not None and not loop.is_closed():
             loop.call_soon_threadsafe(wake.set)
 
-    def _spawn_flush(self, stream: _Stream) -> None:
-        self.spawn(self._flush_rest(stream), name=f"{_SOURCE}.flush", key=stream.key)
+    def _start_pump(self, stream: _Stream) -> None:
+        # Rare: once per idle period. The pump exits when the buffer is empty, so no task
+        # outlives the rows it serves and a drain never waits for an idle pump.
+        with stream.lock:
+            if stream.pump_running:
+                return
+            stream.pump_running = True
+        self._register_shutdown()
+        self.spawn(self._pump(stream), name=f"{_SOURCE}.pump", key=stream.key)
 
     def _register_shutdown(self) -> None:
-        bridge = self._attached_bridge()
-        if not any(b is bridge for b in self._registered_bridges):
-            bridge.add_shutdown_callback(self._close_client)
-            self._registered_bridges.append(bridge)
+        self._clients.register(self._attached_bridge())
 
     # ------------------------------------------------------------------ bridge loop
 
-    def _get_client(self) -> RetryingClient:
-        loop = asyncio.get_running_loop()
-        client = self._client
-        if client is None or self._client_loop is not loop:
-            if client is not None:
-                # A client left on another (closed) bridge loop: keep its counts only.
-                self._requests_closed += client.stats.requests
-                self._retries_closed += client.stats.retries
-            client = RetryingClient(
-                name=_SOURCE,
-                redactor=self._redactor,
-                headers=self._headers,
-                timeout=self._timeout,
-                policy=self._retry,
-            )
-            self._client, self._client_loop = client, loop
-        return client
-
-    async def _close_client(self) -> None:
-        client = self._client
-        if client is not None and self._client_loop is asyncio.get_running_loop():
-            await client.aclose()
+    def _new_client(self) -> RetryingClient:
+        return RetryingClient(
+            name=_SOURCE,
+            redactor=self._redactor,
+            headers=self._headers,
+            timeout=self._timeout,
+            policy=self._retry,
+        )
 
     async def _pump(self, stream: _Stream) -> None:
-        """Post the run's batches until train end: full batches at once, partial ones by age."""
+        """Post the run's rows while any wait: full batches at once, the rest by age or at end."""
+        try:
+            await self._pump_rows(stream)
+        except BaseException:
+            # A later event (run_end after a failed train_end flush) must find no pump.
+            with stream.lock:
+                stream.pump_running = False
+            raise
+
+    async def _pump_rows(self, stream: _Stream) -> None:
         stream.wake = asyncio.Event()
         stream.loop = asyncio.get_running_loop()
         interval = self._flush_interval_s
         while True:
             stream.wake_pending = False
             age = _oldest_age(stream)
+            if age is None and not stream.dropped > stream.dropped_announced:
+                if self._retire_pump(stream):
+                    return
+                continue
             full = len(stream.steps) + len(stream.events) >= self._max_batch_rows
             if stream.closing or full or (age is not None and age >= interval):
                 rows = self._take(stream)
                 if rows:
                     await self._deliver(stream, rows)
-                    continue
-                if stream.closing:
-                    return
+                continue
             stream.wake.clear()
             wait = interval if age is None else max(0.0, interval - age)
             try:
@@ -462,10 +462,19 @@ class HttpDashboard(Callback):
             except TimeoutError:
                 pass
 
-    async def _flush_rest(self, stream: _Stream) -> None:
-        """Post whatever the run still holds (after training: post-training benchmarks, run end)."""
-        while rows := self._take(stream):
-            await self._deliver(stream, rows)
+    def _retire_pump(self, stream: _Stream) -> bool:
+        """Mark the pump stopped; False if a row slipped in and this pump must carry on."""
+        # The loop thread appends before it reads `pump_running`, so either it sees False
+        # and starts a new pump, or its row is visible to the check below.
+        with stream.lock:
+            stream.pump_running = False
+        if _oldest_age(stream) is None:
+            return True
+        with stream.lock:
+            if stream.pump_running:  # the loop thread already started the next pump
+                return True
+            stream.pump_running = True
+            return False
 
     def _take(self, stream: _Stream) -> list[dict[str, Any]]:
         """Pop up to a batch of rows, merging steps and events back into hook order."""
@@ -506,7 +515,7 @@ class HttpDashboard(Callback):
         }
         stream.batch += 1
         body = _encode(payload)
-        client = self._get_client()
+        client = self._clients.get()
         headers = {"content-type": "application/json"}
         while True:
             try:
@@ -516,7 +525,7 @@ class HttpDashboard(Callback):
                 self._fail(stream, rows, str(exc))
                 return
             except HttpRequestError as exc:
-                if stream.closing:
+                if stream.closing or self._bridge_closing():
                     self._fail(stream, rows, str(exc))
                     left = self._take_all(stream)
                     if left:
@@ -537,6 +546,10 @@ class HttpDashboard(Callback):
                 self._step_rows += n_steps
             return
 
+    def _bridge_closing(self) -> bool:
+        bridge = self._clients.bridge
+        return bridge is not None and bridge.closed
+
     def _take_all(self, stream: _Stream) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         while more := self._take(stream):
@@ -551,7 +564,7 @@ class HttpDashboard(Callback):
             f"{len(rows)} rows of run {stream.run.get('run_name')!r} not delivered: {reason}"
         )
         logger.error("%s: %s", _SOURCE, detail)
-        bridge = self._registered_bridges[-1] if self._registered_bridges else None
+        bridge = self._clients.bridge
         if bridge is not None:
             bridge.report_loss(_SOURCE, len(rows), detail)
 

@@ -1,0 +1,602 @@
+"""MLflowLogger: experiment, group and run onto MLflow's REST API with httpx (no mlflow client).
+
+Mapping: the Experiment is an MLflow experiment (got or created by name); each run group is a
+parent run; each run is a child run tagged `mlflow.parentRunId` (or a top-level run when it
+has no group). Ids go into `ctx.ids` (`experiment_id`, `group:<name>`, `run_id`) before the
+hook returns. A plain TrainLoop gets its experiment and run at `on_train_start`.
+
+Metric names: step metrics as given; evals as `<eval name>/<metric>`; benchmarks as
+`bench/<name>/<metric>` and `bench/<name>/<slice>/<metric>`, all at step `state.step` (steps
+completed). Benchmark predictions go to the artifact `benchmarks/<name>/step-<N>.json`
+(`final.json` after training) through the server's proxied artifact API, which needs
+`mlflow server --serve-artifacts` (the default since MLflow 2).
+
+MLflow's limits are kept explicitly: at most 1000 metrics, 100 params and 100 tags per
+log-batch; keys over 250 characters are shortened to a prefix and a hash, with a warning
+and a `loopbridge.long_key.<hash>` tag holding the original; param values over 6000 and tag
+values over 8000 characters are shortened with a visible marker and a warning, and the full
+values are uploaded as the artifact `loopbridge/long_values.json`. NaN and infinities are
+sent as the strings "NaN", "Infinity" and "-Infinity", which MLflow stores as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from loopbridge._callback import Callback
+from loopbridge._types import (
+    ArmResult,
+    EvalResult,
+    ExperimentResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    RunResult,
+    RunStatus,
+    TrainingBatch,
+)
+from loopbridge.callbacks._http import (
+    ClientSlot,
+    HttpRequestError,
+    HttpRetryPolicy,
+    Redactor,
+    RetryingClient,
+    redact_url,
+)
+
+__all__ = ["MLflowLogger", "flatten_config"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = "MLflowLogger"
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+MAX_ITEMS_PER_BATCH = 1000
+MAX_KEY_CHARS = 250
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_TAG_VALUE_CHARS = 8000
+
+# A step row as the loop thread queues it: (step, unix ms, {key: value}).
+_Row = tuple[int, int, dict[str, float]]
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings as dotted keys, every value as the text MLflow stores for a param."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, str):
+            flat[name] = value
+        elif isinstance(value, list | tuple | Mapping):
+            flat[name] = json.dumps(value, default=str, sort_keys=True)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def mlflow_value(value: float) -> float | str:
+    """A metric value MLflow keeps: non-finite numbers as the strings protobuf JSON reads."""
+    number = float(value)
+    if math.isfinite(number):
+        return number
+    if math.isnan(number):
+        return "NaN"
+    return "Infinity" if number > 0 else "-Infinity"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Run:
+    """One MLflow run as the loop thread knows it, plus what waits to be logged."""
+
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    name: str
+    key: tuple[str, int, str]
+    group_run_id: str | None = None
+    owns_lifecycle: bool = False  # created at on_train_start (no Experiment): ended there too
+    rows: list[_Row] = field(default_factory=list)
+    points: int = 0
+    first_row_at: float = 0.0
+    last_step: int = 0
+
+
+class MLflowLogger(Callback):
+    """Logs experiments, groups, runs, metrics, evals and benchmarks to an MLflow server.
+
+    Args:
+        tracking_uri: the server's base URL, e.g. `http://127.0.0.1:5000`.
+        experiment_name: overrides the Experiment's name; for a plain TrainLoop, the
+            experiment to log into (default "loopbridge").
+        headers: sent with every request (e.g. Authorization); never logged.
+        flush_points: step-metric points buffered before a log-batch is sent.
+        flush_interval_s: a partial buffer is sent once its oldest row is this old.
+        timeout: seconds for each HTTP request.
+        call_timeout: seconds a hook waits for a run to be created or closed.
+        retry: the retry policy for 5xx, 429, connection errors and timeouts.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        experiment_name: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        flush_points: int = MAX_METRICS_PER_BATCH,
+        flush_interval_s: float = 5.0,
+        timeout: float = 15.0,
+        call_timeout: float = 120.0,
+        retry: HttpRetryPolicy | None = None,
+    ) -> None:
+        scheme = urlsplit(tracking_uri).scheme
+        if scheme not in ("http", "https"):
+            msg = (
+                f"MLflowLogger({redact_url(tracking_uri)!r}): the tracking URI must be an "
+                f"http(s) URL of an MLflow server, e.g. http://127.0.0.1:5000"
+            )
+            raise ValueError(msg)
+        self._base = tracking_uri.rstrip("/")
+        self._safe_base = redact_url(self._base)
+        self._experiment_name = experiment_name
+        self._headers = dict(headers or {})
+        self._redactor = Redactor(tracking_uri, self._headers)
+        self._flush_points = max(1, flush_points)
+        self._flush_interval_s = flush_interval_s
+        self._timeout = timeout
+        self._call_timeout = call_timeout
+        self._retry = retry or HttpRetryPolicy()
+        self._clients = ClientSlot(self._new_client)
+        self._experiment_id: str | None = None
+        self._groups: dict[str, str] = {}  # group run id -> final status
+        self._run: _Run | None = None
+        # Shortened keys, filled on the bridge loop: original -> short.
+        self._short_keys: dict[str, str] = {}
+        # Originals of keys shortened since the last log-batch; their tags go in the next one.
+        self._pending_keys: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"MLflowLogger({self._safe_base!r})"
+
+    # ------------------------------------------------------------------ hooks (loop thread)
+
+    def on_experiment_start(self, ctx: LogContext) -> None:
+        """Get or create the MLflow experiment; store its id in `ctx.ids['experiment_id']`."""
+        self._clients.register(self._attached_bridge())
+        name = self._experiment_name or ctx.experiment_name
+        experiment_id = self.call(self._ensure_experiment(name), timeout=self._call_timeout)
+        ctx.ids["experiment_id"] = experiment_id
+
+    def on_group_start(self, ctx: LogContext, group_name: str) -> None:
+        """Create the group's parent run; store its id in `ctx.ids['group:<name>']`."""
+        self._clients.register(self._attached_bridge())
+        experiment_id = self._experiment_for(ctx)
+        tags = {"loopbridge.kind": "group", "loopbridge.group": group_name}
+        if ctx.arm_name is not None:
+            tags["loopbridge.arm"] = ctx.arm_name
+        info = self.call(
+            self._create_run(experiment_id, group_name, tags, flatten_config(ctx.run_config)),
+            timeout=self._call_timeout,
+        )
+        ctx.ids[f"group:{group_name}"] = info["run_id"]
+        self._groups[info["run_id"]] = "FINISHED"
+
+    def on_run_start(self, ctx: LogContext) -> None:
+        """Create the run under its group (or experiment); store `ctx.ids['run_id']`."""
+        self._clients.register(self._attached_bridge())
+        experiment_id = self._experiment_for(ctx)
+        name = ctx.run_name or ctx.arm_name or "run"
+        tags = {"loopbridge.kind": "run"}
+        for tag, value in (
+            ("loopbridge.arm", ctx.arm_name),
+            ("loopbridge.group", ctx.group_name),
+            ("loopbridge.repeat", ctx.repeat_index),
+            ("loopbridge.stage", ctx.stage_index),
+        ):
+            if value is not None:
+                tags[tag] = str(value)
+        parent = ctx.ids.get(f"group:{ctx.group_name}") if ctx.group_name else None
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+        info = self.call(
+            self._create_run(experiment_id, name, tags, flatten_config(ctx.run_config)),
+            timeout=self._call_timeout,
+        )
+        ctx.ids["run_id"] = info["run_id"]
+        self._run = self._new_run(info, name, group_run_id=parent)
+
+    def on_train_start(self, state: LoopState) -> None:
+        """Without an Experiment, create the experiment and the run here."""
+        if self._run is not None:
+            return
+        self._clients.register(self._attached_bridge())
+        if self._experiment_id is None:
+            name = self._experiment_name or "loopbridge"
+            self._experiment_id = self.call(
+                self._ensure_experiment(name), timeout=self._call_timeout
+            )
+        tags = {"loopbridge.kind": "run", "loopbridge.run_id": state.run_id}
+        info = self.call(
+            self._create_run(
+                self._experiment_id, state.run_name, tags, flatten_config(state.config)
+            ),
+            timeout=self._call_timeout,
+        )
+        run = self._new_run(info, state.run_name, group_run_id=None)
+        run.owns_lifecycle = True
+        self._run = run
+
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
+    ) -> None:
+        """Queue the step's metrics; send a log-batch when enough points or time piled up."""
+        run = self._run
+        if run is None:
+            return
+        now = time.time()
+        if not run.rows:
+            run.first_row_at = now
+        # A copy: the row waits in the buffer while the caller may reuse its dict.
+        run.rows.append((state.step, int(now * 1000), metrics.copy()))
+        run.last_step = state.step
+        run.points += len(metrics)
+        if run.points >= self._flush_points or now - run.first_row_at >= self._flush_interval_s:
+            self._flush(run)
+
+    def on_eval(
+        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+    ) -> None:
+        """Queue `<eval name>/<metric>` at `state.step` and send."""
+        run = self._run
+        if run is None:
+            return
+        values = {f"{eval_name}/{key}": value for key, value in metrics.items()}
+        run.rows.append((state.step, int(time.time() * 1000), values))
+        run.points += len(values)
+        self._flush(run)
+
+    def on_benchmark_eval(
+        self,
+        ctx: LogContext,
+        eval_result: EvalResult,
+        predictions: list[dict],  # type: ignore[type-arg]  # the contract's exact type
+        *,
+        step: int | None = None,
+    ) -> None:
+        """Log the benchmark's metrics, breakdowns and tags; upload its predictions."""
+        run = self._run
+        if run is None:
+            return
+        name = eval_result.name
+        at = run.last_step if step is None else step
+        values = {f"bench/{name}/{k}": v for k, v in eval_result.metrics.items()}
+        for slice_name, slice_metrics in eval_result.breakdowns.items():
+            values.update({f"bench/{name}/{slice_name}/{k}": v for k, v in slice_metrics.items()})
+        run.rows.append((at, int(time.time() * 1000), values))
+        run.points += len(values)
+        tags = {f"bench.{name}.{k}": str(v) for k, v in eval_result.tags.items()}
+        self._flush(run, tags)
+        leaf = "final" if step is None else f"step-{step:08d}"
+        path = f"benchmarks/{name}/{leaf}.json"
+        # Encoded here, once: the list may be mutated by the caller after the hook.
+        body = json.dumps(
+            {"benchmark": name, "step": step, "metrics": eval_result.metrics, "rows": predictions},
+            default=str,
+        ).encode()
+        self.spawn(self._upload(run, path, body), name=f"{_SOURCE}.artifact", key=run.key)
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        """Send what is buffered; a run without an Experiment is also marked FINISHED."""
+        run = self._run
+        if run is None:
+            return
+        self._flush(run)
+        if run.owns_lifecycle:
+            self.spawn(self._end_run(run.run_id, "FINISHED"), name=f"{_SOURCE}.end", key=run.key)
+            self._run = None
+
+    def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
+        """Send what is left and set the final status (FINISHED or FAILED); wait for it."""
+        run = self._run
+        if run is None:
+            return
+        self._run = None
+        failed = run_result.status is not RunStatus.COMPLETED
+        status = "FAILED" if failed else "FINISHED"
+        if failed and run.group_run_id in self._groups:
+            self._groups[run.group_run_id] = "FAILED"
+        self._flush(run)
+        future = self.spawn(self._end_run(run.run_id, status), name=f"{_SOURCE}.end", key=run.key)
+        # The status must be set before the next run starts; a failure is in the drain report.
+        try:
+            error = future.exception(timeout=self._call_timeout)
+        except TimeoutError:
+            logger.error("%s: run %s not closed within %s s", _SOURCE, run.name, self._call_timeout)
+            return
+        if error is not None:
+            logger.error("%s: could not close run %s: %s", _SOURCE, run.name, error)
+
+    def on_experiment_end(self, ctx: LogContext, result: ExperimentResult) -> None:
+        """Close every group's parent run (FAILED if one of its runs failed)."""
+        groups, self._groups = self._groups, {}
+        if groups:
+            self.call(self._end_groups(groups), timeout=self._call_timeout)
+
+    # ------------------------------------------------------------------ loop-thread helpers
+
+    def _experiment_for(self, ctx: LogContext) -> str:
+        experiment_id = ctx.ids.get("experiment_id") or self._experiment_id
+        if experiment_id is None:
+            name = self._experiment_name or ctx.experiment_name
+            experiment_id = self.call(self._ensure_experiment(name), timeout=self._call_timeout)
+            ctx.ids["experiment_id"] = experiment_id
+        return experiment_id
+
+    def _new_run(self, info: Mapping[str, Any], name: str, *, group_run_id: str | None) -> _Run:
+        run_id = str(info["run_id"])
+        return _Run(
+            run_id=run_id,
+            experiment_id=str(info["experiment_id"]),
+            artifact_uri=str(info.get("artifact_uri", "")),
+            name=name,
+            key=(_SOURCE, id(self), run_id),
+            group_run_id=group_run_id,
+        )
+
+    def _flush(self, run: _Run, tags: Mapping[str, str] | None = None) -> None:
+        rows, run.rows, run.points = run.rows, [], 0
+        if rows or tags:
+            self.spawn(
+                self._log_rows(run, rows, dict(tags or {})), name=f"{_SOURCE}.log", key=run.key
+            )
+
+    # ------------------------------------------------------------------ bridge loop
+
+    def _new_client(self) -> RetryingClient:
+        return RetryingClient(
+            name=_SOURCE,
+            redactor=self._redactor,
+            headers=self._headers,
+            timeout=self._timeout,
+            policy=self._retry,
+        )
+
+    async def _api(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        accept: tuple[int, ...] = (),
+    ) -> tuple[int, Any]:
+        client = self._clients.get()
+        response = await client.request(
+            method,
+            f"{self._base}/api/2.0/mlflow/{endpoint}",
+            json_body=body,
+            params=params,
+            accept=accept,
+        )
+        return response.status_code, response.json() if response.content else {}
+
+    async def _ensure_experiment(self, name: str) -> str:
+        """The id of the experiment called `name`, created if missing (races tolerated)."""
+        for _ in range(2):
+            status, found = await self._api(
+                "GET", "experiments/get-by-name", params={"experiment_name": name}, accept=(404,)
+            )
+            if status == 200:
+                experiment = found["experiment"]
+                if experiment.get("lifecycle_stage") == "deleted":
+                    msg = (
+                        f"{_SOURCE}: MLflow experiment {name!r} is deleted; restore it in "
+                        f"MLflow or pass another experiment_name"
+                    )
+                    raise HttpRequestError(msg, url=self._safe_base)
+                return str(experiment["experiment_id"])
+            status, created = await self._api(
+                "POST", "experiments/create", body={"name": name}, accept=(400,)
+            )
+            if status == 200:
+                return str(created["experiment_id"])
+            if created.get("error_code") != "RESOURCE_ALREADY_EXISTS":
+                msg = f"{_SOURCE}: could not create MLflow experiment {name!r}: {created}"
+                raise HttpRequestError(self._redactor.text(msg), url=self._safe_base, status=400)
+            # Somebody else created it between our lookup and our create: look again.
+        msg = f"{_SOURCE}: MLflow experiment {name!r} neither found nor created; check the server"
+        raise HttpRequestError(msg, url=self._safe_base)
+
+    async def _create_run(
+        self, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str]
+    ) -> dict[str, Any]:
+        """Create a run with its tags, then log its params; return the run's info."""
+        tags = {**tags, "mlflow.runName": name}
+        long_values: dict[str, dict[str, str]] = {}
+        safe_tags = self._tags(tags, long_values)
+        body = {
+            "experiment_id": experiment_id,
+            "run_name": name,
+            "start_time": int(time.time() * 1000),
+            "tags": safe_tags[:MAX_TAGS_PER_BATCH],
+        }
+        _, created = await self._api("POST", "runs/create", body=body)
+        info: dict[str, Any] = created["run"]["info"]
+        run_id = str(info["run_id"])
+        safe_params = self._params(params, long_values)
+        extra_tags = safe_tags[MAX_TAGS_PER_BATCH:] + self._take_key_tags()
+        for batch in _batches(run_id, [], safe_params, extra_tags):
+            await self._api("POST", "runs/log-batch", body=batch)
+        if long_values:
+            content = json.dumps(long_values, indent=1, sort_keys=True).encode()
+            await self._put_artifact(info, "loopbridge/long_values.json", content)
+        return info
+
+    async def _log_rows(self, run: _Run, rows: list[_Row], tags: dict[str, str]) -> None:
+        """Send queued metric rows (and tags) as log-batch requests within MLflow's limits."""
+        metrics: list[dict[str, Any]] = []
+        for step, timestamp, values in rows:
+            for key, value in values.items():
+                try:
+                    number = mlflow_value(value)
+                except (TypeError, ValueError):
+                    logger.warning(
+                        "%s: metric %r = %r at step %d is not a number; not logged",
+                        _SOURCE,
+                        key,
+                        value,
+                        step,
+                    )
+                    continue
+                metrics.append(
+                    {"key": self._key(key), "value": number, "timestamp": timestamp, "step": step}
+                )
+        long_values: dict[str, dict[str, str]] = {}
+        safe_tags = self._tags(tags, long_values) + self._take_key_tags()
+        for batch in _batches(run.run_id, metrics, [], safe_tags):
+            await self._api("POST", "runs/log-batch", body=batch)
+        if long_values:
+            content = json.dumps(long_values, indent=1, sort_keys=True).encode()
+            await self._put_artifact(
+                {"artifact_uri": run.artifact_uri}, "loopbridge/long_tag_values.json", content
+            )
+
+    async def _upload(self, run: _Run, path: str, content: bytes) -> None:
+        await self._put_artifact({"artifact_uri": run.artifact_uri}, path, content)
+
+    async def _put_artifact(self, info: Mapping[str, Any], path: str, content: bytes) -> None:
+        """PUT a file through the server's proxied artifact API (`--serve-artifacts`)."""
+        uri = str(info.get("artifact_uri", ""))
+        parts = urlsplit(uri)
+        if parts.scheme != "mlflow-artifacts":
+            detail = (
+                f"artifact {path!r} not uploaded: the run's artifact root {uri!r} is not "
+                f"served by the tracking server; start it with --serve-artifacts"
+            )
+            bridge = self._clients.bridge
+            if bridge is not None:
+                bridge.report_loss(_SOURCE, 1, detail)
+            return
+        root = parts.path.strip("/")
+        url = f"{self._base}/api/2.0/mlflow-artifacts/artifacts/{quote(root)}/{quote(path)}"
+        client = self._clients.get()
+        await client.request(
+            "PUT", url, content=content, headers={"content-type": "application/json"}
+        )
+
+    async def _end_run(self, run_id: str, status: str) -> None:
+        body = {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)}
+        await self._api("POST", "runs/update", body=body)
+
+    async def _end_groups(self, groups: Mapping[str, str]) -> None:
+        for run_id, status in groups.items():
+            await self._end_run(run_id, status)
+
+    # ------------------------------------------------------------------ limits
+
+    def _key(self, key: str) -> str:
+        """`key` itself, or a shortened key (prefix + hash) with a warning, once per key."""
+        if len(key) <= MAX_KEY_CHARS:
+            return key
+        short = self._short_keys.get(key)
+        if short is None:
+            digest = _digest(key)
+            short = f"{key[: MAX_KEY_CHARS - len(digest) - 1]}-{digest}"
+            self._short_keys[key] = short
+            self._pending_keys.append(key)
+            logger.warning(
+                "%s: key of %d characters is over MLflow's %d; logged as %r, the original "
+                "is in tag loopbridge.long_key.%s",
+                _SOURCE,
+                len(key),
+                MAX_KEY_CHARS,
+                short,
+                digest,
+            )
+        return short
+
+    def _take_key_tags(self) -> list[dict[str, str]]:
+        """Tags that record the original of each key shortened since the last call."""
+        pending = self._pending_keys
+        tags = [
+            {"key": f"loopbridge.long_key.{_digest(k)}", "value": k[:MAX_TAG_VALUE_CHARS]}
+            for k in pending
+        ]
+        pending.clear()
+        return tags
+
+    def _params(
+        self, params: Mapping[str, str], long_values: dict[str, dict[str, str]]
+    ) -> list[dict[str, str]]:
+        return [
+            {
+                "key": self._key(k),
+                "value": _shorten("param", k, v, MAX_PARAM_VALUE_CHARS, long_values),
+            }
+            for k, v in params.items()
+        ]
+
+    def _tags(
+        self, tags: Mapping[str, str], long_values: dict[str, dict[str, str]]
+    ) -> list[dict[str, str]]:
+        return [
+            {"key": self._key(k), "value": _shorten("tag", k, v, MAX_TAG_VALUE_CHARS, long_values)}
+            for k, v in tags.items()
+        ]
+
+
+def _shorten(
+    kind: str, key: str, value: str, limit: int, long_values: dict[str, dict[str, str]]
+) -> str:
+    """`value`, or a visibly marked prefix of it (full value kept for an artifact)."""
+    if len(value) <= limit:
+        return value
+    marker = f"...[shortened from {len(value)} chars, sha256:{_digest(value)}]"
+    long_values.setdefault(kind, {})[key] = value
+    logger.warning(
+        "%s: %s %r has %d characters, over MLflow's %d; logged shortened, the full value "
+        "goes to artifact loopbridge/long_values.json",
+        _SOURCE,
+        kind,
+        key,
+        len(value),
+        limit,
+    )
+    return value[: limit - len(marker)] + marker
+
+
+def _batches(
+    run_id: str,
+    metrics: list[dict[str, Any]],
+    params: list[dict[str, str]],
+    tags: list[dict[str, str]],
+) -> Iterator[dict[str, Any]]:
+    """log-batch bodies that each respect MLflow's per-request limits."""
+    m = p = t = 0
+    while m < len(metrics) or p < len(params) or t < len(tags):
+        n_tags = min(MAX_TAGS_PER_BATCH, len(tags) - t)
+        n_params = min(MAX_PARAMS_PER_BATCH, len(params) - p, MAX_ITEMS_PER_BATCH - n_tags)
+        room = MAX_ITEMS_PER_BATCH - n_tags - n_params
+        n_metrics = min(MAX_METRICS_PER_BATCH, len(metrics) - m, room)
+        yield {
+            "run_id": run_id,
+            "metrics": metrics[m : m + n_metrics],
+            "params": params[p : p + n_params],
+            "tags": tags[t : t + n_tags],
+        }
+        m, p, t = m + n_metrics, p + n_params, t + n_tags
