@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from tests.fixtures.http import DashboardServer
 
+import loopbridge as lb
 from loopbridge._bridge import Bridge
 from loopbridge._report import DrainReport
 from loopbridge._types import EvalResult, LogContext, LoopArtifacts, LoopState, TrainingBatch
@@ -292,3 +293,79 @@ class TestExperimentEvents:
         assert bench["predictions"] == [{"id": 1, "pred": "x"}]
         assert bench["breakdowns"] == {"easy": {"acc": 1.0}}
         assert dashboard_server.posts()[0].json()["run"]["experiment"] == "exp"
+
+
+def tiny_build(tmp_path: Path) -> Any:
+    """A `build(ctx)` with an evaluator and an in-loop benchmark, 20 steps."""
+
+    def build(ctx: lb.LogContext) -> lb.TrainLoop:
+        def bench(state: lb.LoopState) -> tuple[lb.EvalResult, list[dict[str, Any]]]:
+            return lb.EvalResult("qa", {"score": state.step / 20}), [{"id": state.step}]
+
+        return lb.TrainLoop(
+            lambda state, batch: {"loss": float(batch.data)},
+            range(20),
+            out_dir=tmp_path / (ctx.run_name or "run"),
+            evaluators={"val": lambda state: {"acc": 0.5}},
+            eval_every=10,
+            benchmarks={"qa": bench},
+        )
+
+    return build
+
+
+class TestWithRunners:
+    def test_experiment_runs_post_their_events_in_order(
+        self, dashboard_server: DashboardServer, tmp_path: Path
+    ) -> None:
+        """Each run of a 2 x 2 experiment posts its lifecycle, steps, evals and benchmarks."""
+        dash = HttpDashboard(dashboard_server.url, max_batch_rows=8)
+        build = tiny_build(tmp_path)
+        exp = lb.Experiment(
+            "exp",
+            arms={"a": {"lr": 1}, "b": {"lr": 2}},
+            build=build,
+            n_repeats=2,
+            benchmarks={"qa": build(lb.LogContext("x")).benchmarks["qa"]},
+            callbacks=[dash],
+        )
+        result = exp.run()
+        assert result.ok
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        for post in dashboard_server.posts():
+            payload = post.json()
+            by_run.setdefault(payload["run"]["run_name"], []).extend(payload["events"])
+        assert sorted(by_run) == ["a-r0", "a-r1", "b-r0", "b-r1"]
+        for events in by_run.values():
+            kinds = [e["type"] for e in events]
+            assert kinds[:2] == ["run_start", "train_start"]
+            assert kinds[-3:] == ["train_end", "benchmark", "run_end"]
+            assert step_numbers(events) == list(range(1, 21))
+            assert [e["seq"] for e in events] == list(range(len(events)))
+            evals = [(e["type"], e["step"]) for e in events if e["type"] in ("eval", "benchmark")]
+            assert evals == [
+                ("eval", 10),
+                ("benchmark", 10),
+                ("eval", 20),
+                ("benchmark", 20),
+                ("benchmark", None),
+            ]
+            assert events[-1]["status"] == "completed"
+        assert dash.summary.dropped_rows == 0
+
+    @pytest.mark.timeout(30)
+    def test_failed_plain_loop_flushes_and_does_not_hang(
+        self, dashboard_server: DashboardServer, tmp_path: Path
+    ) -> None:
+        """A step that raises skips train end; buffered rows still arrive and close returns."""
+
+        def step(state: lb.LoopState, batch: Any) -> dict[str, float]:
+            if state.step == 30:
+                raise RuntimeError("diverged")
+            return {"loss": 1.0}
+
+        dash = HttpDashboard(dashboard_server.url, flush_interval_s=0.2)
+        loop = lb.TrainLoop(step, range(100), out_dir=tmp_path, callbacks=[dash])
+        with pytest.raises(RuntimeError, match="diverged"):
+            loop.run()
+        assert step_numbers(dashboard_server.events()) == list(range(1, 31))

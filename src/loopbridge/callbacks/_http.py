@@ -141,8 +141,8 @@ class Redactor:
         for name, value in (headers or {}).items():
             if _is_secret_header(name) and value:
                 secrets.add(value)
-                # "Bearer abc" leaks "abc" on its own too.
-                secrets.update(p for p in value.split() if len(p) >= 6)
+                # "Bearer abc" leaks "abc" on its own too; the scheme word is no secret.
+                secrets.update(p for p in value.split()[1:] if len(p) >= 6)
         # Longest first, so that a secret containing another is hidden whole.
         self._secrets = tuple(sorted(secrets, key=len, reverse=True))
 
