@@ -104,7 +104,8 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - only reached without the s3 extra
         return False
     network = (
-        bexc.HTTPClientError,  # connection errors, read/connect timeouts, closed connections
+        bexc.ConnectionError,  # refused or reset connections (EndpointConnectionError...)
+        bexc.HTTPClientError,  # read/connect timeouts, connections closed mid-response
         bexc.IncompleteReadError,
         bexc.ResponseStreamingError,
         aiohttp.ClientConnectionError,

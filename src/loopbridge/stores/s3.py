@@ -95,6 +95,7 @@ class S3Store:
         max_attempts: int = 5,
         retry_base_delay: float = 0.25,
         retry_max_delay: float = 20.0,
+        retry_slowdown_delay: float = 1.0,
         verify_etag: bool = True,
     ) -> None:
         if not bucket or "/" in bucket:
@@ -125,6 +126,7 @@ class S3Store:
             max_attempts=max_attempts,
             base_delay=retry_base_delay,
             max_delay=retry_max_delay,
+            slowdown_delay=retry_slowdown_delay,
             call_timeout=call_timeout,
         )
         self._verify_etag = verify_etag

@@ -1,0 +1,345 @@
+"""CheckpointUploader end to end: TrainLoop, bridge, then S3 (moto behind a proxy) or files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.fixtures.s3 import (
+    FaultProxy,
+    FaultRule,
+    Hang,
+    ResetBeforeResponse,
+    ResetMidBody,
+    S3Bucket,
+    Status,
+    Throttle,
+)
+
+import loopbridge as lb
+from loopbridge._digest import combine_shard_digests
+from loopbridge._exceptions import IntegrityError, PermanentStoreError
+from loopbridge._types import LoopState, ManifestRow, TrainingBatch
+from loopbridge.callbacks import CheckpointUploader
+from loopbridge.stores import LocalStore, S3Store
+
+MiB = 1 << 20
+RUN = "run-a"
+
+TRANSIENT = (
+    Status(503, "SlowDown", "Please reduce your request rate."),
+    Status(500, "InternalError", "We encountered an internal error."),
+    ResetBeforeResponse(),
+    ResetMidBody(),
+)
+
+# What each step saves: a small file, a small file, a directory of shards, a 64 MiB file
+# (multipart), and a small final file.
+BIG = 64 * MiB
+
+
+def _save(state: LoopState, path: Path) -> None:
+    step = state.step
+    seed = hashlib.sha256(f"step {step}".encode()).digest()
+    if step == 3:
+        path.mkdir()
+        (path / "nested").mkdir()
+        for name, size in (
+            ("shard-0.bin", 300_000),
+            ("shard-1.bin", 7 * MiB),
+            ("nested/meta.json", 99),
+        ):
+            (path / name).write_bytes(seed * (size // len(seed)) + os.urandom(size % len(seed)))
+    elif step == 4:
+        path.write_bytes(os.urandom(BIG))
+    else:
+        path.write_bytes(seed * 1000 + os.urandom(step))
+
+
+def _step(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
+    return {"loss": 1.0 / (1 + batch.index)}
+
+
+def _train(
+    tmp_path: Path,
+    uploader: CheckpointUploader,
+    *,
+    steps: int = 5,
+    save: Callable[[LoopState, Path], None] = _save,
+    **options: Any,
+) -> lb.LoopArtifacts:
+    loop = lb.TrainLoop(
+        _step,
+        range(steps),
+        max_steps=steps,
+        out_dir=tmp_path / "out",
+        save=save,
+        checkpoint_every=1,
+        callbacks=[uploader],
+        run_name=RUN,
+        on_drain_failure="warn",
+        **options,
+    )
+    return loop.run()
+
+
+def _remote_digest(row: ManifestRow, files: dict[str, str]) -> str:
+    """The digest of a checkpoint rebuilt from its remote files' sha256 (rel path -> hex)."""
+    if row.path.is_dir():
+        sizes = {
+            p.relative_to(row.path).as_posix(): p.stat().st_size
+            for p in row.path.rglob("*")
+            if p.is_file()
+        }
+        return combine_shard_digests((rel, sizes[rel], sha) for rel, sha in files.items())
+    (only,) = files.values()
+    return "sha256:" + only
+
+
+def _check_published(
+    rows: list[ManifestRow],
+    keys: list[str],
+    read: Callable[[str], bytes],
+    sha256: Callable[[str], str],
+    *,
+    run_prefix: str,
+    kept_steps: list[int],
+) -> None:
+    """Kept checkpoints read back identical; manifest, latest and keep_last are right."""
+    manifest = json.loads(read(f"{run_prefix}/manifest.json"))
+    assert [entry["step"] for entry in manifest["checkpoints"]] == kept_steps
+    latest = json.loads(read(f"{run_prefix}/latest"))
+    assert latest["step"] == rows[-1].step
+    assert latest["prefix"] == f"step-{rows[-1].step:08d}"
+    by_step = {row.step: row for row in rows}
+    for entry in manifest["checkpoints"]:
+        row = by_step[entry["step"]]
+        step_prefix = f"{run_prefix}/{entry['prefix']}"
+        files = {f["path"]: sha256(f"{step_prefix}/{f['path']}") for f in entry["files"]}
+        assert _remote_digest(row, files) == row.digest == entry["digest"]
+        marker = json.loads(read(f"{step_prefix}/_COMPLETE"))
+        assert marker["digest"] == row.digest
+        assert sum(f["size"] for f in entry["files"]) == row.size_bytes
+    steps_present = sorted({int(k.split("step-")[1][:8]) for k in keys if "/step-" in k})
+    assert steps_present == kept_steps
+
+
+class TestHappyPathThroughFaults:
+    def test_five_checkpoints_survive_a_third_of_requests_failing(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """Every checkpoint publishes through 503/500/resets, verified, with keep_last honoured."""
+        rule = fault_proxy.add(FaultRule(TRANSIENT, every=3))
+        store = S3Store(
+            s3_bucket.name,
+            endpoint_url=fault_proxy.url,
+            part_size=8 * MiB,
+            max_concurrency=4,
+            max_attempts=6,
+            retry_base_delay=0.01,
+            retry_max_delay=0.1,
+            retry_slowdown_delay=0.05,
+            call_timeout=30.0,
+        )
+        uploader = CheckpointUploader("ckpts", store=store, keep_last=3)
+        artifacts = _train(tmp_path, uploader)
+
+        report = artifacts.drain_report
+        assert report is not None
+        assert report.ok, report.summary()
+        assert len(artifacts.manifest) == 5
+        assert artifacts.manifest[3].size_bytes == BIG
+        summary = uploader.summary
+        assert (summary.uploaded, summary.failed, summary.pruned) == (5, 0, 2)
+        assert summary.bytes_uploaded == sum(row.size_bytes for row in artifacts.manifest)
+        assert summary.retries >= rule.fired // 2 > 0
+        requests = fault_proxy.requests()
+        assert rule.fired == len(requests) // 3  # a third of all requests failed
+        assert {"status", "reset_before_response", "reset_mid_body"} <= {r.fault for r in requests}
+        assert len(fault_proxy.requests("PUT", r"partNumber=")) >= 8
+        _check_published(
+            artifacts.manifest,
+            s3_bucket.list_keys(),
+            s3_bucket.read,
+            s3_bucket.sha256,
+            run_prefix=f"ckpts/{RUN}",
+            kept_steps=[3, 4, 5],
+        )
+        assert s3_bucket.open_multipart_uploads() == []
+
+    def test_the_same_run_against_the_local_store(self, tmp_path: Path) -> None:
+        """The local store publishes the same layout, verified, with keep_last honoured."""
+        remote = tmp_path / "remote"
+        uploader = CheckpointUploader(remote.as_uri(), keep_last=3)
+        artifacts = _train(tmp_path, uploader)
+        assert artifacts.drain_report is not None
+        assert artifacts.drain_report.ok, artifacts.drain_report.summary()
+        assert uploader.summary.uploaded == 5
+        keys = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
+
+        def sha256(key: str) -> str:
+            return hashlib.sha256((remote / key).read_bytes()).hexdigest()
+
+        _check_published(
+            artifacts.manifest,
+            keys,
+            lambda key: (remote / key).read_bytes(),
+            sha256,
+            run_prefix=RUN,
+            kept_steps=[3, 4, 5],
+        )
+        assert not [key for key in keys if ".lb-tmp-" in key]
+
+
+def _small_save(state: LoopState, path: Path) -> None:
+    path.write_bytes(f"checkpoint {state.step}".encode() * 100)
+
+
+class TestFailures:
+    def test_permanent_403_is_reported_with_its_key_and_not_retried(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """A 403 on one checkpoint fails it once, names the key, and later ones still publish."""
+        fault_proxy.add(
+            FaultRule(
+                (Status(403, "AccessDenied", "Access Denied"),), method="PUT", path="step-00000002/"
+            )
+        )
+        uploader = CheckpointUploader(f"s3://{s3_bucket.name}/ckpts", endpoint_url=fault_proxy.url)
+        artifacts = _train(tmp_path, uploader, steps=3, save=_small_save)
+
+        report = artifacts.drain_report
+        assert report is not None
+        assert len(report.failed) == 1
+        error = report.failed[0].exception
+        assert isinstance(error, PermanentStoreError)
+        key = f"ckpts/{RUN}/step-00000002/step-00000002"
+        assert error.key == key
+        assert f"s3://{s3_bucket.name}/{key}" in str(error)
+        assert "AccessDenied" in str(error)
+        assert len(fault_proxy.requests("PUT", "step-00000002/")) == 1
+        assert uploader.summary.failed == 1
+        assert uploader.summary.uploaded == 2
+        manifest = json.loads(s3_bucket.read(f"ckpts/{RUN}/manifest.json"))
+        assert [entry["step"] for entry in manifest["checkpoints"]] == [1, 3]
+        assert json.loads(s3_bucket.read(f"ckpts/{RUN}/latest"))["step"] == 3
+        assert not [k for k in s3_bucket.list_keys() if "step-00000002" in k]
+
+    def test_a_server_that_never_answers_cannot_outlast_the_drain(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """The drain returns by its deadline and names the upload still waiting on the server."""
+        fault_proxy.add(FaultRule((Hang(),)))
+        uploader = CheckpointUploader(
+            f"s3://{s3_bucket.name}/ckpts", endpoint_url=fault_proxy.url, call_timeout=60.0
+        )
+        started = time.monotonic()
+        artifacts = _train(
+            tmp_path, uploader, steps=1, save=_small_save, drain_timeout=1.0, interrupt_grace=2.0
+        )
+        elapsed = time.monotonic() - started
+        report = artifacts.drain_report
+        assert report is not None
+        assert report.timed_out
+        unfinished = [record.name for record in (*report.pending, *report.cancelled)]
+        # The upload, and the summary log queued behind it on the run's key.
+        assert sorted(unfinished) == [
+            f"log upload summary of {RUN}",
+            f"upload step 1 to s3://{s3_bucket.name}/ckpts/{RUN}",
+        ]
+        # The deadline, plus the grace given to cancelled work, plus slack for a busy machine.
+        assert elapsed < 1.0 + 2.0 + 3.0
+        assert uploader.summary.uploaded == 0
+        assert s3_bucket.list_keys() == []
+
+    def test_a_checkpoint_deleted_mid_upload_is_not_published(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """Deleting the local file while its parts are in flight fails the upload, unpublished."""
+        fault_proxy.add(FaultRule((Throttle(16 * MiB),), method="PUT", path="partNumber="))
+        arrived = fault_proxy.arrived("PUT", "partNumber=")
+        checkpoint = tmp_path / "out" / "checkpoints" / "step-00000001"
+
+        def delete_when_parts_arrive() -> None:
+            if arrived.wait(30):
+                checkpoint.unlink()
+
+        deleter = threading.Thread(target=delete_when_parts_arrive, daemon=True)
+        deleter.start()
+
+        def save(state: LoopState, path: Path) -> None:
+            path.write_bytes(os.urandom(16 * MiB))
+
+        uploader = CheckpointUploader(
+            f"s3://{s3_bucket.name}/ckpts", endpoint_url=fault_proxy.url, part_size=5 * MiB
+        )
+        artifacts = _train(tmp_path, uploader, steps=1, save=save)
+        deleter.join(5)
+        assert arrived.is_set()
+
+        report = artifacts.drain_report
+        assert report is not None
+        assert len(report.failed) == 1
+        error = report.failed[0].exception
+        assert isinstance(error, IntegrityError)
+        assert "deleted while it was uploaded" in str(error)
+        assert uploader.summary.failed == 1
+        assert s3_bucket.list_keys() == []
+        assert s3_bucket.open_multipart_uploads() == []
+
+    def test_a_shard_changed_after_save_is_not_published(self, tmp_path: Path) -> None:
+        """A shard rewritten between save and upload breaks the digest: no marker, no manifest."""
+
+        class Tamper(lb.Callback):
+            def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+                (row.path / "a.bin").write_bytes(b"tampered")
+
+        def save(state: LoopState, path: Path) -> None:
+            path.mkdir()
+            (path / "a.bin").write_bytes(b"original")
+
+        remote = tmp_path / "remote"
+        uploader = CheckpointUploader(str(remote))
+        loop = lb.TrainLoop(
+            _step,
+            range(1),
+            max_steps=1,
+            out_dir=tmp_path / "out",
+            save=save,
+            callbacks=[Tamper(), uploader],
+            run_name=RUN,
+            on_drain_failure="warn",
+        )
+        artifacts = loop.run()
+        report = artifacts.drain_report
+        assert report is not None
+        assert len(report.failed) == 1
+        assert isinstance(report.failed[0].exception, IntegrityError)
+        assert [p for p in remote.rglob("*") if p.is_file()] == []
+
+
+class TestConstruction:
+    def test_bad_destinations_fail_in_init(self) -> None:
+        """dest and keep_last are checked on the caller's thread, with the fix in the message."""
+        with pytest.raises(ValueError, match="no bucket"):
+            CheckpointUploader("s3:///x")
+        with pytest.raises(ValueError, match="keep_last=0"):
+            CheckpointUploader("s3://bucket/x", keep_last=0)
+        with pytest.raises(ValueError, match="unsafe object key part"):
+            CheckpointUploader("a/../b", store=LocalStore("/tmp"))
+
+    def test_layout_follows_the_experiment(self, tmp_path: Path) -> None:
+        """Within an experiment, keys are <prefix>/<experiment>/<arm>/<run>/step-N."""
+        uploader = CheckpointUploader(str(tmp_path))
+        uploader.on_run_start(
+            lb.LogContext(experiment_name="exp 1", arm_name="lr/0.1", run_name="r0")
+        )
+        state = LoopState(run_name="r0", run_id="x", max_steps=1, out_dir=tmp_path)
+        assert uploader.run_prefix(state) == "exp%201/lr%2F0.1/r0"

@@ -1,0 +1,342 @@
+"""S3Store against moto on loopback, through the fault-injecting proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopbridge._exceptions import (
+    IntegrityError,
+    MissingExtraError,
+    PermanentStoreError,
+    StoreError,
+)
+from loopbridge.stores import ObjectStore, S3Store
+from tests.fixtures.s3 import (
+    FaultProxy,
+    FaultRule,
+    Hang,
+    ResetBeforeResponse,
+    ResetMidBody,
+    S3Bucket,
+    Status,
+    Throttle,
+)
+
+MiB = 1 << 20
+StoreFactory = Callable[..., S3Store]
+
+SLOWDOWN = Status(503, "SlowDown", "Please reduce your request rate.")
+INTERNAL = Status(500, "InternalError", "We encountered an internal error.")
+DENIED = Status(403, "AccessDenied", "Access Denied")
+
+
+@pytest.fixture
+async def make_store(s3_bucket: S3Bucket, fault_proxy: FaultProxy) -> AsyncIterator[StoreFactory]:
+    """Build S3Stores on the test's loop, through the proxy; close their clients after."""
+    stores: list[S3Store] = []
+
+    def make(**options: Any) -> S3Store:
+        settings: dict[str, Any] = {
+            "endpoint_url": fault_proxy.url,
+            "part_size": 5 * MiB,
+            "retry_base_delay": 0.01,
+            "retry_max_delay": 0.05,
+            "retry_slowdown_delay": 0.02,
+            "call_timeout": 10.0,
+        }
+        settings.update(options)
+        store = S3Store(s3_bucket.name, "pre", **settings)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.aclose()
+
+
+def _random_file(path: Path, size: int) -> str:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+class TestRoundTrip:
+    async def test_is_an_object_store(self, make_store: StoreFactory) -> None:
+        """S3Store satisfies the ObjectStore protocol."""
+        assert isinstance(make_store(), ObjectStore)
+
+    async def test_bytes_head_list_delete(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket
+    ) -> None:
+        """Objects land under the prefix, and head, list, get and delete see them."""
+        store = make_store()
+        result = await store.put_bytes("a/one", b"hello")
+        assert result.etag == hashlib.md5(b"hello", usedforsecurity=False).hexdigest()
+        await store.put_bytes("a/two", b"world!")
+        assert s3_bucket.list_keys() == ["pre/a/one", "pre/a/two"]
+        head = await store.head("a/two")
+        assert head is not None
+        assert (head.key, head.size) == ("a/two", 6)
+        assert [i.key for i in await store.list("a/")] == ["a/one", "a/two"]
+        assert await store.get_bytes("a/one") == b"hello"
+        assert await store.get_bytes("a/missing") is None
+        assert await store.head("a/missing") is None
+        await store.delete(["a/one", "a/two", "a/missing"])
+        assert s3_bucket.list_keys() == []
+
+    async def test_small_file_is_one_verified_put(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, tmp_path: Path
+    ) -> None:
+        """A file under the threshold goes up in one PUT and reads back identical."""
+        source = tmp_path / "small.bin"
+        sha = _random_file(source, 2 * MiB)
+        result = await make_store().put_file("ckpt/small.bin", source, expected_sha256=sha)
+        assert (result.size, result.sha256, result.parts) == (2 * MiB, sha, 1)
+        assert s3_bucket.sha256("pre/ckpt/small.bin") == sha
+
+    async def test_large_file_goes_multipart_with_a_verified_etag(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """A file over the threshold goes up in parts, and its -N ETag is checked."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 12 * MiB)
+        result = await make_store(max_concurrency=3).put_file(
+            "ckpt/big.bin", source, expected_sha256=sha
+        )
+        assert result.parts == 3
+        assert result.etag is not None
+        assert result.etag.endswith("-3")
+        assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
+        assert len(fault_proxy.requests("PUT", r"partNumber=")) == 3
+        assert s3_bucket.open_multipart_uploads() == []
+
+
+class TestRetries:
+    async def test_transient_faults_are_retried_and_counted(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """503 SlowDown, 500, resets before the response and mid-body are all retried."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 11 * MiB)
+        fault_proxy.add(
+            FaultRule((SLOWDOWN, INTERNAL, ResetBeforeResponse(), ResetMidBody()), every=2)
+        )
+        store = make_store(max_attempts=4)
+        result = await store.put_file("ckpt/big.bin", source, expected_sha256=sha)
+        faults = [r.fault for r in fault_proxy.requests() if r.fault is not None]
+        assert {"status", "reset_before_response", "reset_mid_body"} <= set(faults)
+        # aiohttp itself re-sends an idempotent request once when a reused connection drops,
+        # so resets may not all reach the store's count; answered errors always do.
+        assert result.retries == store.retries
+        assert faults.count("status") <= store.retries <= len(faults)
+        assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
+        assert s3_bucket.open_multipart_uploads() == []
+
+    async def test_slowdown_waits_at_least_the_slowdown_delay(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy
+    ) -> None:
+        """After a SlowDown the store backs off for at least its SlowDown delay."""
+        fault_proxy.add(FaultRule((SLOWDOWN,), method="PUT", times=1))
+        store = make_store(retry_base_delay=0.0, retry_max_delay=5.0, retry_slowdown_delay=0.3)
+        started = time.monotonic()
+        await store.put_bytes("k", b"x")
+        assert time.monotonic() - started >= 0.3
+        assert store.retries == 1
+
+    async def test_permanent_403_fails_at_once_naming_bucket_and_key(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, fault_proxy: FaultProxy
+    ) -> None:
+        """AccessDenied is not retried, and the error names bucket and key but no secret."""
+        fault_proxy.add(FaultRule((DENIED,), method="PUT"))
+        store = make_store()
+        with pytest.raises(PermanentStoreError) as info:
+            await store.put_bytes("ckpt/denied.bin", b"x")
+        message = str(info.value)
+        assert f"s3://{s3_bucket.name}/pre/ckpt/denied.bin" in message
+        assert "AccessDenied" in message
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in message
+        assert os.environ["AWS_ACCESS_KEY_ID"] not in message
+        assert info.value.key == "pre/ckpt/denied.bin"
+        assert len(fault_proxy.requests("PUT")) == 1
+        assert store.retries == 0
+
+    async def test_exhausted_retries_name_the_key(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy
+    ) -> None:
+        """A fault that never clears fails after max_attempts requests, not forever."""
+        fault_proxy.add(FaultRule((INTERNAL,), method="PUT"))
+        store = make_store(max_attempts=3)
+        with pytest.raises(StoreError, match=r"pre/k failed after 3 attempts: InternalError"):
+            await store.put_bytes("k", b"x")
+        assert len(fault_proxy.requests("PUT")) == 3
+
+    async def test_missing_bucket_is_permanent(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy
+    ) -> None:
+        """NoSuchBucket says to fix the bucket name and is tried once."""
+        store = make_store()
+        store_elsewhere = S3Store("no-such-bucket-here", endpoint_url=fault_proxy.url)
+        try:
+            with pytest.raises(PermanentStoreError, match=r"NoSuchBucket.*fix the bucket name"):
+                await store_elsewhere.put_bytes("k", b"x")
+        finally:
+            await store_elsewhere.aclose()
+        assert len(fault_proxy.requests("PUT", "no-such-bucket-here")) == 1
+        assert store.retries == 0
+
+
+class TestMultipartSafety:
+    async def test_lost_complete_reply_is_recognised(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """If Complete succeeded but its reply was lost, the retry's NoSuchUpload is accepted."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 11 * MiB)
+        fault_proxy.add(
+            FaultRule((ResetBeforeResponse(),), method="POST", path=r"uploadId=", times=1)
+        )
+        result = await make_store().put_file("k/big", source, expected_sha256=sha)
+        assert result.etag is not None
+        assert result.etag.endswith("-3")
+        assert s3_bucket.sha256("pre/k/big") == sha
+
+    async def test_lost_create_reply_leaves_no_stray_upload(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """An upload started by a create whose reply was lost is aborted afterwards."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 11 * MiB)
+        fault_proxy.add(
+            FaultRule((ResetBeforeResponse(),), method="POST", path=r"\?uploads", times=1)
+        )
+        await make_store().put_file("k/big", source, expected_sha256=sha)
+        assert len(fault_proxy.requests("POST", r"\?uploads")) == 2
+        assert s3_bucket.open_multipart_uploads() == []
+        assert s3_bucket.sha256("pre/k/big") == sha
+
+    async def test_failed_part_aborts_the_upload(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """A part refused for good aborts the multipart upload: no object, no parts left."""
+        source = tmp_path / "big.bin"
+        _random_file(source, 16 * MiB)
+        fault_proxy.add(FaultRule((DENIED,), method="PUT", path=r"partNumber=2$"))
+        with pytest.raises(PermanentStoreError, match="UploadPart"):
+            await make_store(max_concurrency=2).put_file("k/big", source)
+        assert len(fault_proxy.requests("DELETE", r"uploadId=")) == 1
+        assert s3_bucket.open_multipart_uploads() == []
+        assert s3_bucket.list_keys() == []
+
+    async def test_cancelled_upload_is_aborted(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """Cancelling a multipart upload mid-way aborts it on the server."""
+        source = tmp_path / "big.bin"
+        _random_file(source, 11 * MiB)
+        fault_proxy.add(FaultRule((Hang(),), method="PUT", path=r"partNumber="))
+        arrived = fault_proxy.arrived("PUT", r"partNumber=")
+        task = asyncio.create_task(make_store().put_file("k/big", source))
+        await asyncio.to_thread(arrived.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(fault_proxy.requests("DELETE", r"uploadId=")) == 1
+        assert s3_bucket.open_multipart_uploads() == []
+        assert s3_bucket.list_keys() == []
+
+    async def test_file_deleted_mid_upload_is_not_published(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """A file deleted while its parts are in flight is refused and the upload aborted."""
+        source = tmp_path / "big.bin"
+        _random_file(source, 11 * MiB)
+        fault_proxy.add(FaultRule((Throttle(8 * MiB),), method="PUT", path=r"partNumber="))
+        arrived = fault_proxy.arrived("PUT", r"partNumber=")
+        task = asyncio.create_task(make_store().put_file("k/big", source))
+        await asyncio.to_thread(arrived.wait, 10)
+        source.unlink()
+        with pytest.raises(IntegrityError, match="was deleted while it was uploaded"):
+            await task
+        assert s3_bucket.open_multipart_uploads() == []
+        assert s3_bucket.list_keys() == []
+
+    async def test_digest_mismatch_is_refused_before_anything_is_sent(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """A small file whose bytes differ from the expected digest never reaches the server."""
+        source = tmp_path / "small.bin"
+        _random_file(source, 1024)
+        with pytest.raises(IntegrityError, match="not the expected"):
+            await make_store().put_file("k/small", source, expected_sha256="0" * 64)
+        assert fault_proxy.requests("PUT") == []
+
+
+class TestConfiguration:
+    async def test_endpoint_comes_from_the_standard_environment(
+        self,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """AWS_ENDPOINT_URL_S3 points the store at a server, as for any AWS tool."""
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.url)
+        store = S3Store(s3_bucket.name, addressing_style="path")
+        try:
+            await store.put_bytes("env", b"x")
+        finally:
+            await store.aclose()
+        assert len(fault_proxy.requests("PUT", "/env")) == 1
+        assert s3_bucket.list_keys() == ["env"]
+
+    async def test_one_client_per_loop_is_reused(self, make_store: StoreFactory) -> None:
+        """Calls on one loop share one client; aclose forgets it."""
+        store = make_store()
+        first = await store._client()
+        await store.put_bytes("a", b"1")
+        assert await store._client() is first
+        await store.aclose()
+        assert store._clients == {}
+
+    async def test_missing_aioboto3_names_the_extra(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without aioboto3 the store says to install loopbridge[s3]."""
+        monkeypatch.setitem(sys.modules, "aioboto3", None)
+        store = S3Store("bucket")
+        with pytest.raises(MissingExtraError, match=r"install loopbridge\[s3\]"):
+            await store.put_bytes("k", b"x")
