@@ -1,0 +1,46 @@
+"""The `loopbridge` command: `loopbridge demo` and `loopbridge bench`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _demo(argv: list[str]) -> int:
+    from loopbridge._demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    # Looked up by name: the bench package is optional and may not be installed.
+    bench = importlib.import_module("loopbridge.bench")
+    result: int = bench.main(argv)
+    return result
+
+
+_COMMANDS = {
+    "demo": (_demo, "run a small experiment with background uploads and a summary"),
+    "bench": (_bench, "measure dispatch and offload costs against baselines"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand; its own options follow its name (`loopbridge demo --help`)."""
+    parser = argparse.ArgumentParser(
+        prog="loopbridge", description="The callback layer of an ML training loop."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in _COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    run, _ = _COMMANDS[args.command]
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
