@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
+from types import MethodType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from loopbridge._callback import HOOK_NAMES, Callback
@@ -54,8 +54,12 @@ _ARITY: dict[str, tuple[int, tuple[str, ...]]] = {
 _NOTE_ATTR = "__loopbridge_hook__"
 
 
-def _noop(*args: object, **kwargs: object) -> None:
-    """Stands in for a hook that no callback overrides."""
+# What a hook no callback overrides fires: Callback's own no-op, bound once to a stand-in.
+# It has the hook's exact signature, so it costs one plain call; a `*args, **kwargs` no-op
+# packs a tuple and a dict on every call and measured twice a direct call.
+_NOOPS: dict[str, Method] = {
+    hook: MethodType(Callback.__dict__[hook], Callback()) for hook in HOOK_NAMES
+}
 
 
 def _add_note(exc: BaseException, method: Method, hook: str) -> None:
@@ -63,6 +67,8 @@ def _add_note(exc: BaseException, method: Method, hook: str) -> None:
     if getattr(exc, _NOTE_ATTR, None) is not None:
         return
     owner = getattr(method, "__self__", None)
+    if owner is None:  # the profiler's wrapper: name the callback it times
+        owner = getattr(getattr(method, "__wrapped__", None), "__self__", None)
     label = type(owner).__qualname__ if owner is not None else repr(method)
     exc.add_note(f"raised in hook {label}.{hook} (loopbridge callback)")
     # Some exception types refuse new attributes; the note is what matters.
@@ -71,63 +77,48 @@ def _add_note(exc: BaseException, method: Method, hook: str) -> None:
 
 
 def _fan_out(hook: str, methods: tuple[Method, ...]) -> Method:
-    """A loop over `methods` with the hook's exact arity, naming the culprit on errors."""
-    npos, _ = _ARITY[hook]
-    # Exact-arity closures: *args packing would cost a quarter of a fast hook.
-    if npos == 1:
+    """A straight-line call of each of `methods` with the hook's exact arity.
 
-        def fire1(a: Any) -> None:
-            for m in methods:
-                try:
-                    m(a)
-                except BaseException as exc:
-                    _add_note(exc, m, hook)
-                    raise
+    Unrolled rather than a `for` loop: the loop's per-item cost and the per-item `try` made
+    five callbacks cost 1.35x a plain inline loop; unrolled they cost about 1.1x, and twenty
+    cost less than the inline loop. Exact arity, because *args packing would cost a quarter
+    of a fast hook. The one `try` names the culprit from the line the exception passed.
+    """
+    npos, keywords = _ARITY[hook]
+    params = args = ", ".join("abcd"[:npos])
+    if keywords:
+        params += ", *, " + ", ".join(f"{k}=None" for k in keywords)
+        args += ", " + ", ".join(f"{k}={k}" for k in keywords)
+    names = [f"m{i}" for i in range(len(methods))]
+    source = "\n".join(
+        [
+            f"def make(_methods, _hook, {', '.join(names)}):",
+            f"    def {hook}({params}):",
+            "        try:",
+            *(f"            {name}({args})" for name in names),
+            "        except BaseException as exc:",
+            "            _note_culprit(exc, _methods, _hook)",
+            "            raise",
+            f"    return {hook}",
+        ]
+    )
+    namespace: dict[str, Any] = {"_note_culprit": _note_culprit}
+    exec(compile(source, f"<loopbridge CallbackList.{hook}>", "exec"), namespace)
+    fire: Method = namespace["make"](methods, hook, *methods)
+    fire.__qualname__ = f"CallbackList.{hook}"
+    return fire
 
-        return fire1
-    if npos == 2:
 
-        def fire2(a: Any, b: Any) -> None:
-            for m in methods:
-                try:
-                    m(a, b)
-                except BaseException as exc:
-                    _add_note(exc, m, hook)
-                    raise
+# The line of the first call in _fan_out's source; the traceback's line gives the culprit.
+_FIRST_CALL = 4
 
-        return fire2
-    if hook == "on_benchmark_eval":
 
-        def fire_benchmark(a: Any, b: Any, c: Any, *, step: int | None = None) -> None:
-            for m in methods:
-                try:
-                    m(a, b, c, step=step)
-                except BaseException as exc:
-                    _add_note(exc, m, hook)
-                    raise
-
-        return fire_benchmark
-    if npos == 3:
-
-        def fire3(a: Any, b: Any, c: Any) -> None:
-            for m in methods:
-                try:
-                    m(a, b, c)
-                except BaseException as exc:
-                    _add_note(exc, m, hook)
-                    raise
-
-        return fire3
-
-    def fire4(a: Any, b: Any, c: Any, d: Any) -> None:
-        for m in methods:
-            try:
-                m(a, b, c, d)
-            except BaseException as exc:
-                _add_note(exc, m, hook)
-                raise
-
-    return fire4
+def _note_culprit(exc: BaseException, methods: tuple[Method, ...], hook: str) -> None:
+    """Add the note for the method whose call, in a _fan_out function, `exc` passed through."""
+    tb = exc.__traceback__  # its head is the _fan_out frame, at the line of the call
+    index = -1 if tb is None else tb.tb_lineno - _FIRST_CALL
+    if 0 <= index < len(methods):
+        _add_note(exc, methods[index], hook)
 
 
 def _validate(obj: object) -> dict[str, Method]:
@@ -286,7 +277,7 @@ class CallbackList:
                     method = self.profiler.wrap(label, hook, method)
                 methods.append(method)
             if not methods:
-                fire: Method = _noop
+                fire: Method = _NOOPS[hook]
             elif len(methods) == 1 and self.profiler is None:
                 fire = methods[0]
             else:
