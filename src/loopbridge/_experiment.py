@@ -174,10 +174,12 @@ class Experiment:
         loop: TrainLoop | None = None
         try:
             self.callbacks.on_run_start(ctx)
-            loop = self.build(ctx)
-            if not isinstance(loop, TrainLoop):
-                msg = f"build(ctx) returned {type(loop).__name__}; it must return a TrainLoop"
+            built: object = self.build(ctx)
+            if not isinstance(built, TrainLoop):
+                # Not kept as `loop`: the error handler below would treat it as a TrainLoop.
+                msg = f"build(ctx) returned {type(built).__name__}; it must return a TrainLoop"
                 raise TypeError(msg)
+            loop = built
             loop.drain_timeout = self.drain_timeout
             loop.on_drain_failure = self.on_drain_failure
             loop._adopt(self._callbacks, bridge, ctx, self.profiler)
