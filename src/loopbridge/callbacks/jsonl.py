@@ -46,7 +46,8 @@ from loopbridge._types import (
 
 __all__ = ["JsonlLogger"]
 
-# (kind, run, step, unix time, payload). A tuple, because the loop thread builds one per step.
+# (kind, run, step, unix time, payload). A tuple, because the loop thread builds one per step;
+# a step row's payload is its metrics dict, nested under "metrics" by the writer.
 _Row = tuple[str, str, int | None, float, dict[str, Any]]
 
 
@@ -201,7 +202,10 @@ def _append(path: Path, rows: list[_Row], fsync: bool) -> int:
     lines = []
     for kind, run, step, when, payload in rows:
         obj: dict[str, Any] = {"kind": kind, "run": run, "step": step, "time": when}
-        obj.update(payload)
+        if kind == "step":
+            obj["metrics"] = payload  # nested here, off the loop thread, not per step there
+        else:
+            obj.update(payload)
         try:
             line = json.dumps(obj, separators=(",", ":"), default=str, allow_nan=False)
         except ValueError:  # a NaN or an infinity somewhere: the slow path, rarely taken
