@@ -173,7 +173,7 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
     callbacks: list[Callback] = [uploader, JsonlLogger(options.jsonl_path), meter]
     callbacks.extend(_remote_loggers(options))
     if options.progress:
-        callbacks.append(ConsoleProgress(status=meter.status, interval_s=2.0))
+        callbacks.append(ConsoleProgress(metrics=["loss"], status=meter.status, interval_s=2.0))
     models: dict[str, LogisticModel] = {}
     payload = _payload(options)
 

@@ -113,15 +113,26 @@ def losses(outcome: DemoOutcome) -> list[str]:
     """Everything that went wrong: failed runs, drains not ok, failed uploads, store problems."""
     lost: list[str] = []
     for run in outcome.result.runs:
-        if run.drain_report is not None and not run.drain_report.ok:
-            lost.append(f"{run.run_name}: drain {run.drain_report.summary()}")
+        report = run.drain_report
+        if report is not None and not report.ok:
+            problems = [*report.failed, *report.cancelled, *report.pending]
+            first = f"; first: {_clip(str(problems[0]))}" if problems else ""
+            lost.append(
+                f"{run.run_name}: drain not ok: {report.completed} completed, "
+                f"{len(report.failed)} failed, {len(report.cancelled)} cancelled, "
+                f"{len(report.pending)} pending, {len(report.losses)} losses{first}"
+            )
         elif not run.ok:
             error = f"{type(run.error).__name__}: {run.error}" if run.error else run.status.value
             lost.append(f"{run.run_name}: {error}")
     if outcome.uploads.failed:
         lost.append(f"{outcome.uploads.failed} checkpoint upload(s) failed")
-        lost.extend(outcome.uploads.errors)
+        lost.extend(_clip(error) for error in outcome.uploads.errors[:3])
     if not outcome.close_report.ok:
-        lost.append(f"bridge close: {outcome.close_report.summary()}")
+        lost.append(f"bridge close: {_clip(outcome.close_report.summary())}")
     lost.extend(outcome.store_problems)
     return lost
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
