@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.fixtures.http import DashboardServer
+from tests.fixtures.s3 import S3Bucket
 
 from loopbridge._demo import main
 
@@ -126,3 +128,51 @@ class TestDemo:
         assert "LOST OR UNVERIFIED" in out
         assert "checkpoint upload(s) failed" in out
         assert "nothing lost" not in out
+
+
+class TestDemoRemote:
+    """With --store s3://... and --dashboard, the same demo goes to real servers on loopback."""
+
+    def test_s3_store_and_dashboard(
+        self,
+        tmp_path: Path,
+        s3_bucket: S3Bucket,
+        dashboard_server: DashboardServer,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Every checkpoint lands in the bucket with the local bytes; every step is posted."""
+        out = tmp_path / "demo"
+        code = main(
+            [
+                "--out",
+                str(out),
+                "--name",
+                "s3demo",
+                "--store",
+                f"s3://{s3_bucket.name}/demos",
+                "--endpoint-url",
+                s3_bucket.endpoint,
+                "--dashboard",
+                dashboard_server.url,
+                "--repeats",
+                "1",
+                *SHORT,
+            ]
+        )
+        assert code == 0, capsys.readouterr().out
+        steps_posted = [e for e in dashboard_server.events() if e["type"] == "step"]
+        total_steps = 0
+        for run in ("steady", "hot"):
+            local_run = out / "s3demo" / "runs" / run
+            prefix = f"demos/s3demo/{run}/{run}"
+            manifest = json.loads(s3_bucket.read(f"{prefix}/manifest.json"))
+            local_rows = read_jsonl(local_run / "manifest.jsonl")
+            assert [e["step"] for e in manifest["checkpoints"]] == [r["step"] for r in local_rows]
+            for row in local_rows:
+                name = Path(row["path"]).name
+                key = f"{prefix}/step-{row['step']:08d}/{name}"
+                assert "sha256:" + s3_bucket.sha256(key) == sha256(Path(row["path"]))
+            latest = json.loads(s3_bucket.read(f"{prefix}/latest"))
+            assert latest["step"] == local_rows[-1]["step"]
+            total_steps += local_rows[-1]["step"]
+        assert len(steps_posted) == total_steps
