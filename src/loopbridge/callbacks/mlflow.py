@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -325,6 +326,9 @@ class MLflowLogger(Callback):
         # The status must be set before the next run starts; a failure is in the drain report.
         try:
             error = future.exception(timeout=self._call_timeout)
+        except CancelledError:
+            logger.error("%s: closing run %s was cancelled", _SOURCE, run.name)
+            return
         except TimeoutError:
             logger.error("%s: run %s not closed within %s s", _SOURCE, run.name, self._call_timeout)
             return
