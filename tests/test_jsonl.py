@@ -183,6 +183,24 @@ class TestOffLoop:
 class TestFailure:
     """A batch that cannot be written fails its task, and the drain report says so."""
 
+    def test_rows_of_a_crashed_run_are_written_by_the_next(self, tmp_path: Path) -> None:
+        """A run that raises before on_train_end leaves rows; the next run writes them first."""
+        logger = JsonlLogger(tmp_path / "logs")
+
+        def crash(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
+            if state.step == 4:
+                raise RuntimeError("out of memory")
+            return {"loss": 1.0}
+
+        first = TrainLoop(crash, range(10), out_dir=tmp_path / "first", callbacks=[logger])
+        with pytest.raises(RuntimeError, match="out of memory"):
+            first.run()
+        second = TrainLoop(step_fn, range(2), out_dir=tmp_path / "second", callbacks=[logger])
+        second.run()
+        crashed = strict_rows(tmp_path / "logs" / "first.jsonl")
+        assert [row["kind"] for row in crashed] == ["train_start", *["step"] * 4]
+        assert len(strict_rows(tmp_path / "logs" / "second.jsonl")) == 4
+
     def test_unwritable_path_fails_the_drain(self, tmp_path: Path) -> None:
         """A file where the log's directory should be makes the run raise DrainError."""
         blocker = tmp_path / "not-a-dir"

@@ -104,6 +104,8 @@ class JsonlLogger(Callback):
 
     def on_train_start(self, state: LoopState) -> None:
         """Choose this run's file and log the run's start."""
+        # Rows left by a run that crashed before on_train_end still go to that run's file.
+        self._flush()
         self._path = self._file_for(state)
         self._run = state.run_name
         self._add(
@@ -179,7 +181,7 @@ class JsonlLogger(Callback):
         if not self._rows:
             return
         path = self._path
-        if path is None:
+        if path is None:  # pragma: no cover - on_train_start always comes first
             msg = "JsonlLogger got rows before on_train_start; add it to the TrainLoop's callbacks"
             raise RuntimeError(msg)
         # The batch changes hands here: the task owns `rows`, the loop thread a new list.
