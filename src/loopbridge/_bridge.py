@@ -319,6 +319,9 @@ class Bridge:
         future: TaskFuture[T] = TaskFuture(work, name, key, seq)
         if seq - self._taken > self._max_pending:
             self._wait_for_space(seq)
+            if self._state is not _RUNNING:
+                # close() began while we waited: queued now, the task would never run.
+                self._check_can_spawn(work)
         self._inbox.append(future)
         if not self._wake_scheduled:
             self._wake_scheduled = True
