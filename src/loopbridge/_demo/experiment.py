@@ -252,7 +252,7 @@ def score(model: LogisticModel, data: Dataset) -> tuple[EvalResult, list[dict[st
     for label in (0.0, 1.0):
         rows = [i for i, y in enumerate(data.y) if y == label]
         subset = Dataset([data.x[i] for i in rows], [data.y[i] for i in rows])
-        breakdowns[f"class={int(label)}"] = model.evaluate(subset)
+        breakdowns[f"class_{int(label)}"] = model.evaluate(subset)
     predictions = [
         {"index": i, "label": data.y[i], "p": model.predict(data.x[i])} for i in range(10)
     ]
