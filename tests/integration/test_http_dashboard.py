@@ -273,6 +273,35 @@ class TestRedaction:
         leaked = [t for t in texts if TOKEN in t or PASSWORD in t]
         assert not leaked
 
+    def test_failure_at_train_end_is_reported_without_the_token(
+        self,
+        dashboard_server: DashboardServer,
+        bridge: Bridge,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Down at train end: the final flush fails, its rows are counted, no secret leaks."""
+        caplog.set_level(logging.DEBUG)
+        dashboard_server.set_down(True)
+        host = dashboard_server.url.removeprefix("http://")
+        url = f"http://{host}/ingest?access_token={TOKEN}"
+        dash = attach(HttpDashboard(url, max_batch_rows=1000, retry=FAST_RETRY), bridge)
+        report = run_steps(dash, bridge, tmp_path, 30)
+        assert len(report.failed) == 1
+        error = report.failed[0].exception
+        assert error is not None
+        chain: list[BaseException] = []
+        current: BaseException | None = error
+        while current is not None:
+            chain.append(current)
+            current = current.__cause__ or current.__context__
+        assert "failed after 4 attempts" in str(error)
+        assert sum(loss.count for loss in report.losses) == 32  # train_start, 30 steps, train_end
+        assert dash.summary.failed_rows == 32
+        texts = [r.getMessage() for r in caplog.records] + [str(e) for e in chain]
+        texts += [repr(e) for e in chain] + [str(loss) for loss in report.losses]
+        assert not [t for t in texts if TOKEN in t]
+
 
 class TestExperimentEvents:
     def test_benchmark_and_run_end_after_training_arrive_in_order(
@@ -299,6 +328,11 @@ class TestExperimentEvents:
         assert dashboard_server.posts()[0].json()["run"]["experiment"] == "exp"
 
 
+def save_weights(state: lb.LoopState, path: Path) -> None:
+    """A checkpoint of a few bytes."""
+    path.write_bytes(b"weights")
+
+
 def tiny_build(tmp_path: Path) -> Any:
     """A `build(ctx)` with an evaluator and an in-loop benchmark, 20 steps."""
 
@@ -313,6 +347,8 @@ def tiny_build(tmp_path: Path) -> Any:
             evaluators={"val": lambda state: {"acc": 0.5}},
             eval_every=10,
             benchmarks={"qa": bench},
+            save=save_weights,
+            checkpoint_every=10,
         )
 
     return build
@@ -355,6 +391,8 @@ class TestWithRunners:
                 ("benchmark", None),
             ]
             assert events[-1]["status"] == "completed"
+            checkpoints = [(e["step"], e["is_final"]) for e in events if e["type"] == "checkpoint"]
+            assert checkpoints == [(10, False), (20, True)]
         assert dash.summary.dropped_rows == 0
 
     @pytest.mark.timeout(30)
