@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from tests.fixtures.http import DashboardServer
+from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import S3Bucket
 
 from loopbridge._demo import main
@@ -176,3 +177,34 @@ class TestDemoRemote:
             assert latest["step"] == local_rows[-1]["step"]
             total_steps += local_rows[-1]["step"]
         assert len(steps_posted) == total_steps
+
+    def test_mlflow(
+        self, tmp_path: Path, mlflow_server: MLflowServer, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With --mlflow, each run is a finished MLflow run with its params and metrics."""
+        code = main(
+            [
+                "--out",
+                str(tmp_path / "demo"),
+                "--name",
+                "mlf",
+                "--mlflow",
+                mlflow_server.url,
+                "--repeats",
+                "1",
+                *SHORT,
+            ]
+        )
+        assert code == 0, capsys.readouterr().out
+        experiment = mlflow_server.api("experiments/get-by-name", experiment_name="mlf")
+        found = mlflow_server.post(
+            "runs/search", {"experiment_ids": [experiment["experiment"]["experiment_id"]]}
+        )
+        runs = {run["info"]["run_name"]: run for run in found["runs"]}
+        assert set(runs) == {"steady", "hot"}
+        for run in runs.values():
+            assert run["info"]["status"] == "FINISHED"
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert "lr" in params
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"loss", "val/loss", "bench/heldout/class_0/acc"} <= metrics
