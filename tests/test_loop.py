@@ -300,11 +300,6 @@ class TestStopping:
         assert artifacts.steps_completed == 2
         assert recorder.hooks[-2:] == ["on_checkpoint", "on_train_end"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a stop requested in on_checkpoint (periodic) runs one more step, because "
-        "the next batch is fetched and `last` decided before the periodic checkpoint fires",
-    )
     def test_stop_from_checkpoint(self, tmp_path: Path) -> None:
         """A stop request in on_checkpoint ends the loop after the current step."""
 
@@ -318,6 +313,11 @@ class TestStopping:
         assert artifacts.steps_completed == 3
         assert artifacts.stop_reason == "disk full"
         assert recorder.hooks[-1] == "on_train_end"
+        # The checkpoint that asked to stop is the last one; it is not saved a second time.
+        assert len(recorder.calls_to("on_checkpoint")) == 1
+        assert artifacts.final_checkpoint is not None
+        assert artifacts.final_checkpoint.step == 3
+        assert [row.step for row in artifacts.manifest] == [3]
 
     def test_stop_from_train_start(self, tmp_path: Path) -> None:
         """A stop request in on_train_start runs no step, saves nothing, and still ends."""

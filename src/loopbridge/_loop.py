@@ -245,8 +245,14 @@ class TrainLoop:
                     and state.step % self.checkpoint_every == 0
                 ):
                     self._checkpoint(manifest, rows, final=False)
+                    if state.should_stop:
+                        # Asked from on_checkpoint: that checkpoint is the run's last one.
+                        break
             final = None
-            if self.save is not None and state.step > self._start_step:
+            if manifest and manifest[-1].step == state.step:
+                # Saving again would overwrite a checkpoint that may be uploading.
+                final = manifest[-1]
+            elif self.save is not None and state.step > self._start_step:
                 final = self._checkpoint(manifest, rows, final=True)
         reason = state.stop_reason or (
             "max_steps"
