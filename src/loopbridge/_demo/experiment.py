@@ -16,7 +16,7 @@ from loopbridge._callback import Callback
 from loopbridge._demo.model import Dataset, LogisticModel, make_data
 from loopbridge._demo.verify import check_store
 from loopbridge._experiment import Experiment
-from loopbridge._loop import TrainLoop
+from loopbridge._loop import SaveFn, StepFn, TrainLoop
 from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._types import (
@@ -24,6 +24,7 @@ from loopbridge._types import (
     EvalResult,
     ExperimentResult,
     LogContext,
+    LoopArtifacts,
     LoopState,
     RunResult,
     TrainingBatch,
@@ -124,7 +125,7 @@ class RunMeter(Callback):
         """Start the run's training clock."""
         self._started = time.perf_counter()
 
-    def on_train_end(self, state: LoopState, artifacts: Any) -> None:
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         """Stop the run's training clock (before the drain)."""
         if self._current is not None:
             self._current.train_seconds = time.perf_counter() - self._started
@@ -273,7 +274,7 @@ def _remote_loggers(options: DemoOptions) -> list[Callback]:
     return loggers
 
 
-def _step_fn(model: LogisticModel, lr: float, sleep_s: float) -> Any:
+def _step_fn(model: LogisticModel, lr: float, sleep_s: float) -> StepFn:
     def step(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
         x, y = batch.data
         metrics = model.step(x, y, lr)
@@ -300,7 +301,7 @@ def _payload(options: DemoOptions) -> bytes:
     return random.Random(options.seed).randbytes(max(0, size))
 
 
-def _save_fn(model: LogisticModel, run_name: str, payload: bytes) -> Any:
+def _save_fn(model: LogisticModel, run_name: str, payload: bytes) -> SaveFn:
     def save(state: LoopState, path: Path) -> None:
         meta = json.dumps({"run": run_name, "step": state.step, "dim": DIM}).encode()
         params = model.to_bytes()
