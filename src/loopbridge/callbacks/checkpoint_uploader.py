@@ -127,7 +127,7 @@ class CheckpointUploader(Callback):
         keep_last: int | None = None,
         store: ObjectStore | None = None,
         part_size: int = 8 * MiB,
-        max_concurrency: int = 4,
+        max_concurrency: int = 8,
         endpoint_url: str | None = None,
         region: str | None = None,
         call_timeout: float = 120.0,

@@ -24,7 +24,7 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class SourceFile:
-    """An open local file whose bytes are hashed (sha256 overall, md5 per part) as read."""
+    """An open local file whose bytes are hashed (sha256) in order as they are read."""
 
     def __init__(self, path: Path, key: str, handle: BinaryIO) -> None:
         self.path = path
@@ -58,15 +58,15 @@ class SourceFile:
         """Hex sha256 of the bytes read so far."""
         return self._sha.hexdigest()
 
-    def _read_part(self, size: int) -> tuple[bytes, bytes]:
+    def _read_part(self, size: int) -> bytes:
         """Read and hash up to `size` bytes; runs in a worker thread (hashing frees the GIL)."""
         data = self._handle.read(size)
         self._sha.update(data)
         self._read += len(data)
-        return data, hashlib.md5(data, usedforsecurity=False).digest()
+        return data
 
-    async def read_part(self, size: int) -> tuple[bytes, bytes]:
-        """The next `size` bytes (fewer at the end) and their MD5 digest."""
+    async def read_part(self, size: int) -> bytes:
+        """The next `size` bytes (fewer at the end)."""
         return await asyncio.to_thread(self._read_part, size)
 
     def _problem(self, expected_sha256: str | None) -> str | None:

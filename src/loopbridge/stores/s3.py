@@ -11,7 +11,10 @@ parts of `part_size`, read from disk in order (hashing as they go) and sent up t
 or cancelled multipart upload is aborted. Every request carries `Content-MD5`, and each ETag
 is checked against the MD5 of what was sent (disable with `verify_etag=False` for buckets
 whose ETags are not MD5s, such as SSE-KMS ones); a put of a file ends with a HEAD that
-checks the stored size.
+checks the stored size. Because the server checks every body against its Content-MD5, the
+body's SHA-256 is not also signed (botocore makes the same choice over HTTPS); over plain
+HTTP botocore would otherwise hash every body again on the event loop. Pass
+`sign_payload=True` to sign bodies anyway.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def _import_aioboto3() -> Any:
     return aioboto3
 
 
+def _md5(data: bytes) -> bytes:
+    """The MD5 digest S3 checks bodies and builds ETags with."""
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
 def _md5_header(digest: bytes) -> str:
     """The base64 `Content-MD5` header value of an MD5 digest."""
     return base64.b64encode(digest).decode("ascii")
@@ -88,7 +96,7 @@ class S3Store:
         addressing_style: Literal["auto", "path", "virtual"] | None = None,
         part_size: int = 8 * MiB,
         multipart_threshold: int | None = None,
-        max_concurrency: int = 4,
+        max_concurrency: int = 8,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         call_timeout: float = 120.0,
@@ -97,6 +105,7 @@ class S3Store:
         retry_max_delay: float = 20.0,
         retry_slowdown_delay: float = 1.0,
         verify_etag: bool = True,
+        sign_payload: bool = False,
     ) -> None:
         if not bucket or "/" in bucket:
             msg = f"invalid S3 bucket name {bucket!r}: give the bare bucket name, like 'my-bucket'"
@@ -130,6 +139,7 @@ class S3Store:
             call_timeout=call_timeout,
         )
         self._verify_etag = verify_etag
+        self._sign_payload = sign_payload
         self._retries = 0
         # One client per event loop: aiohttp sessions belong to the loop that made them.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, contextlib.AsyncExitStack]] = {}
@@ -175,9 +185,11 @@ class S3Store:
         import botocore.handlers
         from aiobotocore.config import AioConfig
 
-        s3_config = {"addressing_style": self._addressing_style} if self._addressing_style else {}
+        s3_config: dict[str, Any] = {"payload_signing_enabled": self._sign_payload}
+        if self._addressing_style:
+            s3_config["addressing_style"] = self._addressing_style
         config = AioConfig(
-            s3=s3_config or None,
+            s3=s3_config,
             # Our tenacity policy owns retries, so that each one is counted and bounded.
             retries={"mode": "standard", "total_max_attempts": 1},
             connect_timeout=self._connect_timeout,
@@ -255,8 +267,7 @@ class S3Store:
         """Store `data` at `key` in one verified request."""
         full_key = self._full_key(key)
         counter = _Counter()
-        md5 = hashlib.md5(data, usedforsecurity=False).digest()
-        etag = await self._put_object(full_key, data, md5, counter, content_type)
+        etag = await self._put_object(full_key, data, _md5(data), counter, content_type)
         sha = hashlib.sha256(data).hexdigest()
         return PutResult(key=key, size=len(data), sha256=sha, etag=etag, retries=counter.retries)
 
@@ -301,7 +312,8 @@ class S3Store:
     ) -> PutResult:
         """Read the whole (small) file, check it, then PutObject and HEAD it."""
         counter = _Counter()
-        data, md5 = await source.read_part(self._threshold + 1)
+        data = await source.read_part(self._threshold + 1)
+        md5 = await asyncio.to_thread(_md5, data)
         # Checked before sending: a changed file never reaches the key.
         await source.check_unchanged(expected_sha256)
         etag = await self._put_object(
@@ -370,7 +382,11 @@ class S3Store:
         finally:
             if create_retried:
                 # A retried create may have started uploads whose replies were lost.
-                await self._abort_strays(client, full_key, keep=upload_id if completed else None)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ABORT_TIMEOUT * 2):
+                        await self._abort_strays(
+                            client, full_key, keep=upload_id if completed else None
+                        )
         self._check_etag(full_key, etag, expected_etag, "CompleteMultipartUpload")
         await self._verify_stored(full_key, source.size, etag, counter)
         return PutResult(
@@ -395,11 +411,13 @@ class S3Store:
         """Read parts in order and upload up to `max_concurrency` of them at once."""
         slots = asyncio.Semaphore(self._max_concurrency)
         tasks: builtins.list[asyncio.Task[dict[str, Any]]] = []
-        md5s: builtins.list[bytes] = []
+        md5s: dict[int, bytes] = {}
         failed = asyncio.Event()
 
-        async def send(number: int, data: bytes, md5: bytes) -> dict[str, Any]:
+        async def send(number: int, data: bytes) -> dict[str, Any]:
             try:
+                # Hashed here, not by the reader, so parts hash in parallel with reading.
+                md5 = md5s[number] = await asyncio.to_thread(_md5, data)
 
                 async def upload() -> dict[str, Any]:
                     result: dict[str, Any] = await client.upload_part(
@@ -431,13 +449,12 @@ class S3Store:
                 if failed.is_set():
                     slots.release()
                     break
-                data, md5 = await source.read_part(part_size)
+                data = await source.read_part(part_size)
                 if not data and number > 0:
                     slots.release()
                     break
                 number += 1
-                md5s.append(md5)
-                tasks.append(asyncio.create_task(send(number, data, md5)))
+                tasks.append(asyncio.create_task(send(number, data)))
                 if len(data) < part_size:
                     break
             results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -450,7 +467,7 @@ class S3Store:
         if errors:
             raise errors[0]
         parts = [r for r in results if not isinstance(r, BaseException)]
-        return parts, md5s
+        return parts, [md5s[number] for number in sorted(md5s)]
 
     async def _complete(
         self,
