@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loopbridge._types import LoopState, TrainingBatch
+from loopbridge.callbacks._dashboard_stream import RunStream, encode_payload
 from loopbridge.callbacks._http import (
     REDACTED,
     HttpRetryPolicy,
@@ -20,17 +21,20 @@ from loopbridge.callbacks._http import (
     redact_text,
     redact_url,
 )
-from loopbridge.callbacks.http_dashboard import HttpDashboard, _encode, _Stream
-from loopbridge.callbacks.mlflow import (
+from loopbridge.callbacks._mlflow_limits import (
     MAX_ITEMS_PER_BATCH,
+    MAX_KEY_CHARS,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     MAX_TAGS_PER_BATCH,
-    _batches,
-    _shorten,
+    KeyShortener,
+    LongValues,
     flatten_config,
+    log_batches,
     mlflow_value,
+    shorten,
 )
+from loopbridge.callbacks.http_dashboard import HttpDashboard
 
 
 class TestRedaction:
@@ -122,7 +126,7 @@ class TestRetryAfter:
 
 
 class TestDashboardBuffer:
-    def make(self, tmp_path: Path, **kwargs: int) -> tuple[HttpDashboard, _Stream, LoopState]:
+    def make(self, tmp_path: Path, **kwargs: int) -> tuple[HttpDashboard, RunStream, LoopState]:
         """A dashboard with an open stream, no bridge, and a pump that never starts."""
         dash = HttpDashboard("http://127.0.0.1:9/", **kwargs)  # type: ignore[arg-type]
         stream = dash._open({"run_name": "r"})
@@ -144,7 +148,7 @@ class TestDashboardBuffer:
         self.step(dash, state, 20)
         assert stream.dropped == 15
         assert dash.summary.dropped_rows == 15
-        rows = dash._take(stream)
+        rows = stream.take(1000)
         assert rows[0] == {"seq": None, "type": "gap", "time": rows[0]["time"], "dropped_steps": 15}
         assert [r["step"] for r in rows[1:] if r["type"] == "step"] == list(range(16, 26))
         assert [r["type"] for r in rows].count("eval") == 1
@@ -155,14 +159,14 @@ class TestDashboardBuffer:
         self.step(dash, state, 2)
         dash.on_eval(state, 1, "val", {"acc": 1.0})
         self.step(dash, state, 3)
-        first, second = dash._take(stream), dash._take(stream)
+        first, second = stream.take(4), stream.take(4)
         assert [r["type"] for r in first] == ["step", "step", "eval", "step"]
         assert [r["seq"] for r in first + second] == list(range(6))
-        assert dash._take(stream) == []
+        assert stream.take(4) == []
 
     def test_encoding_keeps_non_finite_numbers_as_strings(self) -> None:
         """NaN and infinities become the strings the schema promises; JSON stays valid."""
-        body = _encode({"m": {"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5}})
+        body = encode_payload({"m": {"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5}})
         assert body == b'{"m":{"a":"NaN","b":"Infinity","c":"-Infinity","d":1.5}}'
 
     def test_bad_settings_are_refused(self) -> None:
@@ -177,7 +181,7 @@ class TestMLflowLimits:
         metrics = [{"key": f"m{i}", "value": 1.0, "timestamp": 0, "step": i} for i in range(2500)]
         params = [{"key": f"p{i}", "value": "v"} for i in range(250)]
         tags = [{"key": f"t{i}", "value": "v"} for i in range(120)]
-        bodies = list(_batches("run", metrics, params, tags))
+        bodies = list(log_batches("run", metrics, params, tags))
         for body in bodies:
             assert len(body["metrics"]) <= MAX_METRICS_PER_BATCH
             assert len(body["params"]) <= MAX_PARAMS_PER_BATCH
@@ -190,7 +194,7 @@ class TestMLflowLimits:
 
     def test_no_batches_for_nothing(self) -> None:
         """Nothing to log sends nothing."""
-        assert list(_batches("run", [], [], [])) == []
+        assert list(log_batches("run", [], [], [])) == []
 
     def test_flatten_config_uses_dotted_keys(self) -> None:
         """Nested mappings flatten to dotted keys; lists become JSON."""
@@ -206,14 +210,29 @@ class TestMLflowLimits:
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A long value is shortened with a visible marker, a warning, and kept in full."""
-        full: dict[str, dict[str, str]] = {}
+        full: LongValues = {}
         value = "x" * 7000
-        short = _shorten("param", "notes", value, 6000, full)
+        short = shorten("param", "notes", value, full)
         assert len(short) == 6000
         assert "shortened from 7000 chars" in short
         assert full == {"param": {"notes": value}}
         assert any("notes" in r.getMessage() for r in caplog.records)
-        assert _shorten("param", "k", "short", 6000, full) == "short"
+        assert shorten("param", "k", "short", full) == "short"
+
+    def test_long_keys_become_prefix_and_hash_with_original_tagged(self) -> None:
+        """A key over 250 characters is shortened once, and its original goes in a tag."""
+        limits = KeyShortener()
+        key = "a/" * 200
+        short = limits.key(key)
+        assert len(short) <= MAX_KEY_CHARS
+        assert short.startswith("a/a/")
+        assert limits.key(key) == short
+        assert limits.key("ok") == "ok"
+        full: LongValues = {}
+        tags = limits.tag_originals(full)
+        assert [t["value"] for t in tags] == [key]
+        assert tags[0]["key"].startswith("loopbridge.long_key.")
+        assert limits.tag_originals(full) == []
 
     def test_non_finite_values_are_sent_as_strings(self) -> None:
         """NaN and infinities become the strings protobuf JSON reads."""

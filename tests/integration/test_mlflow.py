@@ -14,7 +14,8 @@ from tests.fixtures.mlflow import MLflowServer
 
 import loopbridge as lb
 from loopbridge.callbacks._http import HttpRetryPolicy
-from loopbridge.callbacks.mlflow import MAX_KEY_CHARS, MLflowLogger
+from loopbridge.callbacks._mlflow_limits import MAX_KEY_CHARS
+from loopbridge.callbacks.mlflow import MLflowLogger
 
 N_STEPS = 12
 FAST_RETRY = HttpRetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)

@@ -39,13 +39,9 @@ ok) and shown in `summary`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import math
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +57,7 @@ from loopbridge._types import (
     RunResult,
     TrainingBatch,
 )
+from loopbridge.callbacks._dashboard_stream import RunStream, encode_payload
 from loopbridge.callbacks._http import (
     ClientSlot,
     HttpRequestError,
@@ -81,11 +78,6 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _SOURCE = "HttpDashboard"
 
-# A step row: (seq, step, unix time, metrics). Tuples, because the loop thread builds one per step.
-_StepRow = tuple[int, int, float, dict[str, float]]
-# Any other event: (seq, unix time, JSON-ready dict).
-_EventRow = tuple[int, float, dict[str, Any]]
-
 
 @dataclass(frozen=True)
 class DashboardSummary:
@@ -99,38 +91,6 @@ class DashboardSummary:
     dropped_rows: int
     failed_batches: int
     failed_rows: int
-
-
-class _Stream:
-    """One run's buffer: filled by the loop thread, emptied by that run's pump on the bridge."""
-
-    def __init__(self, run: dict[str, Any], key: tuple[str, int, int]) -> None:
-        self.run = run
-        self.key = key
-        self.steps: deque[_StepRow] = deque()
-        self.events: deque[_EventRow] = deque()
-        self.seq = 0
-        self.batch = 0
-        # Written by the loop thread only.
-        self.dropped = 0
-        self.dropped_first: int | None = None
-        self.dropped_last: int | None = None
-        self.dropped_reported = 0
-        # Read by the pump to emit "gap" events.
-        self.dropped_announced = 0
-        self.closing = False
-        self.train_started = False
-        # True while a pump task is queued or running; flipped under `lock` only.
-        self.pump_running = False
-        self.lock = threading.Lock()
-        self.wake_pending = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.wake: asyncio.Event | None = None
-
-    def next_seq(self) -> int:
-        seq = self.seq
-        self.seq = seq + 1
-        return seq
 
 
 class HttpDashboard(Callback):
@@ -172,7 +132,7 @@ class HttpDashboard(Callback):
         self._max_buffer_rows = max_buffer_rows
         self._timeout = timeout
         self._retry = retry or HttpRetryPolicy()
-        self._stream: _Stream | None = None
+        self._stream: RunStream | None = None
         self._run_counter = 0
         self._clients = ClientSlot(self._new_client)
         self._lock = threading.Lock()  # guards the counters written on the bridge loop
@@ -351,13 +311,13 @@ class HttpDashboard(Callback):
 
     # ------------------------------------------------------------------ loop-thread helpers
 
-    def _open(self, run: dict[str, Any]) -> _Stream:
+    def _open(self, run: dict[str, Any]) -> RunStream:
         self._run_counter += 1
-        stream = _Stream(run, (_SOURCE, id(self), self._run_counter))
+        stream = RunStream(run, (_SOURCE, id(self), self._run_counter))
         self._stream = stream
         return stream
 
-    def _event(self, stream: _Stream, event: dict[str, Any]) -> None:
+    def _event(self, stream: RunStream, event: dict[str, Any]) -> None:
         now = time.time()
         event["seq"] = stream.next_seq()
         event["time"] = now
@@ -365,7 +325,7 @@ class HttpDashboard(Callback):
         if not stream.pump_running:
             self._start_pump(stream)
 
-    def _drop_oldest(self, stream: _Stream) -> None:
+    def _drop_oldest(self, stream: RunStream) -> None:
         try:
             row = stream.steps.popleft()
         except IndexError:  # the pump took the rows meanwhile: nothing to drop
@@ -385,7 +345,7 @@ class HttpDashboard(Callback):
         with self._lock:
             self._dropped += 1
 
-    def _report_drops(self, stream: _Stream) -> None:
+    def _report_drops(self, stream: RunStream) -> None:
         new = stream.dropped - stream.dropped_reported
         if new <= 0:
             return
@@ -397,13 +357,13 @@ class HttpDashboard(Callback):
         )
         self._attached_bridge().report_loss(_SOURCE, new, detail)
 
-    def _wake(self, stream: _Stream) -> None:
+    def _wake(self, stream: RunStream) -> None:
         stream.wake_pending = True
         loop, wake = stream.loop, stream.wake
         if loop is not None and wake is not None and not loop.is_closed():
             loop.call_soon_threadsafe(wake.set)
 
-    def _start_pump(self, stream: _Stream) -> None:
+    def _start_pump(self, stream: RunStream) -> None:
         # Rare: once per idle period. The pump exits when the buffer is empty, so no task
         # outlives the rows it serves and a drain never waits for an idle pump.
         with stream.lock:
@@ -427,7 +387,7 @@ class HttpDashboard(Callback):
             policy=self._retry,
         )
 
-    async def _pump(self, stream: _Stream) -> None:
+    async def _pump(self, stream: RunStream) -> None:
         """Post the run's rows while any wait: full batches at once, the rest by age or at end."""
         try:
             await self._pump_rows(stream)
@@ -437,20 +397,20 @@ class HttpDashboard(Callback):
                 stream.pump_running = False
             raise
 
-    async def _pump_rows(self, stream: _Stream) -> None:
+    async def _pump_rows(self, stream: RunStream) -> None:
         stream.wake = asyncio.Event()
         stream.loop = asyncio.get_running_loop()
         interval = self._flush_interval_s
         while True:
             stream.wake_pending = False
-            age = _oldest_age(stream)
+            age = stream.oldest_age()
             if age is None and not stream.dropped > stream.dropped_announced:
                 if self._retire_pump(stream):
                     return
                 continue
             full = len(stream.steps) + len(stream.events) >= self._max_batch_rows
             if stream.closing or full or (age is not None and age >= interval):
-                rows = self._take(stream)
+                rows = stream.take(self._max_batch_rows)
                 if rows:
                     await self._deliver(stream, rows)
                 continue
@@ -462,13 +422,13 @@ class HttpDashboard(Callback):
             except TimeoutError:
                 pass
 
-    def _retire_pump(self, stream: _Stream) -> bool:
+    def _retire_pump(self, stream: RunStream) -> bool:
         """Mark the pump stopped; False if a row slipped in and this pump must carry on."""
         # The loop thread appends before it reads `pump_running`, so either it sees False
         # and starts a new pump, or its row is visible to the check below.
         with stream.lock:
             stream.pump_running = False
-        if _oldest_age(stream) is None:
+        if stream.oldest_age() is None:
             return True
         with stream.lock:
             if stream.pump_running:  # the loop thread already started the next pump
@@ -476,36 +436,7 @@ class HttpDashboard(Callback):
             stream.pump_running = True
             return False
 
-    def _take(self, stream: _Stream) -> list[dict[str, Any]]:
-        """Pop up to a batch of rows, merging steps and events back into hook order."""
-        out: list[dict[str, Any]] = []
-        steps, events = stream.steps, stream.events
-        limit = self._max_batch_rows
-        dropped = stream.dropped
-        if dropped > stream.dropped_announced:
-            out.append(
-                {
-                    "seq": None,
-                    "type": "gap",
-                    "time": time.time(),
-                    "dropped_steps": dropped - stream.dropped_announced,
-                }
-            )
-            stream.dropped_announced = dropped
-        while len(out) < limit:
-            try:
-                # popleft, not a peek: the loop thread may drop the oldest row at any moment.
-                seq, step, when, metrics = steps.popleft()
-            except IndexError:
-                while events and len(out) < limit:
-                    out.append(events.popleft()[2])
-                break
-            while events and events[0][0] < seq:
-                out.append(events.popleft()[2])
-            out.append({"seq": seq, "type": "step", "time": when, "step": step, "metrics": metrics})
-        return out
-
-    async def _deliver(self, stream: _Stream, rows: list[dict[str, Any]]) -> None:
+    async def _deliver(self, stream: RunStream, rows: list[dict[str, Any]]) -> None:
         """Post one batch; keep retrying while the run trains, give up once it is closing."""
         payload = {
             "schema_version": SCHEMA_VERSION,
@@ -514,7 +445,7 @@ class HttpDashboard(Callback):
             "events": rows,
         }
         stream.batch += 1
-        body = _encode(payload)
+        body = encode_payload(payload)
         client = self._clients.get()
         headers = {"content-type": "application/json"}
         while True:
@@ -527,7 +458,7 @@ class HttpDashboard(Callback):
             except HttpRequestError as exc:
                 if stream.closing or self._bridge_closing():
                     self._fail(stream, rows, str(exc))
-                    left = self._take_all(stream)
+                    left = stream.take_all(self._max_batch_rows)
                     if left:
                         self._fail(stream, left, "the rows after it were abandoned with it")
                     raise
@@ -550,13 +481,7 @@ class HttpDashboard(Callback):
         bridge = self._clients.bridge
         return bridge is not None and bridge.closed
 
-    def _take_all(self, stream: _Stream) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        while more := self._take(stream):
-            rows.extend(more)
-        return rows
-
-    def _fail(self, stream: _Stream, rows: list[dict[str, Any]], reason: str) -> None:
+    def _fail(self, stream: RunStream, rows: list[dict[str, Any]], reason: str) -> None:
         with self._lock:
             self._failed_batches += 1
             self._failed_rows += len(rows)
@@ -569,7 +494,7 @@ class HttpDashboard(Callback):
             bridge.report_loss(_SOURCE, len(rows), detail)
 
 
-async def _pause(stream: _Stream, seconds: float) -> None:
+async def _pause(stream: RunStream, seconds: float) -> None:
     """Sleep between retry rounds, but wake early when train end asks for the final flush."""
     wake = stream.wake
     if wake is None:
@@ -583,53 +508,3 @@ async def _pause(stream: _Stream, seconds: float) -> None:
             await wake.wait()
     except TimeoutError:
         pass
-
-
-def _oldest_age(stream: _Stream) -> float | None:
-    """Seconds since the oldest waiting row was queued, or None when nothing waits."""
-    oldest: float | None = None
-    with contextlib.suppress(IndexError):
-        oldest = stream.steps[0][2]
-    try:
-        event_time = stream.events[0][1]
-    except IndexError:
-        pass
-    else:
-        oldest = event_time if oldest is None else min(oldest, event_time)
-    return None if oldest is None else time.time() - oldest
-
-
-def _encode(payload: dict[str, Any]) -> bytes:
-    """JSON bytes; non-finite numbers become "NaN"/"Infinity"/"-Infinity" strings."""
-    try:
-        text = json.dumps(payload, allow_nan=False, separators=(",", ":"), default=_default)
-    except ValueError:
-        text = json.dumps(
-            _finite(payload), allow_nan=False, separators=(",", ":"), default=_default
-        )
-    return text.encode()
-
-
-def _nonfinite(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else _nonfinite(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _default(obj: Any) -> Any:
-    """Numbers from numpy or torch as floats, anything else as its str."""
-    try:
-        value = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return value if math.isfinite(value) else _nonfinite(value)

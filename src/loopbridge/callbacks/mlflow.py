@@ -21,12 +21,10 @@ sent as the strings "NaN", "Infinity" and "-Infinity", which MLflow stores as su
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +50,15 @@ from loopbridge.callbacks._http import (
     RetryingClient,
     redact_url,
 )
+from loopbridge.callbacks._mlflow_limits import (
+    MAX_METRICS_PER_BATCH,
+    MAX_TAGS_PER_BATCH,
+    KeyShortener,
+    LongValues,
+    flatten_config,
+    log_batches,
+    mlflow_value,
+)
 
 __all__ = ["MLflowLogger", "flatten_config"]
 
@@ -59,46 +66,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = "MLflowLogger"
 
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-MAX_ITEMS_PER_BATCH = 1000
-MAX_KEY_CHARS = 250
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_TAG_VALUE_CHARS = 8000
-
 # A step row as the loop thread queues it: (step, unix ms, {key: value}).
 _Row = tuple[int, int, dict[str, float]]
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings as dotted keys, every value as the text MLflow stores for a param."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, f"{name}."))
-        elif isinstance(value, str):
-            flat[name] = value
-        elif isinstance(value, list | tuple | Mapping):
-            flat[name] = json.dumps(value, default=str, sort_keys=True)
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-def mlflow_value(value: float) -> float | str:
-    """A metric value MLflow keeps: non-finite numbers as the strings protobuf JSON reads."""
-    number = float(value)
-    if math.isfinite(number):
-        return number
-    if math.isnan(number):
-        return "NaN"
-    return "Infinity" if number > 0 else "-Infinity"
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -167,9 +136,7 @@ class MLflowLogger(Callback):
         self._groups: dict[str, str] = {}  # group run id -> final status
         self._run: _Run | None = None
         # Shortened keys, filled on the bridge loop: original -> short.
-        self._short_keys: dict[str, str] = {}
-        # Originals of keys shortened since the last log-batch; their tags go in the next one.
-        self._pending_keys: list[str] = []
+        self._limits = KeyShortener()
 
     def __repr__(self) -> str:
         return f"MLflowLogger({self._safe_base!r})"
@@ -431,8 +398,8 @@ class MLflowLogger(Callback):
     ) -> dict[str, Any]:
         """Create a run with its tags, then log its params; return the run's info."""
         tags = {**tags, "mlflow.runName": name}
-        long_values: dict[str, dict[str, str]] = {}
-        safe_tags = self._tags(tags, long_values)
+        long_values: LongValues = {}
+        safe_tags = self._limits.tags(tags, long_values)
         body = {
             "experiment_id": experiment_id,
             "run_name": name,
@@ -442,9 +409,9 @@ class MLflowLogger(Callback):
         _, created = await self._api("POST", "runs/create", body=body)
         info: dict[str, Any] = created["run"]["info"]
         run_id = str(info["run_id"])
-        safe_params = self._params(params, long_values)
-        extra_tags = safe_tags[MAX_TAGS_PER_BATCH:] + self._take_key_tags()
-        for batch in _batches(run_id, [], safe_params, extra_tags):
+        safe_params = self._limits.params(params, long_values)
+        extra_tags = safe_tags[MAX_TAGS_PER_BATCH:] + self._limits.tag_originals(long_values)
+        for batch in log_batches(run_id, [], safe_params, extra_tags):
             await self._api("POST", "runs/log-batch", body=batch)
         if long_values:
             content = json.dumps(long_values, indent=1, sort_keys=True).encode()
@@ -468,11 +435,16 @@ class MLflowLogger(Callback):
                     )
                     continue
                 metrics.append(
-                    {"key": self._key(key), "value": number, "timestamp": timestamp, "step": step}
+                    {
+                        "key": self._limits.key(key),
+                        "value": number,
+                        "timestamp": timestamp,
+                        "step": step,
+                    }
                 )
-        long_values: dict[str, dict[str, str]] = {}
-        safe_tags = self._tags(tags, long_values) + self._take_key_tags()
-        for batch in _batches(run.run_id, metrics, [], safe_tags):
+        long_values: LongValues = {}
+        safe_tags = self._limits.tags(tags, long_values) + self._limits.tag_originals(long_values)
+        for batch in log_batches(run.run_id, metrics, [], safe_tags):
             await self._api("POST", "runs/log-batch", body=batch)
         if long_values:
             content = json.dumps(long_values, indent=1, sort_keys=True).encode()
@@ -510,97 +482,3 @@ class MLflowLogger(Callback):
     async def _end_groups(self, groups: Mapping[str, str]) -> None:
         for run_id, status in groups.items():
             await self._end_run(run_id, status)
-
-    # ------------------------------------------------------------------ limits
-
-    def _key(self, key: str) -> str:
-        """`key` itself, or a shortened key (prefix + hash) with a warning, once per key."""
-        if len(key) <= MAX_KEY_CHARS:
-            return key
-        short = self._short_keys.get(key)
-        if short is None:
-            digest = _digest(key)
-            short = f"{key[: MAX_KEY_CHARS - len(digest) - 1]}-{digest}"
-            self._short_keys[key] = short
-            self._pending_keys.append(key)
-            logger.warning(
-                "%s: key of %d characters is over MLflow's %d; logged as %r, the original "
-                "is in tag loopbridge.long_key.%s",
-                _SOURCE,
-                len(key),
-                MAX_KEY_CHARS,
-                short,
-                digest,
-            )
-        return short
-
-    def _take_key_tags(self) -> list[dict[str, str]]:
-        """Tags that record the original of each key shortened since the last call."""
-        pending = self._pending_keys
-        tags = [
-            {"key": f"loopbridge.long_key.{_digest(k)}", "value": k[:MAX_TAG_VALUE_CHARS]}
-            for k in pending
-        ]
-        pending.clear()
-        return tags
-
-    def _params(
-        self, params: Mapping[str, str], long_values: dict[str, dict[str, str]]
-    ) -> list[dict[str, str]]:
-        return [
-            {
-                "key": self._key(k),
-                "value": _shorten("param", k, v, MAX_PARAM_VALUE_CHARS, long_values),
-            }
-            for k, v in params.items()
-        ]
-
-    def _tags(
-        self, tags: Mapping[str, str], long_values: dict[str, dict[str, str]]
-    ) -> list[dict[str, str]]:
-        return [
-            {"key": self._key(k), "value": _shorten("tag", k, v, MAX_TAG_VALUE_CHARS, long_values)}
-            for k, v in tags.items()
-        ]
-
-
-def _shorten(
-    kind: str, key: str, value: str, limit: int, long_values: dict[str, dict[str, str]]
-) -> str:
-    """`value`, or a visibly marked prefix of it (full value kept for an artifact)."""
-    if len(value) <= limit:
-        return value
-    marker = f"...[shortened from {len(value)} chars, sha256:{_digest(value)}]"
-    long_values.setdefault(kind, {})[key] = value
-    logger.warning(
-        "%s: %s %r has %d characters, over MLflow's %d; logged shortened, the full value "
-        "goes to artifact loopbridge/long_values.json",
-        _SOURCE,
-        kind,
-        key,
-        len(value),
-        limit,
-    )
-    return value[: limit - len(marker)] + marker
-
-
-def _batches(
-    run_id: str,
-    metrics: list[dict[str, Any]],
-    params: list[dict[str, str]],
-    tags: list[dict[str, str]],
-) -> Iterator[dict[str, Any]]:
-    """log-batch bodies that each respect MLflow's per-request limits."""
-    m = p = t = 0
-    while m < len(metrics) or p < len(params) or t < len(tags):
-        n_tags = min(MAX_TAGS_PER_BATCH, len(tags) - t)
-        n_params = min(MAX_PARAMS_PER_BATCH, len(params) - p, MAX_ITEMS_PER_BATCH - n_tags)
-        room = MAX_ITEMS_PER_BATCH - n_tags - n_params
-        n_metrics = min(MAX_METRICS_PER_BATCH, len(metrics) - m, room)
-        yield {
-            "run_id": run_id,
-            "metrics": metrics[m : m + n_metrics],
-            "params": params[p : p + n_params],
-            "tags": tags[t : t + n_tags],
-        }
-        m, p, t = m + n_metrics, p + n_params, t + n_tags
