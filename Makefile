@@ -36,3 +36,23 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-mlflow .mypy_cache .ruff_cache .pytest_cache
+
+# The heavy dispatch baselines (torch, transformers, Lightning) live in their own venv, so the
+# dev venv stays small. torch goes in first, pinned: 2.13.0's CPU build lies on this disk, and
+# an unpinned torch pulled in by transformers or Lightning would be a multi-GB CUDA build.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: bench-full
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet 'torch==2.13.0'
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	$(BENCH_VENV)/bin/python -c 'import sys, torch; sys.exit(not torch.__version__.startswith("2.13.0"))' || \
+		{ echo "$(BENCH_VENV): torch is not 2.13.0; remove the venv and retry"; exit 1; }
+	touch $(BENCH_STAMP)
+
+bench-full: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/loopbridge bench --full $(BENCH_ARGS)

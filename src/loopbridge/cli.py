@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -17,25 +16,30 @@ def _demo(argv: list[str]) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    # Looked up by name: the bench package is optional and may not be installed.
-    bench = importlib.import_module("loopbridge.bench")
-    result: int = bench.main(argv)
-    return result
+    # Imported here: `loopbridge demo` need not load the benchmarks.
+    from loopbridge.bench import main as bench_main
+
+    return bench_main(argv)
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "run a small experiment with background uploads and a summary"),
-    "bench": (_bench, "measure dispatch and offload costs against baselines"),
+    "bench": (
+        _bench,
+        "measure hook dispatch and spawn costs against baselines: "
+        "[--full] [--json] [--only dispatch|spawn]",
+    ),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a subcommand; its own options follow its name (`loopbridge demo --help`)."""
+    """Run a subcommand; its own options follow its name (`loopbridge bench --help`)."""
     parser = argparse.ArgumentParser(
         prog="loopbridge", description="The callback layer of an ML training loop."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in _COMMANDS.items():
+        # The subcommand parses its own options, --help included.
         sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     run, _ = _COMMANDS[args.command]

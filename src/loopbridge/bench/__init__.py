@@ -45,6 +45,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
+        # Other work on a shared machine moves every number; the ratios hold up better.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -75,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.json:
         print(
             f"loopbridge bench ({mode}) on {info['cpus']} CPUs ({info['cpu_model']}), "
-            f"{info['implementation']} {info['python']}"
+            f"{info['implementation']} {info['python']}, load average "
+            f"{info['load_average_1m']:.2f} at start"
         )
     results: dict[str, Any] = {"mode": mode, "machine": info}
     tables = []
