@@ -219,6 +219,16 @@ class TestMLflowLimits:
         assert any("notes" in r.getMessage() for r in caplog.records)
         assert shorten("param", "k", "short", full) == "short"
 
+    def test_invalid_characters_are_replaced_without_merging_keys(self) -> None:
+        """Keys MLflow refuses are made safe; two that would collide stay apart."""
+        limits = KeyShortener()
+        assert limits.key("val/loss.x-1 a:b") == "val/loss.x-1 a:b"
+        first, second = limits.key("acc@1"), limits.key("acc#1")
+        assert first == "acc_1"
+        assert second.startswith("acc_1-")
+        assert limits.key("acc@1") == first
+        assert [t["value"] for t in limits.tag_originals({})] == ["acc@1", "acc#1"]
+
     def test_long_keys_become_prefix_and_hash_with_original_tagged(self) -> None:
         """A key over 250 characters is shortened once, and its original goes in a tag."""
         limits = KeyShortener()
@@ -231,7 +241,7 @@ class TestMLflowLimits:
         full: LongValues = {}
         tags = limits.tag_originals(full)
         assert [t["value"] for t in tags] == [key]
-        assert tags[0]["key"].startswith("loopbridge.long_key.")
+        assert tags[0]["key"].startswith("loopbridge.original_key.")
         assert limits.tag_originals(full) == []
 
     def test_non_finite_values_are_sent_as_strings(self) -> None:

@@ -233,7 +233,7 @@ class TestPlainLoop:
         # 2,500 steps x 2 metrics = 5,000 points: several log-batch requests, all points kept.
         assert history(mlflow_server, run_id, "loss") == [(s, float(s - 1)) for s in range(1, 2501)]
         tags = tags_of(run)
-        originals = [v for k, v in tags.items() if k.startswith("loopbridge.long_key.")]
+        originals = [v for k, v in tags.items() if k.startswith("loopbridge.original_key.")]
         assert originals == [long_key]
         short_keys = [k for k in run["data"]["metrics"] if k["key"].startswith("kkk")]
         assert len(short_keys) == 1

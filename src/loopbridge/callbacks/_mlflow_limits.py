@@ -1,10 +1,11 @@
 """MLflow's request limits, and how MLflowLogger stays within them without silent truncation.
 
 log-batch takes at most 1000 metrics, 100 params, 100 tags and 1000 items in all; keys are at
-most 250 characters; the server cuts param values over 6000 and tag values over 8000
-characters without a word. Here, over-long keys become a prefix plus a hash (the original goes
-in a `loopbridge.long_key.<hash>` tag), and over-long values get a visible marker, a warning,
-and their full text kept for an artifact.
+most 250 characters of letters, digits and `_ - . space : /`; the server cuts param values
+over 6000 and tag values over 8000 characters without a word. Here, keys MLflow would refuse
+are made safe (characters replaced; too long: a prefix plus a hash) and the original goes in a
+`loopbridge.original_key.<hash>` tag; over-long values get a visible marker, a warning, and
+their full text kept for an artifact.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,6 +43,9 @@ MAX_ITEMS_PER_BATCH = 1000
 MAX_KEY_CHARS = 250
 MAX_PARAM_VALUE_CHARS = 6000
 MAX_TAG_VALUE_CHARS = 8000
+
+# MLflow's own rule for metric, param and tag names (mlflow.utils.validation).
+_INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 
 LongValues = dict[str, dict[str, str]]
 """Full texts of shortened values: {"param" | "tag": {key: value}}, uploaded as an artifact."""
@@ -77,40 +82,52 @@ def digest(text: str) -> str:
 
 
 class KeyShortener:
-    """Shortens keys over MLflow's limit, once per key, and remembers the originals to tag."""
+    """Makes keys MLflow accepts, once per key, and remembers the originals to tag."""
 
     def __init__(self) -> None:
-        self._short: dict[str, str] = {}
+        # Every key seen -> the key logged; a dict hit is the fast path for metric names.
+        self._known: dict[str, str] = {}
+        self._originals: dict[str, str] = {}
         # Originals shortened since the last tag_originals(); their tags go in the next batch.
         self._pending: list[str] = []
 
     def key(self, key: str) -> str:
-        """`key` itself, or a prefix plus a hash, with a warning the first time."""
-        if len(key) <= MAX_KEY_CHARS:
-            return key
-        short = self._short.get(key)
-        if short is None:
+        """`key` itself, or a safe one (invalid characters replaced, long keys hashed).
+
+        A changed key is announced once with a warning, and its original goes in a tag.
+        """
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        safe = _INVALID_KEY_CHARS.sub("_", key)
+        taken = self._originals.get(safe)
+        if len(safe) > MAX_KEY_CHARS or (taken is not None and taken != key):
+            # Too long, or "acc@1" and "acc#1" both becoming "acc_1": a hash keeps them apart.
             hashed = digest(key)
-            short = f"{key[: MAX_KEY_CHARS - len(hashed) - 1]}-{hashed}"
-            self._short[key] = short
+            safe = f"{safe[: MAX_KEY_CHARS - len(hashed) - 1]}-{hashed}"
+        self._known[key] = safe
+        self._originals[safe] = key
+        if safe != key:
             self._pending.append(key)
             logger.warning(
-                "MLflowLogger: key of %d characters is over MLflow's %d; logged as %r, the "
-                "original is in tag loopbridge.long_key.%s",
+                "MLflowLogger: key %r (%d characters) is not a valid MLflow key (at most %d "
+                "characters of letters, digits and _ - . space : /); logged as %r, the original "
+                "is in tag loopbridge.original_key.%s",
+                key[:80],
                 len(key),
                 MAX_KEY_CHARS,
-                short,
-                hashed,
+                safe,
+                digest(key),
             )
-        return short
+        return safe
 
     def tag_originals(self, long_values: LongValues) -> list[dict[str, str]]:
         """Tags recording the original of each key shortened since the last call."""
         pending, self._pending = self._pending, []
         return [
             {
-                "key": f"loopbridge.long_key.{digest(k)}",
-                "value": shorten("tag", f"loopbridge.long_key.{digest(k)}", k, long_values),
+                "key": f"loopbridge.original_key.{digest(k)}",
+                "value": shorten("tag", f"loopbridge.original_key.{digest(k)}", k, long_values),
             }
             for k in pending
         ]

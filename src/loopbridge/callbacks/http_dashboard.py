@@ -488,9 +488,11 @@ class HttpDashboard(Callback):
         detail = self._redactor.text(
             f"{len(rows)} rows of run {stream.run.get('run_name')!r} not delivered: {reason}"
         )
-        logger.error("%s: %s", _SOURCE, detail)
         bridge = self._clients.bridge
-        if bridge is not None:
+        if bridge is None:
+            logger.error("%s: %s", _SOURCE, detail)
+        else:
+            # report_loss logs it too, so it is logged once.
             bridge.report_loss(_SOURCE, len(rows), detail)
 
 

@@ -12,11 +12,13 @@ completed). Benchmark predictions go to the artifact `benchmarks/<name>/step-<N>
 `mlflow server --serve-artifacts` (the default since MLflow 2).
 
 MLflow's limits are kept explicitly: at most 1000 metrics, 100 params and 100 tags per
-log-batch; keys over 250 characters are shortened to a prefix and a hash, with a warning
-and a `loopbridge.long_key.<hash>` tag holding the original; param values over 6000 and tag
+log-batch; keys over 250 characters, or with characters MLflow refuses, are made safe
+(characters replaced, long keys cut to a prefix and a hash) with a warning and a
+`loopbridge.original_key.<hash>` tag holding the original; param values over 6000 and tag
 values over 8000 characters are shortened with a visible marker and a warning, and the full
 values are uploaded as the artifact `loopbridge/long_values.json`. NaN and infinities are
-sent as the strings "NaN", "Infinity" and "-Infinity", which MLflow stores as such.
+sent as the strings "NaN", "Infinity" and "-Infinity". NaN survives as NaN; MLflow's SQL
+stores keep +-inf as +-1.7976931348623157e308 (SQL has no infinity), a server-side choice.
 """
 
 from __future__ import annotations
