@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         outcome = run_demo(options)
+    except KeyboardInterrupt:
+        # The loop gave in-flight uploads a grace period and logged what it cancelled.
+        print("loopbridge demo interrupted; see the log above for unfinished work", file=sys.stderr)
+        return 130
     except Exception as exc:
         print(f"loopbridge demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
