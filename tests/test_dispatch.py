@@ -367,6 +367,23 @@ class TestExceptions:
         assert info.value.__notes__ == ["raised in hook Boom.on_step_end (loopbridge callback)"]
         assert log == [("a", "on_step_end")]  # later callbacks do not run
 
+    def test_note_with_profiling(self) -> None:
+        """With profiling on, the note still names the callback, not the profiler's wrapper."""
+        callbacks = CallbackList([Boom()], profile=True)
+        with pytest.raises(ValueError, match="boom in step end") as info:
+            callbacks.on_step_end(_state(), 0, _batch(), {})
+        assert info.value.__notes__ == ["raised in hook Boom.on_step_end (loopbridge callback)"]
+
+    def test_note_names_the_right_one_of_many(self) -> None:
+        """Among many callbacks, the note names the one that raised, whatever its position."""
+        log: list[tuple[str, str]] = []
+        for position in range(6):
+            callbacks: list[Callback] = [Log(str(i), log) for i in range(5)]
+            callbacks.insert(position, Boom())
+            with pytest.raises(ValueError, match="boom in step end") as info:
+                CallbackList(callbacks).on_step_end(_state(), 0, _batch(), {})
+            assert info.value.__notes__ == ["raised in hook Boom.on_step_end (loopbridge callback)"]
+
     def test_note_through_train_loop_single_callback(self, tmp_path: Path) -> None:
         """With a single callback the TrainLoop adds the note as the exception leaves the run."""
         loop = lb.TrainLoop(lambda s, b: {}, range(3), out_dir=tmp_path, callbacks=[Boom()])

@@ -493,6 +493,9 @@ class Bridge:
 
     def _start_call(self, future: TaskFuture[Any]) -> None:
         if not future._mark_running():
+            # call() timed out (and cancelled) before the loop got here: the work never runs.
+            if isinstance(future.work, Coroutine):
+                future.work.close()
             return
         loop = self._loop
         assert loop is not None  # runs on the loop
