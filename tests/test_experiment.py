@@ -592,6 +592,77 @@ class TestFailures:
         assert not result.ok
 
 
+def plain_bench(state: LoopState) -> tuple[EvalResult, list[dict[str, Any]]]:
+    """A post-training benchmark that needs no config."""
+    return EvalResult("heldout", {"score": 1.0}), [{"q": 1}]
+
+
+class StorePredictions(Callback):
+    """A logger stand-in: stores post-training predictions in the background; run 'a' fails."""
+
+    def on_benchmark_eval(
+        self,
+        ctx: LogContext,
+        eval_result: EvalResult,
+        predictions: list[dict],  # type: ignore[type-arg]
+        *,
+        step: int | None = None,
+    ) -> None:
+        if step is not None:
+            return
+        run = ctx.run_name
+
+        async def store() -> None:
+            if run == "a":
+                raise ConnectionError(f"predictions of {run} not stored")
+
+        self.spawn(store(), name=f"store-predictions-{run}")
+
+
+class TestPostTrainingWork:
+    """Background work spawned by post-training benchmark hooks is reported with its own run."""
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bug: the run's drain happens at on_train_end, before post-training benchmarks, "
+        "so their background work is drained (and its failures blamed) in the next run",
+    )
+    def test_failure_not_blamed_on_next_run(self, tmp_path: Path) -> None:
+        """Run a's failed prediction upload does not fail run b."""
+        result = Experiment(
+            "e",
+            {"a": {}, "b": {}},
+            failing_builder(tmp_path, set()),
+            benchmarks={"heldout": plain_bench},
+            callbacks=[StorePredictions()],
+            on_drain_failure="warn",
+        ).run()
+        a, b = result.runs
+        assert (a.status, b.status) == (RunStatus.COMPLETED, RunStatus.COMPLETED)
+        assert b.drain_report is not None
+        assert b.drain_report.failed == ()
+        assert a.drain_report is not None
+        assert [r.name for r in a.drain_report.failed] == ["store-predictions-a"]
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="bug: the last run's post-training background work is drained only when the "
+        "experiment closes its bridge, where a failure is logged but reaches no RunResult",
+    )
+    def test_last_run_failure_makes_result_not_ok(self, tmp_path: Path) -> None:
+        """A failed prediction upload of the last run makes the experiment's result not ok."""
+        result = Experiment(
+            "e",
+            {"b": {}, "a": {}},
+            failing_builder(tmp_path, set()),
+            benchmarks={"heldout": plain_bench},
+            callbacks=[StorePredictions()],
+            on_drain_failure="warn",
+        ).run()
+        assert [r.status for r in result.runs] == [RunStatus.COMPLETED, RunStatus.COMPLETED]
+        assert not result.ok
+
+
 class TestCallbacks:
     """The experiment's callbacks are attached to every loop, ahead of the loop's own."""
 
