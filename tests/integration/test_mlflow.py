@@ -241,6 +241,30 @@ class TestPlainLoop:
         full = download(mlflow_server, run_id, "loopbridge/long_values.json")
         assert full["param"]["notes"] == long_value
 
+    def test_plain_loop_that_raises_ends_failed(
+        self, mlflow_server: MLflowServer, tmp_path: Path
+    ) -> None:
+        """A plain loop whose step raises: its run is FAILED when the bridge closes."""
+        name = f"plain-{uuid.uuid4().hex[:8]}"
+
+        def step(state: lb.LoopState, batch: Any) -> dict[str, float]:
+            if state.step == 3:
+                raise RuntimeError("diverged")
+            return {"loss": 1.0}
+
+        loop = lb.TrainLoop(
+            step,
+            range(10),
+            out_dir=tmp_path,
+            callbacks=[MLflowLogger(mlflow_server.url, experiment_name=name, retry=FAST_RETRY)],
+        )
+        with pytest.raises(RuntimeError, match="diverged"):
+            loop.run()
+        found = mlflow_server.api("experiments/get-by-name", experiment_name=name)
+        (run,) = search_runs(mlflow_server, found["experiment"]["experiment_id"])
+        assert run["info"]["status"] == "FAILED"
+        assert [s for s, _ in history(mlflow_server, run["info"]["run_id"], "loss")] == [1, 2, 3]
+
 
 def download(server: MLflowServer, run_id: str, path: str) -> Any:
     """An artifact of the run, parsed as JSON, through the proxied artifact API."""

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from loopbridge._callback import Callback
@@ -61,6 +61,9 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
 )
+
+if TYPE_CHECKING:
+    from loopbridge._bridge import Bridge
 
 __all__ = ["MLflowLogger", "flatten_config"]
 
@@ -134,6 +137,7 @@ class MLflowLogger(Callback):
         self._call_timeout = call_timeout
         self._retry = retry or HttpRetryPolicy()
         self._clients = ClientSlot(self._new_client)
+        self._bridges: list[Bridge] = []
         self._experiment_id: str | None = None
         self._groups: dict[str, str] = {}  # group run id -> final status
         self._run: _Run | None = None
@@ -147,14 +151,14 @@ class MLflowLogger(Callback):
 
     def on_experiment_start(self, ctx: LogContext) -> None:
         """Get or create the MLflow experiment; store its id in `ctx.ids['experiment_id']`."""
-        self._clients.register(self._attached_bridge())
+        self._attach()
         name = self._experiment_name or ctx.experiment_name
         experiment_id = self.call(self._ensure_experiment(name), timeout=self._call_timeout)
         ctx.ids["experiment_id"] = experiment_id
 
     def on_group_start(self, ctx: LogContext, group_name: str) -> None:
         """Create the group's parent run; store its id in `ctx.ids['group:<name>']`."""
-        self._clients.register(self._attached_bridge())
+        self._attach()
         experiment_id = self._experiment_for(ctx)
         tags = {"loopbridge.kind": "group", "loopbridge.group": group_name}
         if ctx.arm_name is not None:
@@ -168,7 +172,7 @@ class MLflowLogger(Callback):
 
     def on_run_start(self, ctx: LogContext) -> None:
         """Create the run under its group (or experiment); store `ctx.ids['run_id']`."""
-        self._clients.register(self._attached_bridge())
+        self._attach()
         experiment_id = self._experiment_for(ctx)
         name = ctx.run_name or ctx.arm_name or "run"
         tags = {"loopbridge.kind": "run"}
@@ -194,7 +198,7 @@ class MLflowLogger(Callback):
         """Without an Experiment, create the experiment and the run here."""
         if self._run is not None:
             return
-        self._clients.register(self._attached_bridge())
+        self._attach()
         if self._experiment_id is None:
             name = self._experiment_name or "loopbridge"
             self._experiment_id = self.call(
@@ -311,6 +315,16 @@ class MLflowLogger(Callback):
             self.call(self._end_groups(groups), timeout=self._call_timeout)
 
     # ------------------------------------------------------------------ loop-thread helpers
+
+    def _attach(self) -> None:
+        """Register, once per bridge, what must run when it closes, in this order."""
+        bridge = self._attached_bridge()
+        if not any(b is bridge for b in self._bridges):
+            self._bridges.append(bridge)
+            # A plain TrainLoop whose step raised never reaches on_train_end; its bridge
+            # closes on the way out, and the run must not stay RUNNING forever.
+            bridge.add_shutdown_callback(self._fail_open_run)
+        self._clients.register(bridge)
 
     def _experiment_for(self, ctx: LogContext) -> str:
         experiment_id = ctx.ids.get("experiment_id") or self._experiment_id
@@ -480,6 +494,20 @@ class MLflowLogger(Callback):
     async def _end_run(self, run_id: str, status: str) -> None:
         body = {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)}
         await self._api("POST", "runs/update", body=body)
+
+    async def _fail_open_run(self) -> None:
+        """At bridge close: mark FAILED a run that this logger opened and nobody ended."""
+        run = self._run
+        if run is None or not run.owns_lifecycle:
+            return
+        self._run = None
+        logger.error(
+            "%s: run %s ended without on_train_end (the loop raised); marking it FAILED",
+            _SOURCE,
+            run.name,
+        )
+        await self._log_rows(run, run.rows, {})
+        await self._end_run(run.run_id, "FAILED")
 
     async def _end_groups(self, groups: Mapping[str, str]) -> None:
         for run_id, status in groups.items():
