@@ -42,6 +42,7 @@ import boto3
 from botocore.config import Config
 
 import loopbridge as lb
+from loopbridge._digest import digest_path
 from loopbridge._types import LoopArtifacts, LoopState, ManifestRow, TrainingBatch
 from loopbridge.callbacks import CheckpointUploader
 
@@ -303,36 +304,33 @@ def boto3_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> float:
 
 
 def loopbridge_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> float:
-    """MiB/s of CheckpointUploader for the same checkpoints, with a loop that does no work."""
-    bridge = lb.Bridge(name="bench-alone")
-    uploader = CheckpointUploader(f"s3://{BUCKET}/alone", endpoint_url=endpoint)
-    bridge.call(uploader.store.head("warm-up"))
-
-    def save(state: LoopState, path: Path) -> None:
-        path.write_bytes(state.step.to_bytes(8, "little") + payload[8:])
-
-    loop = lb.TrainLoop(
-        lambda state, batch: None,
-        range(count),
-        max_steps=count,
-        out_dir=tmp / "alone",
-        save=save,
-        checkpoint_every=1,
-        run_name="alone",
-        callbacks=[uploader],
-        bridge=bridge,
-    )
-    artifacts = loop.run()
-    bridge.close()
-    for row in artifacts.manifest:
+    """MiB/s of CheckpointUploader for the same, already saved checkpoints, no training."""
+    rows = []
+    for i in range(count):
+        path = tmp / f"lb-alone-{i}"
+        path.write_bytes(i.to_bytes(8, "little") + payload[8:])
+        size, digest = digest_path(path)
+        rows.append(ManifestRow(i + 1, path, size, digest, time.time(), run_name="alone"))
+    state = LoopState(run_name="alone", run_id="alone", max_steps=count, out_dir=tmp)
+    with lb.Bridge(name="bench-alone") as bridge:
+        uploader = CheckpointUploader(f"s3://{BUCKET}/alone", endpoint_url=endpoint)
+        callbacks = lb.CallbackList([uploader], bridge=bridge)
+        bridge.call(uploader.store.head("warm-up"))
+        started = time.perf_counter()
+        for row in rows:
+            callbacks.on_checkpoint(state, row)
+        report = bridge.drain()
+        seconds = time.perf_counter() - started
+    if not report.ok:
+        raise RuntimeError(f"loopbridge uploads failed: {report.summary()}")
+    for row in rows:
         row.path.unlink()
     client = boto3.client(
         "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
     )
     _empty_bucket(client)
     client.close()
-    summary = uploader.summary
-    return summary.bytes_uploaded / MiB / summary.seconds
+    return count * len(payload) / MiB / seconds
 
 
 def _empty_bucket(client: Any) -> None:

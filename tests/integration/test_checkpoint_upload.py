@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -174,8 +175,11 @@ class TestHappyPathThroughFaults:
         )
         assert s3_bucket.open_multipart_uploads() == []
 
-    def test_the_same_run_against_the_local_store(self, tmp_path: Path) -> None:
+    def test_the_same_run_against_the_local_store(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
         """The local store publishes the same layout, verified, with keep_last honoured."""
+        caplog.set_level(logging.INFO, logger="loopbridge.callbacks.checkpoint_uploader")
         remote = tmp_path / "remote"
         uploader = CheckpointUploader(remote.as_uri(), keep_last=3)
         artifacts = _train(tmp_path, uploader)
@@ -196,10 +200,43 @@ class TestHappyPathThroughFaults:
             kept_steps=[3, 4, 5],
         )
         assert not [key for key in keys if ".lb-tmp-" in key]
+        # The summary is logged once the run's uploads are done, not before.
+        assert f"({RUN}): 5 uploaded" in caplog.text
 
 
 def _small_save(state: LoopState, path: Path) -> None:
     path.write_bytes(f"checkpoint {state.step}".encode() * 100)
+
+
+class TestOrdering:
+    def test_a_slow_checkpoint_still_publishes_before_a_later_fast_one(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """Uploads overlap, but markers, manifest and latest follow the step order."""
+        fault_proxy.add(FaultRule((Throttle(2 * MiB),), method="PUT", path="step-00000001/step-"))
+
+        def save(state: LoopState, path: Path) -> None:
+            path.write_bytes(os.urandom(MiB if state.step == 1 else 1000))
+
+        uploader = CheckpointUploader(f"s3://{s3_bucket.name}/ckpts", endpoint_url=fault_proxy.url)
+        artifacts = _train(tmp_path, uploader, steps=3, save=save)
+        assert artifacts.drain_report is not None
+        assert artifacts.drain_report.ok, artifacts.drain_report.summary()
+        puts = [r.raw_path for r in fault_proxy.requests("PUT")]
+
+        def first(fragment: str) -> int:
+            return next(i for i, path in enumerate(puts) if fragment in path)
+
+        # Step 2's bytes went up while step 1's were still crawling...
+        assert first("step-00000002/step-00000002") < first("step-00000001/_COMPLETE")
+        # ...but the publications kept the step order.
+        assert (
+            first("step-00000001/_COMPLETE")
+            < first("step-00000002/_COMPLETE")
+            < first("step-00000003/_COMPLETE")
+        )
+        latest = json.loads(s3_bucket.read(f"ckpts/{RUN}/latest"))
+        assert latest["step"] == 3
 
 
 class TestFailures:

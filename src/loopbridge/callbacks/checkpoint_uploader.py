@@ -18,7 +18,9 @@ written, and each of them only after every byte was uploaded and verified: the b
 hashed while streaming must match the row's digest, sizes and ETags must match, and the
 local files must not have changed or disappeared meanwhile (`IntegrityError` otherwise). A
 failed checkpoint leaves no marker and no manifest entry, and what it had uploaded is deleted.
-Uploads of one run run in order (one bridge key per run); different runs upload concurrently.
+Uploads overlap (up to two checkpoints send bytes at once, which hides the server's work
+of assembling the previous one), but a run's checkpoints publish strictly in order: each
+waits for the one before it to finish, published or failed. Runs upload independently.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 _MAX_ERRORS_KEPT = 20
 _DISCARD_TIMEOUT = 10.0
+_CHECKPOINTS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,11 @@ class CheckpointUploader(Callback):
         self._failed = 0
         self._bytes = 0
         self._seconds = 0.0
+        self._active = 0
+        self._busy_since = 0.0
+        # The last link of each run's chain (training thread only), and per-loop limits.
+        self._tails: dict[str, Future[None]] = {}
+        self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._pruned = 0
         self._errors: list[str] = []
         self._retries_at_start = store.retries
@@ -197,23 +207,55 @@ class CheckpointUploader(Callback):
         self._ctx = ctx
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-        """Queue the upload of this checkpoint behind the run's earlier ones."""
+        """Start uploading this checkpoint; it publishes after the run's earlier ones."""
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
-        self.spawn(
-            self._upload(row, run_prefix),
+        self._spawn_in_order(
+            run_prefix,
+            lambda previous: self._upload(row, run_prefix, previous),
             name=f"upload step {row.step} to {self.store.url}/{run_prefix}",
-            key=("loopbridge.CheckpointUploader", id(self), run_prefix),
         )
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        """Log the summary once this run's uploads are done (queued behind them)."""
+        """Log the summary once this run's uploads are done."""
         run_prefix = self.run_prefix(state)
-        self.spawn(
-            self._log_summary(run_prefix),
+        self._spawn_in_order(
+            run_prefix,
+            lambda previous: self._log_summary(run_prefix, previous),
             name=f"log upload summary of {run_prefix}",
-            key=("loopbridge.CheckpointUploader", id(self), run_prefix),
         )
+
+    def _spawn_in_order(
+        self,
+        run_prefix: str,
+        make: Callable[[Future[None] | None], Coroutine[Any, Any, None]],
+        *,
+        name: str,
+    ) -> None:
+        """Spawn work that gets the previous link of the run's chain and ends the next one.
+
+        Uploads of a run overlap (the next one sends its bytes while the server assembles the
+        last), but each publishes only after the one before it has finished, so the manifest
+        and `latest` move forward in order. A link ends once its task has ended, however it
+        ended, and the link before it has ended too: a checkpoint that fails early must not let
+        the next one publish ahead of the one before it.
+        """
+        previous = self._tails.get(run_prefix)
+        link: Future[None] = Future()
+        self._tails[run_prefix] = link
+
+        def task_ended(_: object) -> None:
+            if previous is None:
+                _resolve(link)
+            else:
+                previous.add_done_callback(lambda _: _resolve(link))
+
+        try:
+            task = self.spawn(make(previous), name=name)
+        except BaseException:
+            task_ended(None)
+            raise
+        task.add_done_callback(task_ended)
 
     def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
         """Forget the run's context."""
@@ -235,17 +277,21 @@ class CheckpointUploader(Callback):
 
     # -- background work (bridge loop) -----------------------------------------------------
 
-    async def _upload(self, row: ManifestRow, run_prefix: str) -> None:
+    async def _upload(
+        self, row: ManifestRow, run_prefix: str, previous: Future[None] | None
+    ) -> None:
         """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
-        started = time.monotonic()
+        self._busy(+1)
         step_dir = f"step-{row.step:08d}"
         step_prefix = join_key(run_prefix, step_dir)
         sent: list[str] = []
         try:
-            if await asyncio.to_thread(row.path.is_dir):
-                shards = await self._upload_dir(row, step_prefix, sent)
-            else:
-                shards = await self._upload_file(row, step_prefix, sent)
+            # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
+            async with self._slots():
+                if await asyncio.to_thread(row.path.is_dir):
+                    shards = await self._upload_dir(row, step_prefix, sent)
+                else:
+                    shards = await self._upload_file(row, step_prefix, sent)
             total = sum(shard.size for shard in shards)
             if total != row.size_bytes:
                 msg = (
@@ -253,6 +299,8 @@ class CheckpointUploader(Callback):
                     f"manifest row says {row.size_bytes}; it was modified after it was saved"
                 )
                 raise IntegrityError(msg, key=step_prefix)
+            if previous is not None:
+                await _wait_for(previous)
             await self._publish(row, run_prefix, step_dir, shards)
         except Exception as exc:
             await self._discard(sent)
@@ -262,11 +310,25 @@ class CheckpointUploader(Callback):
                 del self._errors[:-_MAX_ERRORS_KEPT]
             raise
         finally:
-            with self._lock:
-                self._seconds += time.monotonic() - started
+            self._busy(-1)
         with self._lock:
             self._uploaded += 1
             self._bytes += total
+
+    def _busy(self, delta: int) -> None:
+        """Count uploads in progress; `seconds` is the time at least one was."""
+        now = time.monotonic()
+        with self._lock:
+            if self._active == 0 and delta > 0:
+                self._busy_since = now
+            self._active += delta
+            if self._active == 0:
+                self._seconds += now - self._busy_since
+
+    def _slots(self) -> asyncio.Semaphore:
+        """The running loop's limit on checkpoints sending bytes at once."""
+        loop = asyncio.get_running_loop()
+        return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
     async def _upload_file(
         self, row: ManifestRow, step_prefix: str, sent: list[str]
@@ -381,9 +443,33 @@ class CheckpointUploader(Callback):
             async with asyncio.timeout(_DISCARD_TIMEOUT):
                 await self.store.delete(keys)
 
-    async def _log_summary(self, run_prefix: str) -> None:
+    async def _log_summary(self, run_prefix: str, previous: Future[None] | None) -> None:
         """Log the uploader's summary once a run's uploads are done."""
+        if previous is not None:
+            await _wait_for(previous)
         logger.info("checkpoint uploads to %s (%s): %s", self.store.url, run_prefix, self.summary)
+
+
+def _resolve(link: Future[None]) -> None:
+    """End a link of a run's chain (once; from any thread)."""
+    with contextlib.suppress(InvalidStateError):
+        link.set_result(None)
+
+
+async def _wait_for(link: Future[None]) -> None:
+    """Wait for a link to end, without cancelling it if this waiter is cancelled."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake(_: Future[None]) -> None:
+        loop.call_soon_threadsafe(settle)
+
+    link.add_done_callback(wake)
+    await waiter
 
 
 def _json(data: dict[str, Any]) -> bytes:

@@ -7,7 +7,8 @@ standard environment variables and config files (`AWS_ENDPOINT_URL_S3` and
 The store opens one client per running event loop, on first use, and reuses it; `aclose()`
 closes the client of the loop it runs on. Files larger than `multipart_threshold` go up in
 parts of `part_size`, read from disk in order (hashing as they go) and sent up to
-`max_concurrency` at a time, so memory stays within `part_size * max_concurrency`. A failed
+`max_concurrency` at a time across all the store's uploads on a loop, so memory stays within
+`part_size * max_concurrency` however many files upload at once. A failed
 or cancelled multipart upload is aborted. Every request carries `Content-MD5`, and each ETag
 is checked against the MD5 of what was sent (disable with `verify_etag=False` for buckets
 whose ETags are not MD5s, such as SSE-KMS ones); a put of a file ends with a HEAD that
@@ -144,6 +145,8 @@ class S3Store:
         # One client per event loop: aiohttp sessions belong to the loop that made them.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, contextlib.AsyncExitStack]] = {}
         self._client_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        # Parts in flight per loop, across every upload of this store: the memory bound.
+        self._part_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
@@ -213,6 +216,7 @@ class S3Store:
         """Close the client of the running loop, if one was opened."""
         loop = asyncio.get_running_loop()
         self._client_locks.pop(loop, None)
+        self._part_slots.pop(loop, None)
         entry = self._clients.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
@@ -409,7 +413,8 @@ class S3Store:
         counter: _Counter,
     ) -> tuple[builtins.list[dict[str, Any]], builtins.list[bytes]]:
         """Read parts in order and upload up to `max_concurrency` of them at once."""
-        slots = asyncio.Semaphore(self._max_concurrency)
+        loop = asyncio.get_running_loop()
+        slots = self._part_slots.setdefault(loop, asyncio.Semaphore(self._max_concurrency))
         tasks: builtins.list[asyncio.Task[dict[str, Any]]] = []
         md5s: dict[int, bytes] = {}
         failed = asyncio.Event()
