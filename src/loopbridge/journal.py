@@ -12,10 +12,11 @@ OOM, preemption), which is the failure this journal is for, without an fsync per
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS intents (
     created_at   REAL    NOT NULL,
     is_final     INTEGER NOT NULL,
     run_name     TEXT    NOT NULL,
+    store_options TEXT   NOT NULL DEFAULT '{}',
     state        TEXT    NOT NULL CHECK (state IN ('pending', 'published', 'failed')),
     attempts     INTEGER NOT NULL DEFAULT 0,
     error        TEXT,
@@ -52,7 +54,11 @@ CREATE INDEX IF NOT EXISTS open_intents ON intents (state) WHERE state != 'publi
 
 @dataclass(frozen=True, slots=True)
 class UploadIntent:
-    """One recorded upload: the checkpoint, where it goes, and how far it got."""
+    """One recorded upload: the checkpoint, where it goes, and how far it got.
+
+    `store_options` are what reopening the store needs besides `dest` (such as
+    `endpoint_url`), never credentials.
+    """
 
     id: int
     dest: str
@@ -61,6 +67,7 @@ class UploadIntent:
     state: str
     attempts: int
     error: str | None
+    store_options: dict[str, str]
 
 
 class UploadJournal:
@@ -118,52 +125,71 @@ class UploadJournal:
         with self._lock:
             self._db.close()
 
-    def record_intent(self, dest: str, run_prefix: str, row: ManifestRow) -> int:
+    def record_intent(
+        self,
+        dest: str,
+        run_prefix: str,
+        row: ManifestRow,
+        store_options: Mapping[str, str] | None = None,
+    ) -> int:
         """Durably record that `row` is to be uploaded to `dest`; return the intent's id."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO intents (dest, run_prefix, step, path, size_bytes, digest,"
-                " created_at, is_final, run_name, state, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (
-                    dest,
-                    run_prefix,
-                    row.step,
-                    str(row.path),
-                    row.size_bytes,
-                    row.digest,
-                    row.created_at,
-                    int(row.is_final),
-                    row.run_name,
-                    time.time(),
-                ),
-            )
-            intent_id = cursor.lastrowid
+        options = json.dumps(dict(store_options), sort_keys=True) if store_options else "{}"
+        cursor = self._execute(
+            "record an upload intent",
+            "INSERT INTO intents (dest, run_prefix, step, path, size_bytes, digest,"
+            " created_at, is_final, run_name, store_options, state, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (
+                dest,
+                run_prefix,
+                row.step,
+                str(row.path),
+                row.size_bytes,
+                row.digest,
+                row.created_at,
+                int(row.is_final),
+                row.run_name,
+                options,
+                time.time(),
+            ),
+        )
+        intent_id = cursor.lastrowid
         if intent_id is None:  # pragma: no cover - sqlite always sets it after an INSERT
             raise JournalError(f"{self.path}: the intent was not recorded")
         return intent_id
 
     def mark_attempt(self, intent_id: int) -> None:
         """Count one more attempt at an intent."""
-        self._update("UPDATE intents SET attempts = attempts + 1 WHERE id = ?", (intent_id,))
+        self._execute(
+            "count an upload attempt",
+            "UPDATE intents SET attempts = attempts + 1 WHERE id = ?",
+            (intent_id,),
+        )
 
     def mark_published(self, intent_id: int) -> None:
         """Record that the intent's checkpoint is published and verified."""
-        self._update(
+        self._execute(
+            "mark an upload published",
             "UPDATE intents SET state = 'published', error = NULL, finished_at = ? WHERE id = ?",
             (time.time(), intent_id),
         )
 
     def mark_failed(self, intent_id: int, error: str) -> None:
         """Record that an attempt failed; the intent stays open for a later resume."""
-        self._update(
+        self._execute(
+            "mark an upload failed",
             "UPDATE intents SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
             (error[:2000], time.time(), intent_id),
         )
 
-    def _update(self, sql: str, args: tuple[object, ...]) -> None:
+    def _execute(self, what: str, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """Run one statement under the lock; a database error becomes a JournalError."""
         with self._lock:
-            self._db.execute(sql, args)
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.Error as exc:
+                msg = f"{self.path}: could not {what} ({exc}); check the disk and the file"
+                raise JournalError(msg) from exc
 
     def open_intents(self) -> list[UploadIntent]:
         """The intents not yet published, oldest first: what a resume has to finish."""
@@ -175,10 +201,14 @@ class UploadJournal:
 
     def _select(self, where: str) -> list[UploadIntent]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, dest, run_prefix, step, path, size_bytes, digest, created_at,"
-                f" is_final, run_name, state, attempts, error FROM intents {where}"
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, dest, run_prefix, step, path, size_bytes, digest, created_at,"
+                    " is_final, run_name, state, attempts, error, store_options"
+                    f" FROM intents {where}"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(_unreadable(self.path, exc)) from exc
         return [
             UploadIntent(
                 id=r[0],
@@ -196,6 +226,7 @@ class UploadJournal:
                 state=r[10],
                 attempts=r[11],
                 error=r[12],
+                store_options=_options(r[13]),
             )
             for r in rows
         ]
@@ -204,6 +235,17 @@ class UploadJournal:
 def find_journals(out_dir: Path) -> Iterator[Path]:
     """Every upload journal at or below `out_dir` (an experiment holds one per run)."""
     yield from sorted(out_dir.rglob(JOURNAL_FILE))
+
+
+def _options(text: str) -> dict[str, str]:
+    """Store options read back from their JSON column; anything unexpected is dropped."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:

@@ -103,6 +103,27 @@ class LocalStore:
     async def aclose(self) -> None:
         """Nothing to release: files are opened and closed per call."""
 
+    async def abort_stale_uploads(self, prefix: str) -> int:
+        """Remove temporary files under `prefix` left by a dead process; returns how many."""
+        return await asyncio.to_thread(self._remove_stale, prefix)
+
+    def _remove_stale(self, prefix: str) -> int:
+        """Unlink unfinished temporary files whose key starts with `prefix`; a worker thread."""
+        head, _, _ = prefix.rpartition("/")
+        start = self._path(head) if head else self._root
+        removed = 0
+        if not start.is_dir():
+            return removed
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
+                full = Path(dirpath) / name
+                key = full.relative_to(self._root).as_posix()
+                if name.startswith(_TMP_MARK) and key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        full.unlink()
+                        removed += 1
+        return removed
+
     def _copy_file(
         self, key: str, source: Path, target: Path, expected_sha256: str | None
     ) -> PutResult:

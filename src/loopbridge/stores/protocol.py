@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "ObjectStore", "PutResult"]
+__all__ = ["CleansStaleUploads", "ObjectInfo", "ObjectStore", "PutResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,4 +91,13 @@ class ObjectStore(Protocol):
 
     async def aclose(self) -> None:
         """Release the clients this store opened on the running event loop."""
+        ...
+
+
+@runtime_checkable
+class CleansStaleUploads(Protocol):
+    """A store that can clear what a dead process left half-written (multipart, temp files)."""
+
+    async def abort_stale_uploads(self, prefix: str) -> int:
+        """Abort or remove unfinished uploads under `prefix`; return how many."""
         ...

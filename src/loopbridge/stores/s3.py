@@ -30,6 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError, PermanentStoreError
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
@@ -165,6 +166,20 @@ class S3Store:
     def retries(self) -> int:
         """Requests retried since the store was created."""
         return self._retries
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The explicit endpoint, without any user or password in it; None for the default."""
+        if self._endpoint_url is None:
+            return None
+        parts = urlsplit(self._endpoint_url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+    @property
+    def region(self) -> str | None:
+        """The explicit region, or None when the AWS configuration decides."""
+        return self._region
 
     # -- client lifecycle ------------------------------------------------------------------
 
@@ -549,6 +564,52 @@ class S3Store:
         for upload in listing.get("Uploads", []):
             if upload.get("Key") == full_key and upload.get("UploadId") != keep:
                 await self._abort(client, full_key, str(upload["UploadId"]))
+
+    async def abort_stale_uploads(self, prefix: str) -> int:
+        """Abort every unfinished multipart upload under `prefix` (left by a dead process).
+
+        Returns how many were aborted. Only for prefixes no live process is uploading to.
+
+        Raises:
+            StoreError: the uploads could not be listed or aborted.
+        """
+        client = await self._client()
+        base = f"{self._prefix}/" if self._prefix else ""
+        full_prefix = base + prefix
+        aborted = 0
+        markers: dict[str, str] = {}
+        while True:
+
+            async def page(markers: dict[str, str] = markers) -> dict[str, Any]:
+                result: dict[str, Any] = await client.list_multipart_uploads(
+                    Bucket=self._bucket, Prefix=full_prefix, **markers
+                )
+                return result
+
+            listing = await self._call("ListMultipartUploads", full_prefix, page)
+            for upload in listing.get("Uploads", []):
+                key, upload_id = str(upload["Key"]), str(upload["UploadId"])
+
+                async def abort(key: str = key, upload_id: str = upload_id) -> None:
+                    try:
+                        await client.abort_multipart_upload(
+                            Bucket=self._bucket, Key=key, UploadId=upload_id
+                        )
+                    except Exception as exc:
+                        if error_code(exc)[0] != "NoSuchUpload":  # already gone is fine
+                            raise
+
+                await self._call("AbortMultipartUpload", key, abort)
+                logger.info(
+                    "aborted stale multipart upload %s of s3://%s/%s", upload_id, self._bucket, key
+                )
+                aborted += 1
+            if not listing.get("IsTruncated"):
+                return aborted
+            markers = {
+                "KeyMarker": str(listing.get("NextKeyMarker", "")),
+                "UploadIdMarker": str(listing.get("NextUploadIdMarker", "")),
+            }
 
     async def _head(self, full_key: str, counter: _Counter | None = None) -> ObjectInfo | None:
         """HeadObject, or None when there is no such object."""
