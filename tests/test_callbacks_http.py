@@ -11,16 +11,7 @@ import pytest
 
 from loopbridge._types import LoopState, TrainingBatch
 from loopbridge.callbacks._dashboard_stream import RunStream, encode_payload
-from loopbridge.callbacks._http import (
-    REDACTED,
-    HttpRetryPolicy,
-    Redactor,
-    _install_log_filter,
-    parse_retry_after,
-    redact_headers,
-    redact_text,
-    redact_url,
-)
+from loopbridge.callbacks._http import HttpRetryPolicy, parse_retry_after
 from loopbridge.callbacks._mlflow_limits import (
     MAX_ITEMS_PER_BATCH,
     MAX_KEY_CHARS,
@@ -33,6 +24,14 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
     shorten,
+)
+from loopbridge.callbacks._redact import (
+    REDACTED,
+    Redactor,
+    install_log_filter,
+    redact_headers,
+    redact_text,
+    redact_url,
 )
 from loopbridge.callbacks.http_dashboard import HttpDashboard
 
@@ -85,7 +84,7 @@ class TestRedaction:
 
     def test_httpx_log_lines_are_redacted(self, caplog: pytest.LogCaptureFixture) -> None:
         """httpx's own INFO line, which prints the full URL, is redacted by our filter."""
-        _install_log_filter(["LOGGED-SECRET"])
+        install_log_filter(["LOGGED-SECRET"])
         caplog.set_level(logging.INFO, logger="httpx")
         logging.getLogger("httpx").info("HTTP Request: %s %s", "POST", "http://h/?k=LOGGED-SECRET")
         assert caplog.records

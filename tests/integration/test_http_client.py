@@ -12,9 +12,9 @@ from loopbridge.callbacks._http import (
     HttpRequestError,
     HttpRetryPolicy,
     PermanentHttpError,
-    Redactor,
     RetryingClient,
 )
+from loopbridge.callbacks._redact import Redactor
 
 FAST = HttpRetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02, jitter_s=0.0)
 

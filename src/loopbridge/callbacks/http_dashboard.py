@@ -63,10 +63,9 @@ from loopbridge.callbacks._http import (
     HttpRequestError,
     HttpRetryPolicy,
     PermanentHttpError,
-    Redactor,
     RetryingClient,
-    redact_url,
 )
+from loopbridge.callbacks._redact import Redactor, redact_url
 
 if TYPE_CHECKING:
     pass

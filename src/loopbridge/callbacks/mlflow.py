@@ -48,9 +48,7 @@ from loopbridge.callbacks._http import (
     ClientSlot,
     HttpRequestError,
     HttpRetryPolicy,
-    Redactor,
     RetryingClient,
-    redact_url,
 )
 from loopbridge.callbacks._mlflow_limits import (
     MAX_METRICS_PER_BATCH,
@@ -61,6 +59,7 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
 )
+from loopbridge.callbacks._redact import Redactor, redact_url
 
 if TYPE_CHECKING:
     from loopbridge._bridge import Bridge
