@@ -415,6 +415,29 @@ class TestStages:
         assert b2.resume_from is not None
         assert b2.resume_from.step == 2
 
+    def test_stage_without_checkpoint_passes_on_the_last_one(self, tmp_path: Path) -> None:
+        """A stage that saved nothing (stopped before any step) hands on the last checkpoint."""
+
+        class SkipStage1(Callback):
+            def on_train_start(self, state: LoopState) -> None:
+                if state.run_name == "a-s1":
+                    state.request_stop("nothing to learn")
+
+        built: list[LogContext] = []
+        result = Experiment(
+            "e",
+            {"a": {"lr": 1.0}},
+            builder(tmp_path, built),
+            stages=[{}, {}, {}],
+            callbacks=[SkipStage1()],
+        ).run()
+        s0, s1, _ = result.runs
+        assert s1.artifacts is not None
+        assert s1.artifacts.steps_completed == 0
+        assert s1.artifacts.final_checkpoint is None
+        assert s0.artifacts is not None
+        assert built[2].resume_from == s0.artifacts.final_checkpoint
+
     def test_result(self, stages: tuple[Probe, ExperimentResult, list[LogContext]]) -> None:
         """Every stage completed; the results are in stage order."""
         _, result, _ = stages

@@ -158,7 +158,8 @@ class Experiment:
                         "arm %s: stage %d failed, so its later stages were not run", arm, index
                     )
                     break
-                resume_from = run.artifacts.final_checkpoint
+                # A stage that saved nothing (it ran no step) leaves the model as it found it.
+                resume_from = run.artifacts.final_checkpoint or resume_from
         return arm_result
 
     def _plan(self) -> list[tuple[int, dict[str, Any]]]:
