@@ -21,6 +21,12 @@ failed checkpoint leaves no marker and no manifest entry, and what it had upload
 Uploads overlap (up to two checkpoints send bytes at once, which hides the server's work
 of assembling the previous one), but a run's checkpoints publish strictly in order: each
 waits for the one before it to finish, published or failed. Runs upload independently.
+`latest` always points at the newest step in the manifest, so it never moves backwards.
+
+With `journal=True` (the default) each upload is recorded in the run's upload journal
+(`loopbridge.journal`) before it is queued, and marked published after `latest` is written.
+When a run starts again on the same out dir, its open intents are uploaded first; `loopbridge
+resume OUT_DIR` does the same without training. Publishing a checkpoint twice is harmless.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
-from loopbridge._exceptions import IntegrityError
+from loopbridge._exceptions import IntegrityError, JournalError
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -49,6 +56,13 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._upload_journal import (
+    JournalBook,
+    JournalEntry,
+    resume_shortcut,
+    store_options,
+)
+from loopbridge.journal import UploadIntent, UploadJournal
 from loopbridge.stores import ObjectStore, open_store
 from loopbridge.stores.keys import escape_segment, join_key, normalize_prefix
 from loopbridge.stores.s3 import MiB
@@ -118,6 +132,8 @@ class CheckpointUploader(Callback):
         keep_last: keep only this many newest checkpoints per run remotely; older ones are
             pruned after each successful upload. None keeps everything.
         store: an `ObjectStore` to write to instead of opening one from `dest`.
+        journal: record each upload in the run's upload journal first, and finish the open
+            ones of an earlier process when a run starts again on the same out dir.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
 
@@ -137,6 +153,7 @@ class CheckpointUploader(Callback):
         region: str | None = None,
         call_timeout: float = 120.0,
         max_attempts: int = 5,
+        journal: bool = True,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
@@ -177,6 +194,10 @@ class CheckpointUploader(Callback):
         self._pruned = 0
         self._errors: list[str] = []
         self._retries_at_start = store.retries
+        self.journal = journal
+        self._journals = JournalBook()
+        self._journal_errors: set[int] = set()  # ids of the JournalErrors already reported
+        self._store_options = store_options(store)
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
@@ -206,29 +227,98 @@ class CheckpointUploader(Callback):
         """Remember where the run sits, for the remote layout."""
         self._ctx = ctx
 
+    def on_train_start(self, state: LoopState) -> None:
+        """Queue the uploads an earlier process of this out dir recorded and did not finish."""
+        if not self.journal:
+            return
+        journal = self._journal(state.out_dir, create=False)
+        if journal is None:
+            return
+        try:
+            intents = journal.open_intents()
+        except JournalError as exc:
+            self._report_journal_error(exc)
+            return
+        mine = [i for i in intents if i.dest == self.store.url]
+        if len(mine) < len(intents):
+            logger.info(
+                "%s: %d open uploads to other destinations are left for `loopbridge resume`",
+                journal.path,
+                len(intents) - len(mine),
+            )
+        if mine:
+            logger.info("%s: resuming %d unfinished uploads", journal.path, len(mine))
+            self._close_store_with(self._attached_bridge())
+        for intent in mine:
+            self._spawn_upload(
+                intent.row, intent.run_prefix, self._journals.entry(journal, intent.id), resume=True
+            )
+
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-        """Start uploading this checkpoint; it publishes after the run's earlier ones."""
+        """Record the upload in the journal, then start it; it publishes after earlier ones."""
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
-        self._spawn_in_order(
-            run_prefix,
-            lambda previous: self._upload(row, run_prefix, previous),
-            name=f"upload step {row.step} to {self.store.url}/{run_prefix}",
-        )
+        entry = None
+        if self.journal:
+            journal = self._journal(state.out_dir)
+            if journal is not None:
+                try:
+                    intent_id = journal.record_intent(
+                        self.store.url, run_prefix, row, self._store_options
+                    )
+                except JournalError as exc:
+                    # Reported once; later checkpoints of this out dir skip the journal.
+                    self._journals.set_broken(state.out_dir, exc)
+                    self._report_journal_error(exc)
+                else:
+                    entry = self._journals.entry(journal, intent_id)
+        self._spawn_upload(row, run_prefix, entry)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        """Log the summary once this run's uploads are done."""
+        """Log the summary once this run's uploads are done; then close the run's journal."""
         run_prefix = self.run_prefix(state)
         self._spawn_in_order(
             run_prefix,
             lambda previous: self._log_summary(run_prefix, previous),
             name=f"log upload summary of {run_prefix}",
         )
+        self._journals.close(state.out_dir)
+
+    def _spawn_upload(
+        self, row: ManifestRow, run_prefix: str, entry: JournalEntry | None, *, resume: bool = False
+    ) -> None:
+        """Queue one checkpoint's upload on its run's chain."""
+        again = "resume " if resume else ""
+        self._spawn_in_order(
+            run_prefix,
+            lambda previous: self._upload(row, run_prefix, previous, entry, resume=resume),
+            name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
+        )
+
+    def _journal(self, out_dir: Path, *, create: bool = True) -> UploadJournal | None:
+        """The out dir's journal, or None (its error reported once) when it cannot be used."""
+        journal = self._journals.get(out_dir, create=create)
+        if isinstance(journal, JournalError):
+            self._report_journal_error(journal)
+            return None
+        return journal
+
+    def _report_journal_error(self, exc: JournalError) -> None:
+        """Put a journal failure in the drain report once; uploads go on without the journal."""
+        if id(exc) in self._journal_errors:
+            return
+        self._journal_errors.add(id(exc))
+        logger.error("%s; uploads continue without crash protection", exc)
+
+        async def fail() -> None:
+            raise exc
+
+        self.spawn(fail(), name="upload journal")
 
     def _spawn_in_order(
         self,
         run_prefix: str,
-        make: Callable[[Future[None] | None], Coroutine[Any, Any, None]],
+        make: Callable[[Future[None] | None], Coroutine[Any, Any, object]],
         *,
         name: str,
     ) -> None:
@@ -273,37 +363,66 @@ class CheckpointUploader(Callback):
         """Have the bridge close our store's client on its own loop when it shuts down."""
         if bridge is not self._bridge_with_close:
             bridge.add_shutdown_callback(self.store.aclose)
+            bridge.add_shutdown_callback(self._journals.aclose_all)
             self._bridge_with_close = bridge
+
+    async def resume_intent(self, intent: UploadIntent, journal: UploadJournal) -> int:
+        """Finish one journaled upload on the running loop; return the bytes it sent.
+
+        Raises:
+            StoreError: the checkpoint could not be published (its local file is gone, the
+                store refused, or what was uploaded does not match).
+        """
+        entry = JournalEntry(journal, intent.id)
+        return await self._upload(intent.row, intent.run_prefix, None, entry, resume=True)
 
     # -- background work (bridge loop) -----------------------------------------------------
 
     async def _upload(
-        self, row: ManifestRow, run_prefix: str, previous: Future[None] | None
-    ) -> None:
+        self,
+        row: ManifestRow,
+        run_prefix: str,
+        previous: Future[None] | None,
+        entry: JournalEntry | None = None,
+        *,
+        resume: bool = False,
+    ) -> int:
         """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
         self._busy(+1)
         step_dir = f"step-{row.step:08d}"
         step_prefix = join_key(run_prefix, step_dir)
         sent: list[str] = []
+        total = 0
         try:
-            # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
-            async with self._slots():
-                if await asyncio.to_thread(row.path.is_dir):
-                    shards = await self._upload_dir(row, step_prefix, sent)
-                else:
-                    shards = await self._upload_file(row, step_prefix, sent)
-            total = sum(shard.size for shard in shards)
-            if total != row.size_bytes:
+            if entry is not None:
+                entry.attempt()
+            done = await resume_shortcut(self.store, row, step_prefix, MARKER) if resume else None
+            if done is not None:
+                shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
+            else:
+                # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
+                async with self._slots():
+                    if await asyncio.to_thread(row.path.is_dir):
+                        shards = await self._upload_dir(row, step_prefix, sent)
+                    else:
+                        shards = await self._upload_file(row, step_prefix, sent)
+                total = sum(shard.size for shard in shards)
+            size = sum(shard.size for shard in shards)
+            if size != row.size_bytes:
                 msg = (
-                    f"checkpoint step {row.step} at {row.path}: uploaded {total} bytes, but the "
+                    f"checkpoint step {row.step} at {row.path}: uploaded {size} bytes, but the "
                     f"manifest row says {row.size_bytes}; it was modified after it was saved"
                 )
                 raise IntegrityError(msg, key=step_prefix)
             if previous is not None:
                 await _wait_for(previous)
             await self._publish(row, run_prefix, step_dir, shards)
+            if entry is not None:
+                entry.published()
         except Exception as exc:
             await self._discard(sent)
+            if entry is not None:
+                entry.failed(exc)
             with self._lock:
                 self._failed += 1
                 self._errors.append(f"step {row.step}: {exc}")
@@ -311,9 +430,12 @@ class CheckpointUploader(Callback):
             raise
         finally:
             self._busy(-1)
+            if entry is not None:
+                entry.done()
         with self._lock:
             self._uploaded += 1
             self._bytes += total
+        return total
 
     def _busy(self, delta: int) -> None:
         """Count uploads in progress; `seconds` is the time at least one was."""
@@ -398,7 +520,14 @@ class CheckpointUploader(Callback):
             entries[:] = [e for e in entries if e not in doomed]
         manifest = {"version": 1, "run": run_prefix, "checkpoints": entries}
         await self.store.put_bytes(join_key(run_prefix, MANIFEST), _json(manifest))
-        latest = {"step": row.step, "prefix": step_dir, "digest": digest, "manifest": MANIFEST}
+        # The newest step, not this one: a resumed older checkpoint must not move it back.
+        newest = entries[-1]
+        latest = {
+            "step": newest["step"],
+            "prefix": newest["prefix"],
+            "digest": newest["digest"],
+            "manifest": MANIFEST,
+        }
         await self.store.put_bytes(join_key(run_prefix, LATEST), _json(latest))
         for old in doomed:
             await self._prune(run_prefix, str(old["prefix"]))

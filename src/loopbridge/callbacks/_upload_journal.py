@@ -1,0 +1,200 @@
+"""The uploader's side of the upload journal: one journal per out dir, entries, resume checks.
+
+`JournalBook` opens a run's journal on first use, hands out a `JournalEntry` per upload and
+closes the journal once the run ended and its last upload finished. `resume_shortcut` does
+what a resumed upload needs before sending bytes: clear what a dead process left half-written
+under the checkpoint's prefix, and skip the bytes when the checkpoint is already complete
+remotely (marker present, same digest, every file there with its size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._types import ManifestRow
+from loopbridge.journal import JOURNAL_FILE, UploadJournal
+from loopbridge.stores import CleansStaleUploads, ObjectStore, S3Store
+from loopbridge.stores.keys import join_key
+
+__all__ = ["JournalBook", "JournalEntry", "resume_shortcut", "store_options"]
+
+logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
+
+
+def store_options(store: ObjectStore) -> dict[str, str]:
+    """What reopening `store` from its URL needs besides the URL; never credentials."""
+    if not isinstance(store, S3Store):
+        return {}
+    options = {"endpoint_url": store.endpoint_url, "region": store.region}
+    return {name: value for name, value in options.items() if value}
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One upload's intent in a journal; journal failures are logged, never fail the upload."""
+
+    journal: UploadJournal
+    intent_id: int
+    book: JournalBook | None = None
+
+    def attempt(self) -> None:
+        """Count an attempt (bridge loop)."""
+        self._safely(self.journal.mark_attempt, self.intent_id)
+
+    def published(self) -> None:
+        """Mark the checkpoint published (bridge loop)."""
+        self._safely(self.journal.mark_published, self.intent_id)
+
+    def failed(self, error: BaseException) -> None:
+        """Mark the attempt failed; the intent stays open for the next resume (bridge loop)."""
+        self._safely(self.journal.mark_failed, self.intent_id, f"{type(error).__name__}: {error}")
+
+    def done(self) -> None:
+        """Let the journal close once the run has ended and this was its last upload."""
+        if self.book is not None:
+            self.book.release(self.journal)
+
+    def _safely(self, mark: Any, *args: object) -> None:
+        try:
+            mark(*args)
+        except JournalError as exc:
+            # The upload itself is unaffected; at worst a resume redoes it, harmlessly.
+            logger.warning("upload journal entry %d not updated: %s", self.intent_id, exc)
+
+
+class JournalBook:
+    """The journals an uploader writes, one per out dir, shared by the loop and bridge threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[Path, UploadJournal] = {}
+        self._users: dict[Path, int] = {}
+        self._closing: set[Path] = set()
+        self._broken: dict[Path, JournalError] = {}
+
+    def get(self, out_dir: Path, *, create: bool = True) -> UploadJournal | JournalError | None:
+        """The out dir's journal, opened on first use; its error if it cannot be used.
+
+        None when `create` is false and there is no journal yet.
+        """
+        path = out_dir / JOURNAL_FILE
+        with self._lock:
+            if path in self._broken:
+                return self._broken[path]
+            journal = self._open.get(path)
+            if journal is not None:
+                self._closing.discard(path)
+                return journal
+            if not create and not path.exists():
+                return None
+            try:
+                journal = UploadJournal(path)
+            except JournalError as exc:
+                self._broken[path] = exc
+                return exc
+            self._open[path] = journal
+            return journal
+
+    def set_broken(self, out_dir: Path, error: JournalError) -> None:
+        """Stop handing out the out dir's journal: `get` returns `error` until it is closed."""
+        with self._lock:
+            self._broken[out_dir / JOURNAL_FILE] = error
+
+    def entry(self, journal: UploadJournal, intent_id: int) -> JournalEntry:
+        """An entry for one upload; the journal stays open until the entry is done."""
+        with self._lock:
+            self._users[journal.path] = self._users.get(journal.path, 0) + 1
+        return JournalEntry(journal, intent_id, self)
+
+    def release(self, journal: UploadJournal) -> None:
+        """One upload finished; close the journal if its run already ended."""
+        with self._lock:
+            users = self._users[journal.path] = self._users.get(journal.path, 1) - 1
+            last = users <= 0 and journal.path in self._closing
+        if last:
+            self._close(journal.path)
+
+    def close(self, out_dir: Path) -> None:
+        """Close the out dir's journal now, or when its last upload finishes."""
+        path = out_dir / JOURNAL_FILE
+        with self._lock:
+            self._broken.pop(path, None)
+            if path not in self._open:
+                return
+            self._closing.add(path)
+            idle = self._users.get(path, 0) <= 0
+        if idle:
+            self._close(path)
+
+    def close_all(self) -> None:
+        """Close every journal (the bridge is shutting down; no upload is left)."""
+        with self._lock:
+            paths = list(self._open)
+        for path in paths:
+            self._close(path)
+
+    async def aclose_all(self) -> None:
+        """`close_all` as a bridge shutdown callback."""
+        self.close_all()
+
+    def _close(self, path: Path) -> None:
+        with self._lock:
+            journal = self._open.pop(path, None)
+            self._closing.discard(path)
+            self._users.pop(path, None)
+        if journal is not None:
+            journal.close()
+
+
+async def resume_shortcut(
+    store: ObjectStore, row: ManifestRow, step_prefix: str, marker: str
+) -> list[dict[str, Any]] | None:
+    """Prepare a resumed upload: the marker's file list if it is already complete, else None.
+
+    Raises:
+        IntegrityError: it is not complete remotely and the local checkpoint is gone.
+    """
+    if isinstance(store, CleansStaleUploads):
+        stale = await store.abort_stale_uploads(step_prefix + "/")
+        if stale:
+            logger.info("cleared %d unfinished uploads under %s", stale, step_prefix)
+    files = await _complete_files(store, row, step_prefix, marker)
+    if files is not None:
+        return files
+    if not row.path.exists():
+        msg = (
+            f"checkpoint step {row.step}: the local checkpoint {row.path} is gone and was "
+            f"never fully uploaded, so it cannot be published; restore it and run "
+            f"`loopbridge resume` again, or move the run's {JOURNAL_FILE} aside to give it up"
+        )
+        raise IntegrityError(msg, key=step_prefix)
+    return None
+
+
+async def _complete_files(
+    store: ObjectStore, row: ManifestRow, step_prefix: str, marker: str
+) -> list[dict[str, Any]] | None:
+    """The marker's files when the step is complete remotely with the row's digest, else None."""
+    if row.digest is None:
+        return None
+    raw = await store.get_bytes(join_key(step_prefix, marker))
+    if raw is None:
+        return None
+    try:
+        entry = json.loads(raw)
+        files = [dict(f) for f in entry["files"]]
+        wanted = {join_key(step_prefix, str(f["path"])): int(f["size"]) for f in files}
+    except (ValueError, KeyError, TypeError):
+        return None
+    if entry.get("digest") != row.digest:
+        return None
+    present = {info.key: info.size for info in await store.list(step_prefix + "/")}
+    if any(present.get(key) != size for key, size in wanted.items()):
+        return None
+    return files
