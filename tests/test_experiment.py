@@ -738,6 +738,33 @@ class TestCallbacks:
         assert call.args[1].name == "heldout"
 
 
+class TestRerun:
+    """An Experiment object can be run again."""
+
+    def test_second_run_gets_a_working_bridge(self, tmp_path: Path) -> None:
+        """A second run() does not reuse the bridge the first run closed."""
+
+        class Uploads(Callback):
+            def on_step_end(
+                self, state: LoopState, step_idx: int, batch: TrainingBatch, m: dict[str, float]
+            ) -> None:
+                async def upload() -> None:
+                    pass
+
+                self.spawn(upload())
+
+        runs = iter(range(100))
+
+        def build(ctx: LogContext) -> TrainLoop:
+            return TrainLoop(lambda s, b: {}, range(2), out_dir=tmp_path / f"run{next(runs)}")
+
+        experiment = Experiment("e", {"a": {}}, build, callbacks=[Uploads()])
+        assert experiment.run().ok
+        second = experiment.run()
+        assert [(r.status, r.error) for r in second.runs] == [(RunStatus.COMPLETED, None)]
+        assert second.ok
+
+
 class TestValidation:
     """Experiment refuses bad arguments at construction."""
 

@@ -100,7 +100,8 @@ class Experiment:
     def run(self) -> ExperimentResult:
         """Run every arm and return the results; failed runs are recorded, not raised."""
         started = time.monotonic()
-        if self._bridge is None:
+        if self._bridge is None or (self._owns_bridge and self._bridge.closed):
+            # A bridge of our own that an earlier run() closed cannot take work: start afresh.
             self._bridge = Bridge(name=f"loopbridge-{self.name}")
         bridge = self._bridge
         self.callbacks.bridge = bridge
