@@ -1,10 +1,12 @@
-"""The `loopbridge` command: `loopbridge demo` and `loopbridge bench`."""
+"""The `loopbridge` command: `loopbridge demo`, `loopbridge bench` and `loopbridge resume`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -22,12 +24,45 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _resume(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loopbridge resume",
+        description="Finish the checkpoint uploads that a killed run left open in its journal.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a run's out dir, or above")
+    parser.add_argument("--store", metavar="URL", help="publish to this store, not the recorded")
+    parser.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint, not the recorded")
+    parser.add_argument("--timeout", metavar="S", type=float, help="give up after S seconds")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.out_dir.is_dir():
+        print(f"loopbridge resume: {args.out_dir} is not a directory", file=sys.stderr)
+        return 2
+    from loopbridge.resume import resume_out_dir
+
+    report = resume_out_dir(
+        args.out_dir, store=args.store, endpoint_url=args.endpoint_url, timeout=args.timeout
+    )
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "run a small experiment with background uploads and a summary"),
     "bench": (
         _bench,
         "measure hook dispatch and spawn costs against baselines: "
         "[--full] [--json] [--only dispatch|spawn]",
+    ),
+    "resume": (
+        _resume,
+        "finish checkpoint uploads a killed run left open: OUT_DIR [--store URL] "
+        "[--endpoint-url URL] [--timeout S]",
     ),
 }
 
