@@ -1,0 +1,175 @@
+"""The upload journal: durable intents, their states, and refusal of files that are not ours."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from loopbridge._exceptions import JournalError
+from loopbridge._types import ManifestRow
+from loopbridge.journal import JOURNAL_FILE, UploadJournal, find_journals
+
+
+def _row(step: int, tmp_path: Path, *, final: bool = False) -> ManifestRow:
+    return ManifestRow(
+        step=step,
+        path=tmp_path / f"step-{step:08d}",
+        size_bytes=100 + step,
+        digest=f"sha256:{step:064x}",
+        created_at=1000.0 + step,
+        is_final=final,
+        run_name="run-a",
+    )
+
+
+class TestIntents:
+    def test_an_intent_reads_back_as_recorded(self, tmp_path: Path) -> None:
+        """Every field of the row, the destination and the store options come back unchanged."""
+        with UploadJournal(tmp_path / JOURNAL_FILE) as journal:
+            row = _row(3, tmp_path, final=True)
+            intent_id = journal.record_intent(
+                "s3://b/p", "p/run-a", row, {"endpoint_url": "http://127.0.0.1:9"}
+            )
+            (intent,) = journal.intents()
+        assert intent.id == intent_id
+        assert (intent.dest, intent.run_prefix, intent.row) == ("s3://b/p", "p/run-a", row)
+        assert (intent.state, intent.attempts, intent.error) == ("pending", 0, None)
+        assert intent.store_options == {"endpoint_url": "http://127.0.0.1:9"}
+
+    def test_states_move_from_pending_to_failed_to_published(self, tmp_path: Path) -> None:
+        """A failed intent stays open with its error; a published one leaves the open list."""
+        with UploadJournal(tmp_path / JOURNAL_FILE) as journal:
+            first = journal.record_intent("file:///r", "run-a", _row(1, tmp_path))
+            second = journal.record_intent("file:///r", "run-a", _row(2, tmp_path))
+            journal.mark_attempt(first)
+            journal.mark_failed(first, "PermanentStoreError: refused")
+            journal.mark_attempt(second)
+            journal.mark_published(second)
+            assert [(i.id, i.state, i.attempts) for i in journal.intents()] == [
+                (first, "failed", 1),
+                (second, "published", 1),
+            ]
+            (still_open,) = journal.open_intents()
+            assert still_open.error == "PermanentStoreError: refused"
+            journal.mark_attempt(first)
+            journal.mark_published(first)
+            assert journal.open_intents() == []
+            assert journal.intents()[0].error is None
+
+    def test_open_intents_come_oldest_first(self, tmp_path: Path) -> None:
+        """Resume order is recording order, so a run's checkpoints publish in step order."""
+        with UploadJournal(tmp_path / JOURNAL_FILE) as journal:
+            for step in (5, 6, 7):
+                journal.record_intent("file:///r", "run-a", _row(step, tmp_path))
+            assert [i.row.step for i in journal.open_intents()] == [5, 6, 7]
+
+    def test_two_threads_record_without_losing_an_intent(self, tmp_path: Path) -> None:
+        """The loop thread records while the bridge thread marks; nothing is lost."""
+        with UploadJournal(tmp_path / JOURNAL_FILE) as journal:
+            ids: list[int] = []
+
+            def record() -> None:
+                ids.extend(
+                    journal.record_intent("file:///r", "run-a", _row(s, tmp_path))
+                    for s in range(200)
+                )
+
+            thread = threading.Thread(target=record)
+            thread.start()
+            thread.join(30)
+            for intent_id in ids[:100]:
+                journal.mark_published(intent_id)
+            assert len(journal.intents()) == 200
+            assert len(journal.open_intents()) == 100
+
+
+class TestDurability:
+    def test_intents_survive_the_process_being_killed(self, tmp_path: Path) -> None:
+        """A process that records and dies by SIGKILL leaves its intent readable (WAL)."""
+        path = tmp_path / JOURNAL_FILE
+        script = (
+            "import os, signal, sys\n"
+            "from pathlib import Path\n"
+            "from loopbridge.journal import UploadJournal\n"
+            "from loopbridge._types import ManifestRow\n"
+            "j = UploadJournal(Path(sys.argv[1]))\n"
+            "row = ManifestRow(step=9, path=Path('/x'), size_bytes=1, digest=None,"
+            " created_at=0.0)\n"
+            "j.record_intent('file:///r', 'run', row)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)], check=False, capture_output=True, timeout=60
+        )
+        assert done.returncode == -9, done.stderr.decode()
+        with UploadJournal(path) as journal:
+            assert [i.row.step for i in journal.open_intents()] == [9]
+
+    def test_reopening_keeps_what_was_recorded(self, tmp_path: Path) -> None:
+        """A journal closed and opened again has the same intents and states."""
+        path = tmp_path / JOURNAL_FILE
+        with UploadJournal(path) as journal:
+            journal.mark_published(journal.record_intent("file:///r", "run", _row(1, tmp_path)))
+            journal.record_intent("file:///r", "run", _row(2, tmp_path))
+        with UploadJournal(path) as journal:
+            assert [(i.row.step, i.state) for i in journal.intents()] == [
+                (1, "published"),
+                (2, "pending"),
+            ]
+
+
+class TestRefusals:
+    def test_garbage_bytes_are_a_journal_error_naming_the_file(self, tmp_path: Path) -> None:
+        """A corrupt file is refused with its path and what to do, not a sqlite3 traceback."""
+        path = tmp_path / JOURNAL_FILE
+        path.write_bytes(b"\x00garbage, not a database\xff" * 200)
+        with pytest.raises(JournalError, match="cannot be read as an upload journal") as info:
+            UploadJournal(path)
+        assert str(path) in str(info.value)
+        assert "Move it aside" in str(info.value)
+
+    def test_a_foreign_sqlite_file_is_refused_and_left_alone(self, tmp_path: Path) -> None:
+        """Another program's SQLite database is not ours: refused, and not modified."""
+        path = tmp_path / JOURNAL_FILE
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+        db.close()
+        before = path.read_bytes()
+        with pytest.raises(JournalError, match="is not a loopbridge upload journal"):
+            UploadJournal(path)
+        assert path.read_bytes() == before
+
+    def test_another_schema_version_is_refused(self, tmp_path: Path) -> None:
+        """A journal of another schema says which loopbridge can resume it."""
+        path = tmp_path / JOURNAL_FILE
+        UploadJournal(path).close()
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA user_version=99")
+        db.close()
+        with pytest.raises(JournalError, match="schema 99"):
+            UploadJournal(path)
+
+    def test_a_closed_journal_raises_journal_error(self, tmp_path: Path) -> None:
+        """Writing after close is a JournalError naming the file, not a bare sqlite3 error."""
+        journal = UploadJournal(tmp_path / JOURNAL_FILE)
+        journal.close()
+        with pytest.raises(JournalError, match="could not record an upload intent"):
+            journal.record_intent("file:///r", "run", _row(1, tmp_path))
+
+
+class TestFinding:
+    def test_find_journals_walks_an_experiment(self, tmp_path: Path) -> None:
+        """Every run's journal below the directory is found, sorted, and nothing else."""
+        for run in ("b", "a/x"):
+            UploadJournal(tmp_path / run / JOURNAL_FILE).close()
+        (tmp_path / "other.sqlite3").write_bytes(b"")
+        assert list(find_journals(tmp_path)) == [
+            tmp_path / "a/x" / JOURNAL_FILE,
+            tmp_path / "b" / JOURNAL_FILE,
+        ]
