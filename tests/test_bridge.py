@@ -218,11 +218,6 @@ class TestOrdering:
         assert report.completed == 3
         assert [r.name for r in report.cancelled] == ["t1"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: an unhashable key is accepted by spawn and then raises TypeError inside "
-        "the loop's _pump; the task never runs nor fails and drains hit their deadline",
-    )
     def test_unhashable_key_is_an_error(self) -> None:
         """An unhashable key is refused by spawn or fails the task; it never hangs silently."""
         bridge = Bridge()
@@ -547,13 +542,6 @@ class TestDrain:
         assert "HttpDashboard dropped 12: buffer full" in report.summary()
         assert bridge.drain(WAIT).ok
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a task raising SystemExit/KeyboardInterrupt is re-raised on the loop "
-        "thread, which stops the bridge's loop while the bridge still reports 'running'; "
-        "later spawns raise a bare RuntimeError('Event loop is closed') and drains hit "
-        "their deadline",
-    )
     def test_task_raising_system_exit_does_not_kill_bridge(self) -> None:
         """A task that raises SystemExit is a failed task; the bridge keeps running work."""
         # In a subprocess: a loop thread killed by SystemExit upsets the pytest process.
@@ -758,7 +746,8 @@ class TestClose:
         started = time.monotonic()
         report = bridge.close(timeout=0.2, cancel_grace=2)
         assert time.monotonic() - started < 5.0
-        assert [r.name for r in report.cancelled] == ["forever"]
+        # Named once, as not done: pending at the deadline, or cancelled.
+        assert [r.name for r in report.pending + report.cancelled] == ["forever"]
         assert future.cancelled()
         assert not report.ok
 
@@ -775,11 +764,6 @@ class TestClose:
         assert results == [1]
         assert bridge.closed
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: Bridge.__exit__ always calls close() with no timeout, so a with-block "
-        "left by an exception waits forever for unfinished work instead of cancelling it",
-    )
     def test_exit_on_exception_does_not_wait_forever(self) -> None:
         """Leaving `with Bridge()` by an exception cancels unfinished work rather than hang."""
         futures: list[TaskFuture[None]] = []
@@ -1216,8 +1200,9 @@ class TestInterrupt:
         assert proc.returncode == -signal.SIGINT
         assert "KeyboardInterrupt" in err
         assert "interrupted at step 1" in err
-        # The quick upload finished within the grace period; the stuck one was cancelled.
-        assert "1 completed; 1 cancelled (upload-step-1 [key='run'])" in err
+        # The quick upload finished within the grace period; the stuck one was cancelled
+        # (named as cancelled, or as pending at the deadline).
+        assert re.search(r"1 completed; 1 (cancelled|pending) \(upload-step-1 \[key='run'\]\)", err)
 
 
 class Spawner(Callback):
@@ -1227,6 +1212,7 @@ class Spawner(Callback):
         self.fail = fail
         self.hang = hang
         self.train_end_seen: list[bool] = []
+        self.futures: list[TaskFuture[None]] = []
 
     def on_step_end(
         self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
@@ -1239,7 +1225,7 @@ class Spawner(Callback):
             if fail:
                 raise ConnectionResetError("peer reset")
 
-        self.spawn(upload(), name=f"upload-{state.step}", key="run")
+        self.futures.append(self.spawn(upload(), name=f"upload-{state.step}", key="run"))
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         self.train_end_seen.append(True)
@@ -1304,17 +1290,20 @@ class TestLoopDrainPolicy:
         assert time.monotonic() - started < 10
         report = info.value.report
         assert report.timed_out
-        assert [r.name for r in report.cancelled] == ["upload-1", "upload-2"]
+        assert [r.name for r in report.pending + report.cancelled] == ["upload-1", "upload-2"]
         assert callback.train_end_seen == [True]
+        # Cancelled, so this run's work cannot leak into a later run's report.
+        assert all(f.cancelled() for f in callback.futures)
 
     def test_deadline_warn(self, tmp_path: Path) -> None:
         """With "warn", a run whose work hit the deadline returns artifacts naming the work."""
-        artifacts = _loop(
-            tmp_path, Spawner(hang=True), drain_timeout=0.3, on_drain_failure="warn"
-        ).run()
+        callback = Spawner(hang=True)
+        artifacts = _loop(tmp_path, callback, drain_timeout=0.3, on_drain_failure="warn").run()
         assert artifacts.drain_report is not None
         assert artifacts.drain_report.timed_out
-        assert {r.name for r in artifacts.drain_report.cancelled} == {"upload-1", "upload-2"}
+        report = artifacts.drain_report
+        assert [r.name for r in report.pending + report.cancelled] == ["upload-1", "upload-2"]
+        assert all(f.cancelled() for f in callback.futures)
 
 
 class TestExperimentBridge:

@@ -645,11 +645,6 @@ class StorePredictions(Callback):
 class TestPostTrainingWork:
     """Background work spawned by post-training benchmark hooks is reported with its own run."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: the run's drain happens at on_train_end, before post-training benchmarks, "
-        "so their background work is drained (and its failures blamed) in the next run",
-    )
     def test_failure_not_blamed_on_next_run(self, tmp_path: Path) -> None:
         """Run a's failed prediction upload does not fail run b."""
         result = Experiment(
@@ -667,11 +662,6 @@ class TestPostTrainingWork:
         assert a.drain_report is not None
         assert [r.name for r in a.drain_report.failed] == ["store-predictions-a"]
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: the last run's post-training background work is drained only when the "
-        "experiment closes its bridge, where a failure is logged but reaches no RunResult",
-    )
     def test_last_run_failure_makes_result_not_ok(self, tmp_path: Path) -> None:
         """A failed prediction upload of the last run makes the experiment's result not ok."""
         result = Experiment(

@@ -362,11 +362,6 @@ class TestStopping:
 class TestFiles:
     """The metric and manifest files are JSON lines that any strict reader accepts."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: JsonLinesWriter writes NaN/Infinity as bare tokens (invalid JSON); "
-        "_records.json_safe exists for this but is never used",
-    )
     def test_non_finite_metrics_are_strict_json(self, tmp_path: Path) -> None:
         """A NaN or infinite loss is written in a form strict JSON parsers accept."""
 

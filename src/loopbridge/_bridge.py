@@ -19,7 +19,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from types import CoroutineType
+from functools import partial
+from types import CoroutineType, TracebackType
 from typing import Any, TypeVar
 
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
@@ -148,8 +149,19 @@ class Bridge:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The block failed: cancel what is left rather than wait on it, and say what it was.
+        report = self.close(timeout=0)
+        if not report.ok:
+            logger.warning("%r left by %s: %s", self, exc_type.__name__, report.summary())
 
     @property
     def closed(self) -> bool:
@@ -241,8 +253,8 @@ class Bridge:
                 raise BridgeLoopThreadError(msg)
             self._state = _State.CLOSING
         started = time.monotonic()
-        report = self.drain(timeout)
-        # After a full drain this only cancels stray call()s; after a timeout, the rest.
+        report = self.drain(timeout, cancel_pending=True, cancel_grace=cancel_grace)
+        # Stray call()s, and anything spawned while the drain was ending.
         report = report.merge(self.cancel_all(timeout=cancel_grace))
         self._run_shutdown_callbacks(cancel_grace)
         self._stop_loop(cancel_grace)
@@ -318,6 +330,8 @@ class Bridge:
                 f"pass `fn()` for an async def fn, or `fn` itself"
             )
             raise TypeError(msg)
+        if key is not None:
+            _check_key(key)
         seq = next(self._seq)
         future: TaskFuture[T] = TaskFuture(work, name, key, seq)
         if seq - self._taken > self._max_pending:
@@ -440,11 +454,10 @@ class Bridge:
         while self._in_flight < self._max_in_flight and ready:
             future = ready.popleft()
             self._taken += 1
-            if not future._mark_running():
+            if not future._start(loop, partial(self._run, future)):
                 self._retire_cancelled(future)
                 continue
             self._in_flight += 1
-            future.asyncio_task = loop.create_task(self._run(future))
         if self._space_waiters:
             with self._space:
                 self._space.notify_all()
@@ -471,8 +484,8 @@ class Bridge:
                 exc,
                 exc_info=exc,
             )
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
+            # Even SystemExit or KeyboardInterrupt stays a failed task: re-raised here, it
+            # would stop the loop under every other task.
         else:
             future._set_result(result)
             self._n_completed += 1
@@ -505,16 +518,16 @@ class Bridge:
         self._finish(future)
 
     def _start_call(self, future: TaskFuture[Any]) -> None:
-        if not future._mark_running():
+        loop = self._loop
+        assert loop is not None  # runs on the loop
+        if not future._start(loop, partial(self._run_call, future)):
             # call() timed out (and cancelled) before the loop got here: the work never runs.
             if isinstance(future.work, Coroutine):
                 future.work.close()
             return
-        loop = self._loop
-        assert loop is not None  # runs on the loop
         self._n_calls += 1
-        task = loop.create_task(self._run_call(future))
-        future.asyncio_task = task
+        task = future.asyncio_task
+        assert task is not None  # set by _start
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -531,11 +544,19 @@ class Bridge:
 
     # ------------------------------------------------------------------ drain and report
 
-    def drain(self, timeout: float | None = None) -> DrainReport:
+    def drain(
+        self,
+        timeout: float | None = None,
+        *,
+        cancel_pending: bool = False,
+        cancel_grace: float = 2.0,
+    ) -> DrainReport:
         """Wait up to `timeout` s for all work spawned so far, and the work it spawns.
 
         Returns by the deadline, always. The report covers what ended since the previous
-        drain and names what was still pending; pending work keeps running.
+        drain and names, in `pending`, what had not ended at the deadline. That work keeps
+        running, unless `cancel_pending`: then it is cancelled, given up to `cancel_grace` s
+        to end, and still reported under `pending` (not `cancelled`), noted as cancelled.
         """
         if self.in_loop_thread():
             msg = "Bridge.drain() cannot wait on the bridge's own loop; drain from outside it"
@@ -545,39 +566,58 @@ class Bridge:
         if self._loop is not None and self._state is not _State.CLOSED:
             with self._idle:
                 idle = self._idle.wait_for(self._is_idle, timeout)
-        return self._take_report(time.monotonic() - started, timed_out=not idle)
+        if idle:
+            return self._take_report(time.monotonic() - started, timed_out=False)
+        pending = self._unfinished()
+        notes: tuple[str, ...] = ()
+        if cancel_pending:
+            if not self._cancel_everything(cancel_grace, started=time.monotonic()):
+                notes = ("some pending work ignored its cancellation and may still run",)
+            notes = ("work still pending at the deadline was cancelled", *notes)
+        return self._take_report(
+            time.monotonic() - started, timed_out=True, pending=pending, notes=notes
+        )
 
     def _is_idle(self) -> bool:
         return not self._inbox and not self._outstanding
 
+    def _unfinished(self) -> list[TaskFuture[Any]]:
+        """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
+        waiting = list(self._outstanding.copy().values()) + list(self._inbox)
+        waiting.sort(key=lambda f: f.seq)
+        return [f for f in waiting if not f.done()]
+
     def cancel_all(self, timeout: float = 2.0) -> DrainReport:
         """Cancel every queued and running task, wait up to `timeout` s for them to end."""
+        started = time.monotonic()
+        idle = self._cancel_everything(timeout, started=started)
+        return self._take_report(time.monotonic() - started, timed_out=not idle)
+
+    def _cancel_everything(self, timeout: float, *, started: float) -> bool:
+        """Cancel all tasks and calls; True once none is left within `timeout` s."""
         loop = self._loop
         if loop is None or loop.is_closed() or self.in_loop_thread():
-            return self._take_report(0.0, timed_out=False)
-        started = time.monotonic()
+            return self._is_idle()
         done = threading.Event()
 
-        def cancel_everything() -> None:
+        def cancel_on_loop() -> None:
             self._pump()
+            # TaskFuture.cancel() schedules the asyncio cancel after the task's first step:
+            # a task cancelled before it starts would skip the bookkeeping in _run.
             for future in list(self._outstanding.values()):
                 future.cancel()
-                task = future.asyncio_task
-                if task is not None:
-                    task.cancel()
             for task in list(self._calls):
-                task.cancel()
+                loop.call_soon(task.cancel)
             # Queued tasks, now marked cancelled, are retired as they reach the front.
             self._start_ready()
             done.set()
 
-        loop.call_soon_threadsafe(cancel_everything)
-        idle = done.wait(timeout)
-        if idle:
-            with self._idle:
-                remaining = max(0.0, timeout - (time.monotonic() - started))
-                idle = self._idle.wait_for(self._is_idle, remaining)
-        return self._take_report(time.monotonic() - started, timed_out=not idle)
+        loop.call_soon_threadsafe(cancel_on_loop)
+        if not done.wait(timeout):
+            return False
+        with self._idle:
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            return self._idle.wait_for(self._is_idle, remaining)
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""
@@ -592,12 +632,17 @@ class Bridge:
             losses, self._losses = tuple(self._losses), []
         return losses
 
-    def _take_report(self, elapsed: float, *, timed_out: bool) -> DrainReport:
-        pending: tuple[TaskRecord, ...] = ()
-        if timed_out:
-            waiting = list(self._outstanding.copy().values()) + list(self._inbox)
-            waiting.sort(key=lambda f: f.seq)
-            pending = tuple(_record(f) for f in waiting if not f.done())
+    def _take_report(
+        self,
+        elapsed: float,
+        *,
+        timed_out: bool,
+        pending: list[TaskFuture[Any]] | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> DrainReport:
+        if pending is None:
+            pending = self._unfinished() if timed_out else []
+        pending_seqs = {f.seq for f in pending}
         with self._idle:
             completed = self._n_completed - self._reported_completed
             self._reported_completed += completed
@@ -607,11 +652,13 @@ class Bridge:
         return DrainReport(
             completed=completed,
             failed=failed,
-            cancelled=cancelled,
-            pending=pending,
+            # Work pending at the deadline is reported once, as pending.
+            cancelled=tuple(r for r in cancelled if r.seq not in pending_seqs),
+            pending=tuple(_record(f) for f in pending),
             losses=losses,
             elapsed=elapsed,
             timed_out=timed_out,
+            notes=notes,
         )
 
     def _running(self) -> list[TaskFuture[Any]]:
@@ -673,8 +720,19 @@ async def _awaitable_of(future: TaskFuture[T]) -> T:
     return await awaitable
 
 
+def _check_key(key: object) -> None:
+    try:
+        hash(key)
+    except TypeError:
+        msg = (
+            f"spawn(key={key!r}): a key must be hashable; use a str or a tuple, "
+            f"such as the run name"
+        )
+        raise TypeError(msg) from None
+
+
 def _record(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
-    return TaskRecord(future.name, future.key, exc)
+    return TaskRecord(future.name, future.key, exc, seq=future.seq)
 
 
 _LIVE_BRIDGES: weakref.WeakSet[Bridge] = weakref.WeakSet()

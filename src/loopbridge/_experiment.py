@@ -115,12 +115,21 @@ class Experiment:
             self.callbacks.on_experiment_end(ctx, result)
         except BaseException as exc:
             self.callbacks.annotate(exc)
-            raise
-        finally:
             if self._owns_bridge:
                 report = bridge.close(self.drain_timeout)
                 if not report.ok:
-                    logger.warning("experiment %s: background work at close: %s", self.name, report)
+                    logger.error("experiment %s failed; background work: %s", self.name, report)
+            raise
+        if self._owns_bridge:
+            result.drain_report = bridge.close(self.drain_timeout)
+        else:
+            result.drain_report = bridge.drain(self.drain_timeout, cancel_pending=True)
+        if not result.drain_report.ok:
+            logger.warning(
+                "experiment %s: background work after the last run: %s",
+                self.name,
+                result.drain_report.summary(),
+            )
         return result
 
     def _run_arm(self, exp_ctx: LogContext, arm: str, config: dict[str, Any]) -> ArmResult:
@@ -203,6 +212,16 @@ class Experiment:
             logger.error("run %s failed: %s: %s", result.run_name, type(exc).__name__, exc)
         result.duration_s = time.monotonic() - started
         self.callbacks.on_run_end(ctx, result, arm)
+        # Post-training benchmarks and on_run_end may have spawned work: it belongs to this
+        # run's report, not to the next run's.
+        after = bridge.drain(self.drain_timeout, cancel_pending=True)
+        if after.completed or not after.ok:
+            before = result.drain_report
+            result.drain_report = after if before is None else before.merge(after)
+            if not after.ok:
+                logger.warning(
+                    "run %s: background work after training: %s", result.run_name, after.summary()
+                )
         if result.error is not None and self.stop_on_failure:
             raise result.error
         return result

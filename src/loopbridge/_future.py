@@ -125,10 +125,12 @@ class TaskFuture(Generic[T]):
                 return False
             if state == QUEUED:
                 self._state = CANCELLED
+            task = self.asyncio_task
         if state == QUEUED:
             self._finish_callbacks()
             return True
-        task = self.asyncio_task
+        # Scheduled rather than called: it then runs after the task's first step, so the
+        # bookkeeping around the work always runs, even for a task cancelled at once.
         if task is not None:
             loop = task.get_loop()
             if not loop.is_closed():
@@ -158,12 +160,19 @@ class TaskFuture(Generic[T]):
             msg = f"task {self.name!r} did not finish within {timeout} s"
             raise TimeoutError(msg)
 
-    def _mark_running(self) -> bool:
-        """Move a queued task to running; False if it was cancelled while queued."""
+    def _start(
+        self, loop: asyncio.AbstractEventLoop, runner: Callable[[], Coroutine[Any, Any, None]]
+    ) -> bool:
+        """Start a queued task as an asyncio task; False if it was cancelled while queued.
+
+        State and task change together under the lock, so cancel() never sees a running
+        task without the asyncio task it has to cancel.
+        """
         with _LOCK:
             if self._state != QUEUED:
                 return False
             self._state = RUNNING
+            self.asyncio_task = loop.create_task(runner())
             return True
 
     def _set_result(self, result: T) -> None:

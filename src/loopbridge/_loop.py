@@ -345,29 +345,18 @@ class TrainLoop:
     def _drain(self) -> DrainReport:
         bridge = self._bridge
         assert bridge is not None  # run() sets it
-        report = bridge.drain(self.drain_timeout)
-        if report.timed_out:
-            # Left running, this run's work would leak into the next run's report.
-            report = report.merge(bridge.cancel_all(timeout=self.interrupt_grace))
-            report = DrainReport(
-                completed=report.completed,
-                failed=report.failed,
-                cancelled=report.cancelled,
-                pending=report.pending,
-                losses=report.losses,
-                elapsed=report.elapsed,
-                timed_out=True,
-                notes=(*report.notes, "work still pending at the deadline was cancelled"),
-            )
-        return report
+        # Left running, this run's unfinished work would leak into the next run's report.
+        return bridge.drain(
+            self.drain_timeout, cancel_pending=True, cancel_grace=self.interrupt_grace
+        )
 
     def _on_interrupt(self) -> None:
         bridge = self._bridge
         if bridge is None:
             return
-        report = bridge.drain(self.interrupt_grace)
-        if report.timed_out:
-            report = report.merge(bridge.cancel_all(timeout=self.interrupt_grace))
+        report = bridge.drain(
+            self.interrupt_grace, cancel_pending=True, cancel_grace=self.interrupt_grace
+        )
         if self._owns_bridge:
             report = report.merge(bridge.close(self.interrupt_grace))
         logger.warning(

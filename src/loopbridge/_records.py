@@ -21,6 +21,17 @@ def json_safe(value: float) -> float | str:
     return "Infinity" if value > 0 else "-Infinity"
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every non-finite float replaced by its json_safe string."""
+    if isinstance(value, float):
+        return json_safe(value)
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 class JsonLinesWriter:
     """Appends one JSON object per line and flushes it, so a reader sees each row at once."""
 
@@ -32,7 +43,12 @@ class JsonLinesWriter:
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Write one row and flush it to the operating system."""
-        self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
+        try:
+            line = json.dumps(row, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            # A NaN or infinite value: spelled as strings, so strict readers accept the line.
+            line = json.dumps(_strict(row), separators=(",", ":"))
+        self._file.write(line + "\n")
         self._file.flush()
         self.rows += 1
 

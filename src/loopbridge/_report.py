@@ -17,6 +17,8 @@ class TaskRecord:
     name: str
     key: Hashable | None = None
     exception: BaseException | None = None
+    seq: int = field(default=0, compare=False, repr=False)
+    """The task's spawn number, unique within its bridge."""
 
     def __str__(self) -> str:
         key = "" if self.key is None else f" [key={self.key!r}]"
@@ -95,12 +97,20 @@ class DrainReport:
             completed=self.completed + other.completed,
             failed=self.failed + other.failed,
             cancelled=self.cancelled + other.cancelled,
-            pending=other.pending,
+            pending=self.pending + _new_records(self.pending, other.pending),
             losses=self.losses + other.losses,
             elapsed=self.elapsed + other.elapsed,
             timed_out=self.timed_out or other.timed_out,
             notes=self.notes + other.notes,
         )
+
+
+def _new_records(
+    seen: tuple[TaskRecord, ...], records: tuple[TaskRecord, ...]
+) -> tuple[TaskRecord, ...]:
+    """`records` without the tasks already in `seen` (the same task reported twice)."""
+    known = {r.seq for r in seen if r.seq}
+    return tuple(r for r in records if not r.seq or r.seq not in known)
 
 
 def _as_exception(record: TaskRecord) -> Exception:

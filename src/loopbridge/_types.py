@@ -208,6 +208,8 @@ class ExperimentResult:
     arms: dict[str, ArmResult]
     duration_s: float
     ids: dict[str, str] = field(default_factory=dict)
+    drain_report: DrainReport | None = None
+    """Background work spawned after the last run (by on_experiment_end), drained at the end."""
 
     @property
     def runs(self) -> list[RunResult]:
@@ -216,5 +218,6 @@ class ExperimentResult:
 
     @property
     def ok(self) -> bool:
-        """True when every run is ok."""
-        return all(run.ok for run in self.runs)
+        """True when every run is ok and the final drain found nothing amiss."""
+        final_ok = self.drain_report is None or self.drain_report.ok
+        return final_ok and all(run.ok for run in self.runs)
