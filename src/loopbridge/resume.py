@@ -179,9 +179,10 @@ async def _resume_run(
             try:
                 sent = await uploader.resume_intent(intent, journal)
             except Exception as exc:
-                outcome = ResumeOutcome(path, f"{row.path}: {exc}", False, row.step, where)
+                detail = str(exc) if str(row.path) in str(exc) else f"{row.path}: {exc}"
+                outcome = ResumeOutcome(path, detail, False, row.step, where)
             else:
-                how = f"uploaded {sent / MiB:.1f} MiB" if sent else "already uploaded"
+                how = f"uploaded {_size(sent)}" if sent else "already uploaded"
                 outcome = ResumeOutcome(path, f"published ({how})", True, row.step, where)
         report.outcomes.append(outcome)
         finished.add((path, intent.id))
@@ -203,6 +204,15 @@ def _report_unfinished(
             report.outcomes.append(
                 ResumeOutcome(journal.path, detail, False, intent.row.step, where)
             )
+
+
+def _size(n_bytes: int) -> str:
+    """A byte count for people: bytes, KiB or MiB."""
+    if n_bytes < 1024:
+        return f"{n_bytes} bytes"
+    if n_bytes < MiB:
+        return f"{n_bytes / 1024:.1f} KiB"
+    return f"{n_bytes / MiB:.1f} MiB"
 
 
 async def _close_store(store: ObjectStore) -> None:
