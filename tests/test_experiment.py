@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -674,6 +675,81 @@ class TestPostTrainingWork:
         ).run()
         assert [r.status for r in result.runs] == [RunStatus.COMPLETED, RunStatus.COMPLETED]
         assert not result.ok
+
+
+class TestLateWork:
+    """Work spawned by on_run_end and on_experiment_end is drained and reported too."""
+
+    def test_run_end_work_in_its_own_run(self, tmp_path: Path) -> None:
+        """A failing upload spawned in on_run_end is in that run's report, not the next run's."""
+
+        class Finalize(Callback):
+            def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
+                run = ctx.run_name
+
+                async def finalize() -> None:
+                    if run == "a":
+                        raise TimeoutError("tracking server did not answer")
+
+                self.spawn(finalize(), name=f"finalize-{run}")
+
+        result = Experiment(
+            "e", {"a": {}, "b": {}}, failing_builder(tmp_path, set()), callbacks=[Finalize()]
+        ).run()
+        a, b = result.runs
+        assert a.drain_report is not None
+        assert [r.name for r in a.drain_report.failed] == ["finalize-a"]
+        assert not a.ok
+        assert b.drain_report is not None
+        assert b.drain_report.ok
+        assert b.drain_report.completed == 1
+        assert not result.ok
+
+    def test_experiment_end_work_reported(self, tmp_path: Path) -> None:
+        """A failing upload spawned in on_experiment_end makes the result not ok."""
+
+        class Summary(Callback):
+            def on_experiment_end(self, ctx: LogContext, result: ExperimentResult) -> None:
+                async def upload_summary() -> None:
+                    raise PermissionError("403")
+
+                self.spawn(upload_summary(), name="upload-summary")
+
+        result = Experiment(
+            "e", {"a": {}}, failing_builder(tmp_path, set()), callbacks=[Summary()]
+        ).run()
+        assert all(run.ok for run in result.runs)
+        assert result.drain_report is not None
+        assert [r.name for r in result.drain_report.failed] == ["upload-summary"]
+        assert not result.ok
+
+    def test_pending_at_deadline_survives_post_training_work(self, tmp_path: Path) -> None:
+        """Work cut off at the train-end deadline stays in the run's report after later drains."""
+
+        class Hangs(Callback):
+            def on_train_end(self, state: LoopState, artifacts: lb.LoopArtifacts) -> None:
+                self.spawn(_forever(), name="stuck-upload")
+
+        result = Experiment(
+            "e",
+            {"a": {}},
+            failing_builder(tmp_path, set()),
+            benchmarks={"heldout": plain_bench},
+            callbacks=[Hangs(), StorePredictions()],  # predictions of run "a" fail
+            on_drain_failure="warn",
+            drain_timeout=0.3,
+        ).run()
+        (run,) = result.runs
+        report = run.drain_report
+        assert report is not None
+        assert [r.name for r in report.pending + report.cancelled] == ["stuck-upload"]
+        assert [r.name for r in report.failed] == ["store-predictions-a"]
+        assert report.timed_out
+        assert not run.ok
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
 
 
 class TestCallbacks:
