@@ -424,6 +424,44 @@ class TestDrain:
         assert report.elapsed >= 0.25
         assert [r.name for r in bridge.cancel_all(timeout=WAIT).cancelled] == ["stuck-upload"]
 
+    def test_deadline_with_cancel_pending(self, bridge: Bridge) -> None:
+        """drain(cancel_pending=True) cancels what is unfinished and names it once, as pending."""
+
+        async def quick() -> None:
+            pass
+
+        stuck = bridge.spawn(never, name="stuck")
+        bridge.spawn(quick, name="quick")
+        started = time.monotonic()
+        report = bridge.drain(timeout=0.2, cancel_pending=True, cancel_grace=WAIT)
+        assert time.monotonic() - started < 5.0
+        assert report.completed == 1
+        assert [r.name for r in report.pending] == ["stuck"]
+        assert report.cancelled == ()
+        assert report.timed_out
+        assert "work still pending at the deadline was cancelled" in report.notes
+        assert stuck.cancelled()
+        assert bridge.drain(WAIT).ok  # reported once, not again
+
+    def test_cancel_pending_with_task_ignoring_cancellation(self, bridge: Bridge) -> None:
+        """Work that ignores its cancellation is named, with a note that it may still run."""
+        released = threading.Event()
+
+        async def stubborn() -> None:
+            while not released.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.01)
+
+        future = bridge.spawn(stubborn, name="stubborn")
+        try:
+            report = bridge.drain(timeout=0.1, cancel_pending=True, cancel_grace=0.2)
+            assert [r.name for r in report.pending] == ["stubborn"]
+            assert "some pending work ignored its cancellation and may still run" in report.notes
+            assert not future.done()
+        finally:
+            released.set()
+        assert future.result(WAIT) is None
+
     def test_waits_for_tasks_spawned_by_tasks(self, bridge: Bridge) -> None:
         """Work that spawned work is drained together with its children and grandchildren."""
         futures: list[TaskFuture[Any]] = []
