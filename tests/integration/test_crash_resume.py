@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status, Throttle
+from tests.fixtures.s3 import FaultProxy, FaultRule, Hang, S3Bucket, Status, Throttle
 
 import loopbridge as lb
 from loopbridge._digest import digest_path
@@ -285,6 +285,22 @@ class TestBadCases:
         assert len(fault_proxy.requests("PUT")) == 1
         assert s3_bucket.list_keys() == []
 
+    def test_a_server_that_never_answers_is_cut_off_by_timeout(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, out_dir: Path
+    ) -> None:
+        """`--timeout` bounds the resume: what is unfinished is reported, exit 1, no hang."""
+        _journaled(
+            out_dir, f"s3://{s3_bucket.name}/ckpts", [1, 2], {"endpoint_url": fault_proxy.url}
+        )
+        fault_proxy.add(FaultRule((Hang(),), method="PUT"))
+        done = _resume_cli(out_dir, "--timeout", "1")
+        assert done.returncode == 1, done.stdout + done.stderr
+        lines = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        assert [line.split(" -> ")[0] for line in lines] == ["FAILED step 1", "FAILED step 2"]
+        assert all("not finished within --timeout 1.0s" in line for line in lines)
+        with UploadJournal(out_dir / JOURNAL_FILE) as journal:
+            assert len(journal.open_intents()) == 2
+
     def test_a_corrupt_journal_at_restart_is_reported_and_uploads_go_on(
         self, tmp_path: Path
     ) -> None:
@@ -355,6 +371,16 @@ class TestIdempotence:
         ]
         assert s3_bucket.list_keys() == keys
         _check_published(s3_bucket, rows, f"ckpts/{RUN}")
+
+    def test_store_option_publishes_somewhere_else(self, tmp_path: Path) -> None:
+        """`--store` replaces the recorded destination; keys stay relative to it."""
+        out = tmp_path / "out"
+        _journaled(out, (tmp_path / "gone").as_uri(), [1])
+        moved = tmp_path / "moved"
+        report = resume_out_dir(out, store=moved.as_uri())
+        assert report.ok, report.lines()
+        assert json.loads((moved / RUN / "latest").read_bytes())["step"] == 1
+        assert not (tmp_path / "gone").exists()
 
     def test_local_store_resume_clears_stale_temp_files(self, tmp_path: Path) -> None:
         """A dead process's half-written temp file is removed and the checkpoint published."""
