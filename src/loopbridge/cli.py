@@ -27,7 +27,11 @@ def _bench(argv: list[str]) -> int:
 def _resume(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="loopbridge resume",
-        description="Finish the checkpoint uploads that a killed run left open in its journal.",
+        description=(
+            "Finish the checkpoint uploads that a killed run left open in its journal. Run it "
+            "only once that run's process is gone: unfinished uploads under a checkpoint's "
+            "prefix are aborted before it is uploaded again."
+        ),
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a run's out dir, or above")
     parser.add_argument("--store", metavar="URL", help="publish to this store, not the recorded")

@@ -382,6 +382,17 @@ class TestIdempotence:
         assert json.loads((moved / RUN / "latest").read_bytes())["step"] == 1
         assert not (tmp_path / "gone").exists()
 
+    def test_a_store_that_cannot_be_reopened_is_reported(self, tmp_path: Path) -> None:
+        """A journal whose destination has no URL scheme loopbridge knows says to use --store."""
+        out = tmp_path / "out"
+        _journaled(out, "custom://bucket/x", [1])
+        report = resume_out_dir(out)
+        assert not report.ok
+        (failure,) = report.failed
+        assert failure.step == 1
+        assert "cannot open the store custom://bucket/x" in failure.detail
+        assert "--store URL" in failure.detail
+
     def test_local_store_resume_clears_stale_temp_files(self, tmp_path: Path) -> None:
         """A dead process's half-written temp file is removed and the checkpoint published."""
         remote = tmp_path / "remote"

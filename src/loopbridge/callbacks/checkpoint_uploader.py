@@ -241,7 +241,7 @@ class CheckpointUploader(Callback):
             return
         mine = [i for i in intents if i.dest == self.store.url]
         if len(mine) < len(intents):
-            logger.info(
+            logger.warning(
                 "%s: %d open uploads to other destinations are left for `loopbridge resume`",
                 journal.path,
                 len(intents) - len(mine),
