@@ -334,6 +334,27 @@ class TestStopping:
         assert artifacts.final_checkpoint is None
         assert artifacts.stop_reason == "nothing to do"
 
+    def test_start_step_carries_numbering_on(self, tmp_path: Path) -> None:
+        """With start_step, step indices, evals, checkpoints and max_steps continue from it."""
+        recorder = RecordingCallback()
+        artifacts = make_loop(
+            tmp_path, recorder, max_steps=8, start_step=5, checkpoint_every=2, eval_every=3
+        ).run()
+        assert [c.args[1] for c in recorder.calls_to("on_step_end")] == [5, 6, 7]
+        assert [c.step for c in recorder.calls_to("on_step_end")] == [6, 7, 8]
+        assert [c.args[1] for c in recorder.calls_to("on_eval")] == [5]
+        assert [(r.step, r.is_final) for r in artifacts.manifest] == [(6, False), (8, True)]
+        assert artifacts.stop_reason == "max_steps"
+
+    def test_start_step_at_max_steps_runs_nothing(self, tmp_path: Path) -> None:
+        """Resuming a run that already reached max_steps trains no further step."""
+        recorder = RecordingCallback()
+        artifacts = make_loop(tmp_path, recorder, max_steps=8, start_step=8).run()
+        assert recorder.hooks == ["on_train_start", "on_train_end"]
+        assert artifacts.steps_completed == 8
+        assert artifacts.final_checkpoint is None
+        assert artifacts.stop_reason == "max_steps"
+
     def test_state_should_stop(self) -> None:
         """request_stop sets should_stop and keeps the first reason."""
         state = LoopState(run_name="r", run_id="i", max_steps=None, out_dir=Path("."))

@@ -222,7 +222,11 @@ class TrainLoop:
         with JsonLinesWriter(metrics_path) as metrics_out, JsonLinesWriter(manifest_path) as rows:
             cbs.on_train_start(state)
             batches = _batches(self.batches)
-            batch = None if state.should_stop else next(batches, None)
+            # A run resumed at or past max_steps (start_step) has no step left to take.
+            done = state.should_stop or (
+                self.max_steps is not None and state.step >= self.max_steps
+            )
+            batch = None if done else next(batches, None)
             while batch is not None:
                 metrics = dict(self.step_fn(state, batch) or {})
                 step_idx = state.step
