@@ -25,7 +25,6 @@ import base64
 import builtins
 import contextlib
 import hashlib
-import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -60,6 +59,13 @@ def _import_aioboto3() -> Any:
         msg = "S3Store needs aioboto3: install loopbridge[s3] (pip install 'loopbridge[s3]')"
         raise MissingExtraError(msg) from exc
     return aioboto3
+
+
+def _body(data: bytes) -> Any:
+    """A request body aiohttp sends in one write (aiohttp comes with the s3 extra)."""
+    from loopbridge.stores._body import PartBody
+
+    return PartBody(data)
 
 
 def _md5(data: bytes) -> bytes:
@@ -297,11 +303,11 @@ class S3Store:
         client = await self._client()
 
         async def put() -> dict[str, Any]:
-            # A fresh stream per attempt; BytesIO shares `data` rather than copying it.
+            # A fresh stream per attempt; it shares `data` rather than copying it.
             result: dict[str, Any] = await client.put_object(
                 Bucket=self._bucket,
                 Key=full_key,
-                Body=io.BytesIO(data),
+                Body=_body(data),
                 ContentLength=len(data),
                 ContentMD5=_md5_header(md5),
                 ContentType=content_type,
@@ -445,7 +451,7 @@ class S3Store:
                         Key=full_key,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=io.BytesIO(data),
+                        Body=_body(data),
                         ContentLength=len(data),
                         ContentMD5=_md5_header(md5),
                     )

@@ -1,0 +1,75 @@
+"""Request bodies that aiohttp sends in one write, for S3 parts and objects.
+
+aiohttp sends an `io.BytesIO` in 256 KiB chunks with a loop turn between them, and warns
+about raw `bytes` over 1 MiB. A loop turn is a GIL hand-off, and next to a Python-heavy
+training thread each hand-off can wait a whole switch interval, so chunking halves upload
+throughput and costs the training thread more. `PartBody` is a read-only stream over the
+bytes (for botocore, which may hash or rewind it), and its payload writes them at once: the
+transport then sends as much as the socket takes per wake-up.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from aiohttp import payload
+
+__all__ = ["PartBody"]
+
+
+class PartBody:
+    """A seekable, read-only view of bytes, sent by aiohttp in a single write."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like a file, for botocore (payload signing, content length)."""
+        end = len(self.data) if size is None or size < 0 else min(len(self.data), self._pos + size)
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the read position, like a file."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self.data)}[whence]
+        self._pos = max(0, min(len(self.data), base + offset))
+        return self._pos
+
+    def tell(self) -> int:
+        """The read position."""
+        return self._pos
+
+
+class _PartBodyPayload(payload.Payload):
+    """aiohttp's payload for a PartBody: one write of the whole body."""
+
+    _value: PartBody
+
+    def __init__(self, value: PartBody, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("content_type", "application/octet-stream")
+        super().__init__(value, *args, **kwargs)
+
+    @property
+    def size(self) -> int:
+        return len(self._value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self._value.data.decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        await writer.write(self._value.data)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        data = self._value.data
+        await writer.write(data if content_length is None else data[:content_length])
+
+
+# Registered for this exact type only, so no other body changes how it is sent.
+payload.register_payload(_PartBodyPayload, PartBody)
