@@ -1,0 +1,83 @@
+"""The uploader's journal bookkeeping: one journal per out dir, closed after its last upload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loopbridge._exceptions import JournalError
+from loopbridge._types import ManifestRow
+from loopbridge.callbacks._upload_journal import JournalBook, store_options
+from loopbridge.journal import JOURNAL_FILE, UploadJournal
+from loopbridge.stores import LocalStore, S3Store
+
+
+def _row(step: int) -> ManifestRow:
+    return ManifestRow(step, Path(f"/ckpt/{step}"), 1, None, 0.0)
+
+
+class TestJournalBook:
+    def test_one_journal_per_out_dir_opened_on_first_use(self, tmp_path: Path) -> None:
+        """The same journal comes back for an out dir; none is created when asked not to."""
+        book = JournalBook()
+        assert book.get(tmp_path / "a", create=False) is None
+        assert not (tmp_path / "a" / JOURNAL_FILE).exists()
+        first = book.get(tmp_path / "a")
+        assert isinstance(first, UploadJournal)
+        assert book.get(tmp_path / "a") is first
+        assert book.get(tmp_path / "b") is not first
+        book.close_all()
+
+    def test_close_waits_for_the_last_upload(self, tmp_path: Path) -> None:
+        """A journal closed at train end stays open until its uploads mark their results."""
+        book = JournalBook()
+        journal = book.get(tmp_path)
+        assert isinstance(journal, UploadJournal)
+        entry = book.entry(journal, journal.record_intent("file:///r", "run", _row(1)))
+        book.close(tmp_path)
+        entry.attempt()
+        entry.published()
+        entry.done()
+        with pytest.raises(JournalError):
+            journal.intents()  # closed now
+        reopened = book.get(tmp_path)
+        assert isinstance(reopened, UploadJournal)
+        assert reopened is not journal
+        assert [i.state for i in reopened.intents()] == ["published"]
+        book.close(tmp_path)
+
+    def test_a_broken_journal_is_one_error_until_closed(self, tmp_path: Path) -> None:
+        """A corrupt journal gives the same JournalError each time (reported once), until close."""
+        (tmp_path / JOURNAL_FILE).write_bytes(b"not a database" * 100)
+        book = JournalBook()
+        error = book.get(tmp_path)
+        assert isinstance(error, JournalError)
+        assert book.get(tmp_path) is error
+        book.close(tmp_path)
+        again = book.get(tmp_path)
+        assert isinstance(again, JournalError)
+        assert again is not error
+
+    def test_marks_on_a_closed_journal_are_logged_not_raised(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A journal write that fails never fails the upload; it is logged."""
+        journal = UploadJournal(tmp_path / JOURNAL_FILE)
+        entry = JournalBook().entry(journal, journal.record_intent("file:///r", "run", _row(1)))
+        journal.close()
+        entry.published()
+        entry.failed(RuntimeError("boom"))
+        assert "not updated" in caplog.text
+
+
+class TestStoreOptions:
+    def test_s3_options_keep_the_endpoint_without_credentials(self) -> None:
+        """What a resume needs to reopen an S3 store, with no user or password in it."""
+        store = S3Store("b", endpoint_url="http://user:secret@127.0.0.1:9000/x", region="eu-1")
+        assert store_options(store) == {"endpoint_url": "http://127.0.0.1:9000/x", "region": "eu-1"}
+        assert store_options(S3Store("b")) == {}
+
+    def test_local_stores_need_nothing_but_their_url(self, tmp_path: Path) -> None:
+        """A local store reopens from its file:// URL alone."""
+        assert store_options(LocalStore(tmp_path)) == {}
