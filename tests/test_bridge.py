@@ -570,6 +570,21 @@ class TestDrain:
         assert report.ok
         assert report.completed == 1
 
+    def test_raise_if_not_ok(self, bridge: Bridge) -> None:
+        """raise_if_not_ok raises DrainError carrying the report when work was not done."""
+
+        async def bad() -> None:
+            raise ValueError("bad")
+
+        bridge.spawn(bad, name="bad")
+        report = bridge.drain(WAIT)
+        with pytest.raises(
+            DrainError, match=r"background work not done: 0 completed; 1 failed"
+        ) as info:
+            report.raise_if_not_ok()
+        assert info.value.report is report
+        bridge.drain(WAIT).raise_if_not_ok()  # an ok report does not raise
+
     def test_report_loss_makes_report_not_ok(self, bridge: Bridge) -> None:
         """Data a callback reports as dropped appears in the next report, which is not ok."""
         bridge.report_loss("HttpDashboard", 12, "buffer full")

@@ -83,6 +83,14 @@ class TestSequence:
         make_loop(tmp_path, probe).run()
         assert [as_event(c) for c in probe.calls] == loop_events(PLAN)
 
+    def test_profiling_does_not_change_the_sequence(self, tmp_path: Path) -> None:
+        """With profile=True the hooks fire exactly as without it, and are timed."""
+        probe = Probe()
+        artifacts = make_loop(tmp_path, probe, profile=True).run()
+        assert [as_event(c) for c in probe.calls] == loop_events(PLAN)
+        timed = {(row.callback, row.hook) for row in artifacts.hook_timings}
+        assert ("Probe", "on_step_end") in timed
+
     def test_checkpoint_on_last_step_is_only_the_final_one(self, tmp_path: Path) -> None:
         """When the last step is a multiple of checkpoint_every, one (final) checkpoint is saved."""
         probe = Probe()
