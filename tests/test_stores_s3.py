@@ -122,6 +122,30 @@ class TestRoundTrip:
         assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
         assert len(fault_proxy.requests("PUT", r"partNumber=")) == 3
         assert s3_bucket.open_multipart_uploads() == []
+        # Content-MD5 is checked by the server, so bodies are not hashed a second time.
+        puts = fault_proxy.requests("PUT")
+        assert {r.headers["x-amz-content-sha256"] for r in puts} == {"UNSIGNED-PAYLOAD"}
+        assert all("content-md5" in r.headers for r in puts)
+
+    async def test_signed_payloads_work_too(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """With sign_payload=True botocore hashes each body (reading and rewinding it) first."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 6 * MiB)
+        store = make_store(sign_payload=True)
+        result = await store.put_file("signed/big.bin", source, expected_sha256=sha)
+        await store.put_bytes("signed/small", b"x" * 1000)
+        assert result.parts == 2
+        assert s3_bucket.sha256("pre/signed/big.bin") == sha
+        assert s3_bucket.read("pre/signed/small") == b"x" * 1000
+        hashes = {r.headers["x-amz-content-sha256"] for r in fault_proxy.requests("PUT")}
+        assert "UNSIGNED-PAYLOAD" not in hashes
+        assert hashlib.sha256(b"x" * 1000).hexdigest() in hashes
 
 
 class TestRetries:
