@@ -21,6 +21,7 @@ from loopbridge._exceptions import (
 )
 from loopbridge.stores import ObjectStore, S3Store
 from tests.fixtures.s3 import (
+    Delay,
     FaultProxy,
     FaultRule,
     Hang,
@@ -146,6 +147,25 @@ class TestRoundTrip:
         hashes = {r.headers["x-amz-content-sha256"] for r in fault_proxy.requests("PUT")}
         assert "UNSIGNED-PAYLOAD" not in hashes
         assert hashlib.sha256(b"x" * 1000).hexdigest() in hashes
+
+
+class TestConcurrency:
+    async def test_parts_go_in_parallel_within_the_store_wide_bound(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """Two big files at once share max_concurrency part slots: parallel, never more."""
+        fault_proxy.add(FaultRule((Delay(0.2),), method="PUT", path="partNumber="))
+        sources = [tmp_path / "a.bin", tmp_path / "b.bin"]
+        shas = [_random_file(source, 15 * MiB) for source in sources]
+        store = make_store(max_concurrency=3)
+        results = await asyncio.gather(*(store.put_file(f"c/{s.name}", s) for s in sources))
+        assert [r.sha256 for r in results] == shas
+        assert fault_proxy.peak_in_flight("PUT", "partNumber=") == 3
+        assert len(fault_proxy.requests("PUT", "partNumber=")) == 6
 
 
 class TestRetries:

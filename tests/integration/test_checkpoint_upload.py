@@ -372,6 +372,38 @@ class TestConstruction:
         with pytest.raises(ValueError, match="unsafe object key part"):
             CheckpointUploader("a/../b", store=LocalStore("/tmp"))
 
+    def test_an_experiment_uploads_under_experiment_arm_and_run(self, tmp_path: Path) -> None:
+        """Through an Experiment, each run's checkpoints land under <exp>/<arm>/<run>/."""
+        remote = tmp_path / "remote"
+        uploader = CheckpointUploader(str(remote))
+
+        def build(ctx: lb.LogContext) -> lb.TrainLoop:
+            return lb.TrainLoop(
+                _step,
+                range(2),
+                max_steps=2,
+                out_dir=tmp_path / "out" / str(ctx.run_name),
+                save=_small_save,
+                checkpoint_every=1,
+            )
+
+        result = lb.Experiment(
+            "sweep",
+            {"lr/0.1": {"lr": 0.1}, "big": {"lr": 1.0}},
+            build,
+            n_repeats=2,
+            callbacks=[uploader],
+        ).run()
+        assert result.ok
+        runs = sorted(p.parent.relative_to(remote).as_posix() for p in remote.rglob("latest"))
+        assert runs == [
+            "sweep/big/big-r0",
+            "sweep/big/big-r1",
+            "sweep/lr%2F0.1/lr%2F0.1-r0",
+            "sweep/lr%2F0.1/lr%2F0.1-r1",
+        ]
+        assert uploader.summary.uploaded == 8
+
     def test_layout_follows_the_experiment(self, tmp_path: Path) -> None:
         """Within an experiment, keys are <prefix>/<experiment>/<arm>/<run>/step-N."""
         uploader = CheckpointUploader(str(tmp_path))
