@@ -9,6 +9,7 @@ bound method itself when one callback does, and a small loop otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from types import MethodType, TracebackType
@@ -84,12 +85,20 @@ def _fan_out(hook: str, methods: tuple[Method, ...]) -> Method:
     cost less than the inline loop. Exact arity, because *args packing would cost a quarter
     of a fast hook. The one `try` names the culprit from the line the exception passed.
     """
+    fire: Method = _maker(hook, len(methods))(methods, hook, *methods)
+    fire.__qualname__ = f"CallbackList.{hook}"
+    return fire
+
+
+@functools.cache
+def _maker(hook: str, n: int) -> Callable[..., Method]:
+    """Compile, once per hook and count, the function that builds a `_fan_out` caller."""
     npos, keywords = _ARITY[hook]
     params = args = ", ".join("abcd"[:npos])
     if keywords:
         params += ", *, " + ", ".join(f"{k}=None" for k in keywords)
         args += ", " + ", ".join(f"{k}={k}" for k in keywords)
-    names = [f"m{i}" for i in range(len(methods))]
+    names = [f"m{i}" for i in range(n)]
     source = "\n".join(
         [
             f"def make(_methods, _hook, {', '.join(names)}):",
@@ -104,9 +113,8 @@ def _fan_out(hook: str, methods: tuple[Method, ...]) -> Method:
     )
     namespace: dict[str, Any] = {"_note_culprit": _note_culprit}
     exec(compile(source, f"<loopbridge CallbackList.{hook}>", "exec"), namespace)
-    fire: Method = namespace["make"](methods, hook, *methods)
-    fire.__qualname__ = f"CallbackList.{hook}"
-    return fire
+    make: Callable[..., Method] = namespace["make"]
+    return make
 
 
 # The line of the first call in _fan_out's source; the traceback's line gives the culprit.
