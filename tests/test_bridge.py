@@ -1115,6 +1115,49 @@ class TestManyThreads:
         assert report.ok
         assert (stats.spawned, stats.completed) == (100_000, 100_000)
 
+    def test_keys_cancels_and_backpressure_together(self) -> None:
+        """Under threads, keys, cancels and a small queue, every task ends once, keys in order."""
+        log: dict[str, list[tuple[int, int]]] = {}
+
+        def make(key: str, thread: int, i: int) -> Any:
+            async def work() -> None:
+                log.setdefault(key, []).append((thread, i))
+                if i % 3 == 0:
+                    await asyncio.sleep(0)  # yield mid-task, so keys interleave
+
+            return work
+
+        futures: list[TaskFuture[None]] = []
+        lock = threading.Lock()
+        with Bridge(max_in_flight=4, max_pending=100) as bridge:
+
+            def spawner(thread: int) -> None:
+                mine = []
+                for i in range(2_000):
+                    key = f"k{(i * 7 + thread) % 8}"
+                    future = bridge.spawn(make(key, thread, i), key=key)
+                    if i % 10 == thread:
+                        future.cancel()
+                    mine.append(future)
+                with lock:
+                    futures.extend(mine)
+
+            threads = [threading.Thread(target=spawner, args=(t,)) for t in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            report = bridge.drain(60)
+        ran = sum(len(entries) for entries in log.values())
+        cancelled = sum(f.cancelled() for f in futures)
+        assert all(f.done() for f in futures)
+        assert ran + cancelled == 8_000
+        assert (report.completed, len(report.cancelled)) == (ran, cancelled)
+        for entries in log.values():
+            for number in range(4):
+                indices = [i for t, i in entries if t == number]
+                assert indices == sorted(indices)
+
 
 def _run_script(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
