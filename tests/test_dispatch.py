@@ -129,6 +129,15 @@ class TestFiring:
         callbacks = CallbackList([Callback(), callback, Callback()])
         assert callbacks.__dict__["on_eval"] == callback.on_eval
 
+    def test_lists_of_the_same_shape_stay_separate(self) -> None:
+        """Two lists with as many callbacks on the same hook each fire only their own."""
+        log: list[tuple[str, str]] = []
+        first = CallbackList([Log("a", log), Log("b", log)])
+        second = CallbackList([Log("c", log), Log("d", log)])
+        second.on_train_start(_state())
+        first.on_train_start(_state())
+        assert [label for label, _ in log] == ["c", "d", "a", "b"]
+
     def test_add_rebuilds(self) -> None:
         """A callback added later fires after the earlier ones."""
         log: list[tuple[str, str]] = []
