@@ -177,7 +177,7 @@ class TestArguments:
             metrics = call.args[3]
             assert {k: v for k, v in row.items() if k != "time"} == {
                 "step": call.args[1] + 1,
-                **metrics,
+                "metrics": metrics,
             }
 
     def test_eval(self, ran: tuple[Probe, TrainLoop, LoopArtifacts]) -> None:
@@ -189,7 +189,11 @@ class TestArguments:
         ]
         assert all(c.args[0] is loop.state for c in calls)
         eval_rows = [r for r in read_jsonl(artifacts.metrics_path) if r.get("eval") == "val"]
-        assert [(r["step"], r["acc"]) for r in eval_rows] == [(2, 0.02), (4, 0.04), (6, 0.06)]
+        assert [(r["step"], r["metrics"]["acc"]) for r in eval_rows] == [
+            (2, 0.02),
+            (4, 0.04),
+            (6, 0.06),
+        ]
 
     def test_in_loop_benchmark(self, ran: tuple[Probe, TrainLoop, LoopArtifacts]) -> None:
         """on_benchmark_eval fires with the loop's context, the result, predictions and step=N."""
@@ -407,11 +411,6 @@ class TestFiles:
         for line in lines:
             json.loads(line, parse_constant=reject)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: the metric row is built as {'step': n, 'time': t, **metrics}, so a metric "
-        "named 'step' (or 'time') overwrites the row's own step number (or timestamp)",
-    )
     def test_row_step_not_overwritten_by_a_metric(self, tmp_path: Path) -> None:
         """A metric that happens to be called "step" does not replace the row's step number."""
 

@@ -44,6 +44,7 @@ class Experiment:
         benchmarks: `{name: fn(state) -> (EvalResult, predictions)}`, scored after training.
         callbacks: fired at every level, ahead of each loop's own callbacks.
         stop_on_failure: re-raise a run's error instead of recording it and going on.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Experiment:
         on_drain_failure: DrainPolicy = "raise",
         stop_on_failure: bool = False,
         profile: bool | HookProfiler = False,
+        interrupt_grace: float = 5.0,
     ) -> None:
         if not arms:
             raise ValueError(f"Experiment({name!r}) has no arms; pass arms={{'name': config}}")
@@ -82,6 +84,7 @@ class Experiment:
         self.drain_timeout = drain_timeout
         self.on_drain_failure: DrainPolicy = on_drain_failure
         self.stop_on_failure = stop_on_failure
+        self.interrupt_grace = interrupt_grace
         self._callbacks = tuple(callbacks)
         self._bridge = bridge
         self._owns_bridge = bridge is None
@@ -116,7 +119,12 @@ class Experiment:
         except BaseException as exc:
             self.callbacks.annotate(exc)
             if self._owns_bridge:
-                report = bridge.close(self.drain_timeout)
+                # Ctrl-C means stop now: a short grace, not the whole drain deadline.
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                report = bridge.close(
+                    self.interrupt_grace if interrupted else self.drain_timeout,
+                    cancel_grace=self.interrupt_grace,
+                )
                 if not report.ok:
                     logger.error("experiment %s failed; background work: %s", self.name, report)
             raise
@@ -193,6 +201,7 @@ class Experiment:
             loop = built
             loop.drain_timeout = self.drain_timeout
             loop.on_drain_failure = self.on_drain_failure
+            loop.interrupt_grace = self.interrupt_grace
             loop._adopt(self._callbacks, bridge, ctx, self.profiler)
             artifacts = loop.run()
             result.artifacts = artifacts

@@ -21,7 +21,7 @@ from loopbridge._callback import Callback
 from loopbridge._digest import digest_path
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
-from loopbridge._profile import HookProfiler
+from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
 from loopbridge._types import (
@@ -59,7 +59,10 @@ class TrainLoop:
         step: `step(state, batch) -> metrics`, one training step.
         batches: an iterable of batches; items that are TrainingBatch are used as they are.
         max_steps: stop after this many steps (else when the batches run out).
-        out_dir: where metric rows, the manifest and checkpoints are written.
+        out_dir: where metric rows, the manifest and checkpoints are written:
+            `metrics.jsonl` has `{"step", "time", "metrics"}` per step and
+            `{"step", "time", "eval", "metrics"}` per evaluation (NaN as the string "NaN");
+            `manifest.jsonl` has one ManifestRow per checkpoint; `checkpoints/step-%08d`.
         save: `save(state, path)` writes a checkpoint at `path`; needed for checkpoints.
         checkpoint_every: save every N steps; a final checkpoint is always saved if `save`.
         evaluators: `{name: fn(state) -> metrics}`, run every `eval_every` steps.
@@ -157,6 +160,7 @@ class TrainLoop:
         self._start_step = start_step
         self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
         self.artifacts: LoopArtifacts | None = None
+        self._profile_mark: ProfileMark | None = None
         self._ran = False
 
     @property
@@ -219,6 +223,7 @@ class TrainLoop:
         manifest: list[ManifestRow] = []
         metrics_path = self.out_dir / METRICS_FILE
         manifest_path = self.out_dir / MANIFEST_FILE
+        self._profile_mark = self.profiler.mark() if self.profiler is not None else None
         with JsonLinesWriter(metrics_path) as metrics_out, JsonLinesWriter(manifest_path) as rows:
             cbs.on_train_start(state)
             batches = _batches(self.batches)
@@ -232,7 +237,7 @@ class TrainLoop:
                 step_idx = state.step
                 state.step += 1
                 state.metrics = metrics
-                metrics_out.write({"step": state.step, "time": time.time(), **metrics})
+                metrics_out.write({"step": state.step, "time": time.time(), "metrics": metrics})
                 cbs.on_step_end(state, step_idx, batch, metrics)
                 if self.eval_every is not None and state.step % self.eval_every == 0:
                     self._evaluate(step_idx, metrics_out)
@@ -279,7 +284,8 @@ class TrainLoop:
         assert self._bridge is not None  # run() sets it
         artifacts.bridge_stats = self._bridge.stats
         if self.profiler is not None:
-            artifacts.hook_timings = self.profiler.rows()
+            # A profiler shared across an experiment's runs: this run's calls only.
+            artifacts.hook_timings = self.profiler.rows(since=self._profile_mark)
             if self.print_profile:
                 self._print_profile(artifacts)
         if not report.ok:
@@ -294,7 +300,10 @@ class TrainLoop:
         stream: TextIO = target if not isinstance(target, bool) else sys.stderr
         assert self.profiler is not None  # checked by the caller
         stats = artifacts.bridge_stats
-        lines = [f"loopbridge hook profile, run {self.state.run_name}:", self.profiler.table()]
+        lines = [
+            f"loopbridge hook profile, run {self.state.run_name}:",
+            self.profiler.table(since=self._profile_mark),
+        ]
         if stats is not None:
             lines.append(
                 f"bridge: {stats.spawned} spawned, {stats.spawn_seconds * 1e3:.2f} ms in spawn "
@@ -307,7 +316,8 @@ class TrainLoop:
         state, cbs = self.state, self.callbacks
         for name, evaluate in self.evaluators.items():
             metrics = dict(evaluate(state))
-            metrics_out.write({"step": state.step, "eval": name, "time": time.time(), **metrics})
+            row = {"step": state.step, "time": time.time(), "eval": name, "metrics": metrics}
+            metrics_out.write(row)
             cbs.on_eval(state, step_idx, name, metrics)
         for name, benchmark in self.benchmarks.items():
             result, predictions = benchmark(state)

@@ -8,9 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HookProfiler", "HookTiming", "TimingRow"]
+__all__ = ["HookProfiler", "HookTiming", "ProfileMark", "TimingRow"]
 
 _perf_ns = time.perf_counter_ns
+
+
+ProfileMark = dict[tuple[str, str], int]
+"""How many calls each (callback, hook) pair had recorded at some moment."""
 
 
 class HookTiming:
@@ -57,11 +61,16 @@ class HookProfiler:
         timed.__wrapped__ = method  # type: ignore[attr-defined]
         return timed
 
-    def rows(self) -> list[TimingRow]:
-        """One row per (callback, hook) that was called, costliest first."""
+    def mark(self) -> ProfileMark:
+        """Where the recordings stand now, so `rows(since=...)` can cover one run alone."""
+        return {pair: len(timing.durations) for pair, timing in self._timings.items()}
+
+    def rows(self, since: ProfileMark | None = None) -> list[TimingRow]:
+        """One row per (callback, hook) called (since the mark, if given), costliest first."""
         rows = []
         for (label, hook), timing in self._timings.items():
-            values = sorted(timing.durations)
+            start = since.get((label, hook), 0) if since is not None else 0
+            values = sorted(timing.durations[start:])
             if not values:
                 continue
             total = sum(values)
@@ -82,7 +91,7 @@ class HookProfiler:
         rows.sort(key=lambda r: r.total_s, reverse=True)
         return rows
 
-    def table(self) -> str:
+    def table(self, since: ProfileMark | None = None) -> str:
         """The rows as a plain-text table."""
         header = ("callback", "hook", "calls", "total ms", "mean µs", "p99 µs", "max µs")
         lines = [
@@ -95,7 +104,7 @@ class HookProfiler:
                 f"{r.p99_us:.2f}",
                 f"{r.max_us:.2f}",
             )
-            for r in self.rows()
+            for r in self.rows(since)
         ]
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
