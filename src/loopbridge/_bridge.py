@@ -255,7 +255,7 @@ class Bridge:
         if fn not in self._shutdown_callbacks:
             self._shutdown_callbacks.append(fn)
 
-    def close(self, timeout: float | None = None, *, cancel_grace: float = 2.0) -> DrainReport:
+    def close(self, timeout: float | None = None, *, cancel_grace: float = 5.0) -> DrainReport:
         """Drain for up to `timeout` s, cancel what is left, stop the loop and join its thread.
 
         Idempotent: a second call returns the first call's report.
