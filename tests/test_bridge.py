@@ -804,12 +804,6 @@ class TestClose:
         assert future.cancelled()
         assert not report.ok
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bug: a task still running when close() gives up keeps a 'running' future "
-        "forever; when its coroutine is garbage-collected later, Bridge._run catches the "
-        "GeneratorExit as a task failure and logs it from whatever thread runs the GC",
-    )
     def test_abandoned_task_future_ends_at_close(self) -> None:
         """Work abandoned by close() ends cancelled, and is not reported failed at GC later."""
         # In a subprocess: the garbage collection of abandoned work must not touch pytest.

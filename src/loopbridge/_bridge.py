@@ -24,7 +24,7 @@ from types import CoroutineType, TracebackType
 from typing import Any, TypeVar
 
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
-from loopbridge._future import TaskFuture
+from loopbridge._future import BRIDGE_LOOPS, TaskFuture
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 
 __all__ = ["Bridge"]
@@ -234,6 +234,7 @@ class Bridge:
         asyncio.set_event_loop(loop)
         self._selector = selector
         self._loop = loop
+        BRIDGE_LOOPS.add(loop)
         self._thread_id = threading.get_ident()
         ready.set()
         try:
@@ -277,6 +278,9 @@ class Bridge:
         report = report.merge(self.cancel_all(timeout=cancel_grace))
         self._run_shutdown_callbacks(cancel_grace)
         self._stop_loop(cancel_grace)
+        for future in self._unfinished():
+            # Work that ignored its cancellation: its future ends too, so no waiter hangs.
+            future._set_cancelled()
         with self._lifecycle:
             self._state = _State.CLOSED
         _LIVE_BRIDGES.discard(self)
@@ -495,8 +499,14 @@ class Bridge:
                 self._space.notify_all()
 
     async def _run(self, future: TaskFuture[Any]) -> None:
+        abandoned = False
         try:
             result = await _awaitable_of(future)
+        except GeneratorExit:
+            # The loop is gone (close() abandoned this task) and the coroutine is being
+            # garbage-collected, on whatever thread: there is nothing left to account to.
+            abandoned = True
+            raise
         except asyncio.CancelledError:
             future._set_cancelled()
             self._n_cancelled += 1
@@ -522,8 +532,9 @@ class Bridge:
             future._set_result(result)
             self._n_completed += 1
         finally:
-            self._in_flight -= 1
-            self._finish(future)
+            if not abandoned:
+                self._in_flight -= 1
+                self._finish(future)
 
     def _finish(self, future: TaskFuture[Any]) -> None:
         del self._outstanding[future.seq]
@@ -720,7 +731,10 @@ class Bridge:
     def _close_at_exit(self) -> None:
         if self._state is not _State.RUNNING:
             return
-        report = self.close(self._exit_timeout)
+        # close() may spend its cancel grace about four times over (cancel, stray calls,
+        # shutdown callbacks, joining the thread): keep the whole within exit_timeout.
+        grace = min(2.0, self._exit_timeout / 8)
+        report = self.close(max(0.0, self._exit_timeout - 4 * grace), cancel_grace=grace)
         if report.ok:
             logger.info("%r was closed at interpreter exit: %s", self, report.summary())
             return

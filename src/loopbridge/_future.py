@@ -6,14 +6,15 @@ as the whole spawn budget. This handle allocates nothing until somebody waits on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-if TYPE_CHECKING:
-    import asyncio
+from loopbridge._exceptions import BridgeLoopThreadError
 
 __all__ = ["TaskFuture"]
 
@@ -150,6 +151,12 @@ class TaskFuture(Generic[T]):
     def _wait(self, timeout: float | None) -> None:
         if self._state >= FINISHED:
             return
+        if _on_bridge_loop():
+            msg = (
+                f"waiting for task {self.name!r} on the bridge's own loop would block the loop "
+                f"that runs it; `await` the work directly there instead of spawning it"
+            )
+            raise BridgeLoopThreadError(msg)
         with _LOCK:
             if self._state >= FINISHED:
                 return
@@ -204,6 +211,18 @@ class TaskFuture(Generic[T]):
         if callbacks:
             for fn in callbacks:
                 _run_callback(fn, self)
+
+
+BRIDGE_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+"""The event loops that bridges run; a blocking wait on one of them is refused."""
+
+
+def _on_bridge_loop() -> bool:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return loop in BRIDGE_LOOPS
 
 
 def _run_callback(fn: Callable[[TaskFuture[Any]], object], future: TaskFuture[Any]) -> None:
