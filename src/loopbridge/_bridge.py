@@ -1,9 +1,10 @@
 """Bridge: one daemon thread running one asyncio loop, fed by a queue that any thread can fill.
 
-The spawn path is the hot path: it allocates one TaskFuture, appends it to a deque (atomic
-under the GIL) and wakes the loop only if no wake-up is already on its way, so a burst of
-spawns costs one cross-thread wake-up, not one per task. Everything else (per-key ordering,
-the in-flight limit, bookkeeping) happens on the loop thread.
+This module is the callers' half: the lifecycle, `spawn`, `call`, `drain` and `close`. The
+spawn path is the hot path: it allocates one TaskFuture, appends it to a deque (atomic under
+the GIL) and wakes the loop only if the loop is asleep and no wake-up is on its way, so a
+burst of spawns costs at most one cross-thread wake-up. What then happens on the loop
+thread (per-key order, the in-flight limit, the ledger) is in `_scheduler.py`.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ import atexit
 import enum
 import itertools
 import logging
-import selectors
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from functools import partial
 from types import CoroutineType, TracebackType
 from typing import Any, TypeVar
 
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
 from loopbridge._future import BRIDGE_LOOPS, TaskFuture
-from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._report import BridgeStats, DrainReport, Loss
+from loopbridge._scheduler import LoopSelector, Scheduler, record_of
 
 __all__ = ["Bridge"]
 
@@ -36,13 +35,6 @@ Work = Coroutine[Any, Any, T] | Callable[[], Awaitable[T]]
 
 _perf_ns = time.perf_counter_ns
 
-# An inbox at least this long when the loop wakes means a burst is under way.
-_BURST = 256
-_BURST_SETTLE_S = 0.0005
-# After moving spawned work, the loop checks its inbox again this much later before it waits
-# for a wake-up: steady spawns then cost no cross-thread wake-up each.
-_LINGER_S = 0.0005
-
 
 class _State(enum.Enum):
     NEW = "new"
@@ -51,39 +43,8 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-# Enum member lookup through the class costs about 50 ns on 3.11; spawn reads this instead.
+# spawn compares with a module global: an enum member lookup costs ~50 ns on 3.11.
 _RUNNING = _State.RUNNING
-
-
-class _LoopSelector(selectors.DefaultSelector):
-    """The loop's selector: it times the loop's waits, and checks the inbox before each.
-
-    `sleeping` is set before the inbox is checked, and spawn appends before it reads
-    `sleeping`. So either spawn sees the loop about to sleep and wakes it, or the loop sees
-    the new work before it sleeps. A spawn onto a busy loop thus needs no wake-up: the
-    wake-up's socket write releases the GIL, and winning it back from a busy loop thread
-    can cost the training thread a whole switch interval (5 ms).
-    """
-
-    def __init__(self, inbox: deque[TaskFuture[Any]], on_inbox: Callable[[], None]) -> None:
-        super().__init__()
-        self.idle_ns = 0
-        self.sleeping = False
-        self._inbox = inbox
-        self._on_inbox = on_inbox
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        self.sleeping = True
-        if self._inbox:
-            timeout = 0
-        start = _perf_ns()
-        try:
-            return super().select(timeout)
-        finally:
-            self.sleeping = False
-            self.idle_ns += _perf_ns() - start
-            if self._inbox:
-                self._on_inbox()
 
 
 class Bridge:
@@ -110,7 +71,6 @@ class Bridge:
             if not isinstance(value, int) or value < 1:
                 msg = f"Bridge({label}={value!r}): give a whole number of at least 1"
                 raise ValueError(msg)
-        self._max_in_flight = max_in_flight
         self._max_pending = max_pending
         self._exit_timeout = exit_timeout
         self._name = name
@@ -120,40 +80,12 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
-        self._selector: _LoopSelector | None = None
+        self._selector: LoopSelector | None = None
         self._started_at = 0.0
-
-        # Filled by any thread; emptied by the loop thread.
-        self._inbox: deque[TaskFuture[Any]] = deque()
-        self._wake_scheduled = False
-        self._pump_queued = False
-        self._burst_seen = 0
+        self._sched = Scheduler(max_in_flight=max_in_flight, max_pending=max_pending)
         self._seq = itertools.count(1)
 
-        # Owned by the loop thread.
-        self._ready: deque[TaskFuture[Any]] = deque()
-        self._key_queues: dict[Hashable, deque[TaskFuture[Any]]] = {}
-        self._outstanding: dict[int, TaskFuture[Any]] = {}
-        self._calls: set[asyncio.Task[Any]] = set()
-        self._in_flight = 0
-        self._taken = 0
-
-        # Totals, written on the loop thread.
-        self._n_completed = 0
-        self._n_failed = 0
-        self._n_cancelled = 0
-        self._n_calls = 0
-
-        # What the next drain reports; guarded by _idle's lock.
-        self._idle = threading.Condition()
-        self._reported_completed = 0
-        self._failed: list[TaskRecord] = []
-        self._cancelled: list[TaskRecord] = []
-        self._losses: list[Loss] = []
-
-        # Backpressure.
-        self._space = threading.Condition()
-        self._space_waiters = 0
+        # Timings of the calling threads; approximate when several threads spawn at once.
         self._bp_waits = 0
         self._bp_ns = 0
         self._spawn_ns = 0
@@ -229,10 +161,11 @@ class Bridge:
             _LIVE_BRIDGES.add(self)
 
     def _thread_main(self, ready: threading.Event) -> None:
-        selector = _LoopSelector(self._inbox, self._pump_soon)
+        selector = LoopSelector(self._sched.inbox, self._sched.pump_soon)
         loop = asyncio.SelectorEventLoop(selector)
         asyncio.set_event_loop(loop)
         self._selector = selector
+        self._sched.loop = loop
         self._loop = loop
         BRIDGE_LOOPS.add(loop)
         self._thread_id = threading.get_ident()
@@ -264,7 +197,7 @@ class Bridge:
         with self._lifecycle:
             if self._state is _State.NEW:
                 self._state = _State.CLOSED
-                self._close_report = DrainReport(losses=self._take_losses())
+                self._close_report = DrainReport(losses=self._sched.take_losses())
                 return self._close_report
             if self._state is not _State.RUNNING:
                 return self._close_report or DrainReport()
@@ -278,14 +211,14 @@ class Bridge:
         report = report.merge(self.cancel_all(timeout=cancel_grace))
         self._run_shutdown_callbacks(cancel_grace)
         self._stop_loop(cancel_grace)
-        for future in self._unfinished():
+        for future in self._sched.unfinished():
             # Work that ignored its cancellation: its future ends too, so no waiter hangs.
             future._set_cancelled()
         with self._lifecycle:
             self._state = _State.CLOSED
         _LIVE_BRIDGES.discard(self)
-        with self._space:
-            self._space.notify_all()
+        with self._sched.space:
+            self._sched.space.notify_all()
         self._close_report = DrainReport(
             completed=report.completed,
             failed=report.failed,
@@ -325,7 +258,7 @@ class Bridge:
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         if thread.is_alive():
-            busy = ", ".join(str(_record(f)) for f in self._running()) or "unknown work"
+            busy = ", ".join(str(record_of(f)) for f in self._sched.running()) or "unknown"
             logger.warning(
                 "%r: the loop thread is still busy (%s) and was abandoned; it is a daemon "
                 "thread and will not keep the process alive",
@@ -357,21 +290,22 @@ class Bridge:
             _check_key(key)
         seq = next(self._seq)
         future: TaskFuture[T] = TaskFuture(work, name, key, seq)
-        if seq - self._taken > self._max_pending:
+        sched = self._sched
+        if seq - sched.taken > self._max_pending:
             self._wait_for_space(seq)
             if self._state is not _RUNNING:
                 # close() began while we waited: queued now, the task would never run.
                 self._check_can_spawn(work)
-        self._inbox.append(future)
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
+        sched.inbox.append(future)
+        if not sched.wake_scheduled:
+            sched.wake_scheduled = True
             selector = self._selector
             assert selector is not None  # set before the state becomes RUNNING
-            # A busy loop finds the work before it next sleeps (see _LoopSelector).
+            # A busy loop finds the work before it next sleeps (see LoopSelector).
             if selector.sleeping:
                 loop = self._loop
                 assert loop is not None  # set with the selector
-                loop.call_soon_threadsafe(self._pump)
+                loop.call_soon_threadsafe(sched.pump)
         self._spawn_ns += _perf_ns() - started
         return future
 
@@ -393,14 +327,15 @@ class Bridge:
         if self.in_loop_thread():
             return  # blocking here would stop the very loop that makes room
         started = _perf_ns()
-        with self._space:
-            self._space_waiters += 1
+        sched = self._sched
+        with sched.space:
+            sched.space_waiters += 1
             try:
-                while seq - self._taken > self._max_pending and self._state is not _State.CLOSED:
+                while seq - sched.taken > self._max_pending and self._state is not _State.CLOSED:
                     # The timeout is a safety net; the loop notifies as it starts tasks.
-                    self._space.wait(0.5)
+                    sched.space.wait(0.5)
             finally:
-                self._space_waiters -= 1
+                sched.space_waiters -= 1
         self._bp_waits += 1
         self._bp_ns += _perf_ns() - started
 
@@ -422,7 +357,7 @@ class Bridge:
             self._check_can_spawn(work)
         future: TaskFuture[T] = TaskFuture(work, None, None, 0)
         loop = self.loop
-        loop.call_soon_threadsafe(self._start_call, future)
+        loop.call_soon_threadsafe(self._sched.start_call, future)
         try:
             return future.result(timeout)
         except TimeoutError:
@@ -431,159 +366,6 @@ class Bridge:
                 f"Bridge.call({future.name!r}) did not finish within {timeout} s; it was cancelled"
             )
             raise TimeoutError(msg) from None
-
-    # ------------------------------------------------------------------ loop side
-
-    def _pump_soon(self) -> None:
-        """Schedule a pump from the loop thread itself, once."""
-        if not self._pump_queued:
-            self._pump_queued = True
-            loop = self._loop
-            assert loop is not None  # runs on the loop
-            loop.call_soon(self._pump)
-
-    def _pump(self) -> None:
-        """Move newly spawned tasks from the inbox to their queues and start what may start."""
-        self._pump_queued = False
-        inbox = self._inbox
-        size = len(inbox)
-        if size >= _BURST and size != self._burst_seen and size < self._max_pending // 2:
-            # A burst is still arriving: wait a moment, off the GIL, rather than contend with
-            # the submitting thread for it task by task. Backpressure bounds the wait.
-            self._burst_seen = size
-            loop = self._loop
-            assert loop is not None  # runs on the loop
-            loop.call_later(_BURST_SETTLE_S, self._pump)
-            return
-        self._burst_seen = 0
-        self._wake_scheduled = False
-        outstanding, ready = self._outstanding, self._ready
-        key_queues = self._key_queues
-        moved = bool(inbox)
-        while inbox:
-            future = inbox[0]
-            # Registered before it leaves the inbox, so a drain never sees it in neither.
-            outstanding[future.seq] = future
-            inbox.popleft()
-            key = future.key
-            if key is None:
-                ready.append(future)
-            elif key in key_queues:
-                key_queues[key].append(future)
-            else:
-                key_queues[key] = deque()
-                ready.append(future)
-        self._start_ready()
-        if moved:
-            # Spawns come in a rhythm (one per training step): look again shortly, on this
-            # loop's own timer, so that the next ones need no cross-thread wake-up. That
-            # wake-up cost the spawning thread ~8 µs of CPU here, several times the rest of
-            # spawn; the loop stops looking after one empty look.
-            self._wake_scheduled = True
-            loop = self._loop
-            assert loop is not None  # runs on the loop
-            loop.call_later(_LINGER_S, self._pump)
-
-    def _start_ready(self) -> None:
-        ready, loop = self._ready, self._loop
-        assert loop is not None  # only called on the running loop
-        while self._in_flight < self._max_in_flight and ready:
-            future = ready.popleft()
-            self._taken += 1
-            if not future._start(loop, partial(self._run, future)):
-                self._retire_cancelled(future)
-                continue
-            self._in_flight += 1
-        if self._space_waiters:
-            with self._space:
-                self._space.notify_all()
-
-    async def _run(self, future: TaskFuture[Any]) -> None:
-        abandoned = False
-        try:
-            result = await _awaitable_of(future)
-        except GeneratorExit:
-            # The loop is gone (close() abandoned this task) and the coroutine is being
-            # garbage-collected, on whatever thread: there is nothing left to account to.
-            abandoned = True
-            raise
-        except asyncio.CancelledError:
-            future._set_cancelled()
-            self._n_cancelled += 1
-            with self._idle:
-                self._cancelled.append(_record(future))
-        except BaseException as exc:
-            future._set_exception(exc)
-            self._n_failed += 1
-            with self._idle:
-                self._failed.append(_record(future, exc))
-            key = "" if future.key is None else f" (key={future.key!r})"
-            logger.error(
-                "background task %r%s failed: %s: %s",
-                future.name,
-                key,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-            )
-            # Even SystemExit or KeyboardInterrupt stays a failed task: re-raised here, it
-            # would stop the loop under every other task.
-        else:
-            future._set_result(result)
-            self._n_completed += 1
-        finally:
-            if not abandoned:
-                self._in_flight -= 1
-                self._finish(future)
-
-    def _finish(self, future: TaskFuture[Any]) -> None:
-        del self._outstanding[future.seq]
-        key = future.key
-        if key is not None:
-            queue = self._key_queues[key]
-            if queue:
-                self._ready.append(queue.popleft())
-            else:
-                del self._key_queues[key]
-        self._start_ready()
-        if not self._outstanding and not self._inbox:
-            with self._idle:
-                self._idle.notify_all()
-
-    def _retire_cancelled(self, future: TaskFuture[Any]) -> None:
-        """Account for a task cancelled while it was still queued."""
-        work = future.work
-        if isinstance(work, Coroutine):
-            work.close()
-        self._n_cancelled += 1
-        with self._idle:
-            self._cancelled.append(_record(future))
-        self._finish(future)
-
-    def _start_call(self, future: TaskFuture[Any]) -> None:
-        loop = self._loop
-        assert loop is not None  # runs on the loop
-        if not future._start(loop, partial(self._run_call, future)):
-            # call() timed out (and cancelled) before the loop got here: the work never runs.
-            if isinstance(future.work, Coroutine):
-                future.work.close()
-            return
-        self._n_calls += 1
-        task = future.asyncio_task
-        assert task is not None  # set by _start
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
-
-    @staticmethod
-    async def _run_call(future: TaskFuture[Any]) -> None:
-        try:
-            result = await _awaitable_of(future)
-        except asyncio.CancelledError:
-            future._set_cancelled()
-        except BaseException as exc:
-            future._set_exception(exc)
-        else:
-            future._set_result(result)
 
     # ------------------------------------------------------------------ drain and report
 
@@ -606,106 +388,52 @@ class Bridge:
             raise BridgeLoopThreadError(msg)
         started = time.monotonic()
         idle = True
+        sched = self._sched
         if self._loop is not None and self._state is not _State.CLOSED:
-            with self._idle:
-                idle = self._idle.wait_for(self._is_idle, timeout)
+            with sched.idle:
+                idle = sched.idle.wait_for(sched.is_idle, timeout)
         if idle:
-            return self._take_report(time.monotonic() - started, timed_out=False)
-        pending = self._unfinished()
+            return sched.take_report(time.monotonic() - started, timed_out=False)
+        pending = sched.unfinished()
         notes: tuple[str, ...] = ()
         if cancel_pending:
             if not self._cancel_everything(cancel_grace, started=time.monotonic()):
                 notes = ("some pending work ignored its cancellation and may still run",)
             notes = ("work still pending at the deadline was cancelled", *notes)
-        return self._take_report(
+        return sched.take_report(
             time.monotonic() - started, timed_out=True, pending=pending, notes=notes
         )
-
-    def _is_idle(self) -> bool:
-        return not self._inbox and not self._outstanding
-
-    def _unfinished(self) -> list[TaskFuture[Any]]:
-        """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
-        waiting = list(self._outstanding.copy().values()) + list(self._inbox)
-        waiting.sort(key=lambda f: f.seq)
-        return [f for f in waiting if not f.done()]
 
     def cancel_all(self, timeout: float = 2.0) -> DrainReport:
         """Cancel every queued and running task, wait up to `timeout` s for them to end."""
         started = time.monotonic()
         idle = self._cancel_everything(timeout, started=started)
-        return self._take_report(time.monotonic() - started, timed_out=not idle)
+        return self._sched.take_report(time.monotonic() - started, timed_out=not idle)
 
     def _cancel_everything(self, timeout: float, *, started: float) -> bool:
         """Cancel all tasks and calls; True once none is left within `timeout` s."""
-        loop = self._loop
+        loop, sched = self._loop, self._sched
         if loop is None or loop.is_closed() or self.in_loop_thread():
-            return self._is_idle()
+            return sched.is_idle()
         done = threading.Event()
 
         def cancel_on_loop() -> None:
-            self._pump()
-            # TaskFuture.cancel() schedules the asyncio cancel after the task's first step:
-            # a task cancelled before it starts would skip the bookkeeping in _run.
-            for future in list(self._outstanding.values()):
-                future.cancel()
-            for task in list(self._calls):
-                loop.call_soon(task.cancel)
-            # Queued tasks, now marked cancelled, are retired as they reach the front.
-            self._start_ready()
+            sched.cancel_everything()
             done.set()
 
         loop.call_soon_threadsafe(cancel_on_loop)
         if not done.wait(timeout):
             return False
-        with self._idle:
+        with sched.idle:
             remaining = max(0.0, timeout - (time.monotonic() - started))
-            return self._idle.wait_for(self._is_idle, remaining)
+            return sched.idle.wait_for(sched.is_idle, remaining)
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""
         if count <= 0:
             return
         logger.warning("%s dropped %d: %s", source, count, detail)
-        with self._idle:
-            self._losses.append(Loss(source, count, detail))
-
-    def _take_losses(self) -> tuple[Loss, ...]:
-        with self._idle:
-            losses, self._losses = tuple(self._losses), []
-        return losses
-
-    def _take_report(
-        self,
-        elapsed: float,
-        *,
-        timed_out: bool,
-        pending: list[TaskFuture[Any]] | None = None,
-        notes: tuple[str, ...] = (),
-    ) -> DrainReport:
-        if pending is None:
-            pending = self._unfinished() if timed_out else []
-        pending_seqs = {f.seq for f in pending}
-        with self._idle:
-            completed = self._n_completed - self._reported_completed
-            self._reported_completed += completed
-            failed, self._failed = tuple(self._failed), []
-            cancelled, self._cancelled = tuple(self._cancelled), []
-            losses, self._losses = tuple(self._losses), []
-        return DrainReport(
-            completed=completed,
-            failed=failed,
-            # Work pending at the deadline is reported once, as pending.
-            cancelled=tuple(r for r in cancelled if r.seq not in pending_seqs),
-            pending=tuple(_record(f) for f in pending),
-            losses=losses,
-            elapsed=elapsed,
-            timed_out=timed_out,
-            notes=notes,
-        )
-
-    def _running(self) -> list[TaskFuture[Any]]:
-        return [f for f in self._outstanding.copy().values() if f.running()]
+        self._sched.record_loss(Loss(source, count, detail))
 
     @property
     def stats(self) -> BridgeStats:
@@ -713,14 +441,15 @@ class Bridge:
         uptime = time.monotonic() - self._started_at if self._started_at else 0.0
         idle_ns = self._selector.idle_ns if self._selector is not None else 0
         # Counted from where tasks are rather than on the spawn path; exact when quiet.
-        finished = self._n_completed + self._n_failed + self._n_cancelled
-        spawned = finished + len(self._outstanding) + len(self._inbox)
+        sched = self._sched
+        finished = sched.n_completed + sched.n_failed + sched.n_cancelled
+        spawned = finished + len(sched.outstanding) + len(sched.inbox)
         return BridgeStats(
             spawned=spawned,
-            completed=self._n_completed,
-            failed=self._n_failed,
-            cancelled=self._n_cancelled,
-            calls=self._n_calls,
+            completed=sched.n_completed,
+            failed=sched.n_failed,
+            cancelled=sched.n_cancelled,
+            calls=sched.n_calls,
             spawn_seconds=self._spawn_ns / 1e9,
             backpressure_waits=self._bp_waits,
             backpressure_seconds=self._bp_ns / 1e9,
@@ -751,21 +480,6 @@ class Bridge:
         )
 
 
-async def _awaitable_of(future: TaskFuture[T]) -> T:
-    work = future.work
-    if type(work) is CoroutineType:
-        return await work  # type: ignore[no-any-return]
-    assert work is not None  # spawn refuses None
-    awaitable = work()  # type: ignore[operator]
-    if not isinstance(awaitable, Awaitable):
-        msg = (
-            f"spawned work {future.name!r} returned {type(awaitable).__name__}, not an "
-            f"awaitable; spawn takes a coroutine or an async callable (`async def`)"
-        )
-        raise TypeError(msg)
-    return await awaitable
-
-
 def _check_key(key: object) -> None:
     try:
         hash(key)
@@ -775,10 +489,6 @@ def _check_key(key: object) -> None:
             f"such as the run name"
         )
         raise TypeError(msg) from None
-
-
-def _record(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
-    return TaskRecord(future.name, future.key, exc, seq=future.seq)
 
 
 _LIVE_BRIDGES: weakref.WeakSet[Bridge] = weakref.WeakSet()

@@ -1,0 +1,352 @@
+"""The loop-thread half of a Bridge: per-key queues, the in-flight limit, and the ledger.
+
+Everything here runs on the bridge's event-loop thread, except the few methods that say
+otherwise. Work arrives through `inbox`, a deque that spawning threads append to (atomic
+under the GIL); `pump` moves it into the ready queue or behind a running task of its key,
+and starts what the in-flight limit allows. The ledger records what ended, for the next
+drain report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from functools import partial
+from types import CoroutineType
+from typing import Any, TypeVar
+
+from loopbridge._future import TaskFuture
+from loopbridge._report import DrainReport, Loss, TaskRecord
+
+__all__ = ["LoopSelector", "Scheduler", "record_of"]
+
+logger = logging.getLogger("loopbridge.bridge")
+
+T = TypeVar("T")
+
+_perf_ns = time.perf_counter_ns
+
+# An inbox at least this long when the loop wakes means a burst is under way.
+_BURST = 256
+_BURST_SETTLE_S = 0.0005
+# After moving work, look at the inbox again this soon: see Scheduler.pump.
+_LINGER_S = 0.0005
+
+
+class LoopSelector(selectors.DefaultSelector):
+    """The loop's selector: it times the loop's waits, and checks the inbox before each.
+
+    `sleeping` is set before the inbox is checked, and spawn appends before it reads
+    `sleeping`. So either spawn sees the loop about to sleep and wakes it, or the loop sees
+    the new work before it sleeps. A spawn onto a busy loop thus needs no wake-up: the
+    wake-up's socket write releases the GIL, and winning it back from a busy loop thread
+    can cost the training thread a whole switch interval (5 ms).
+    """
+
+    def __init__(self, inbox: deque[TaskFuture[Any]], on_inbox: Callable[[], None]) -> None:
+        super().__init__()
+        self.idle_ns = 0
+        self.sleeping = False
+        self._inbox = inbox
+        self._on_inbox = on_inbox
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.sleeping = True
+        if self._inbox:
+            timeout = 0
+        start = _perf_ns()
+        try:
+            return super().select(timeout)
+        finally:
+            self.sleeping = False
+            self.idle_ns += _perf_ns() - start
+            if self._inbox:
+                self._on_inbox()
+
+
+class Scheduler:
+    """Runs spawned tasks on one loop: in order per key, at most `max_in_flight` at once."""
+
+    def __init__(self, *, max_in_flight: int, max_pending: int) -> None:
+        self._max_in_flight = max_in_flight
+        self._max_pending = max_pending
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+        # Shared with spawning threads.
+        self.inbox: deque[TaskFuture[Any]] = deque()
+        self.wake_scheduled = False
+        self.taken = 0
+        """Tasks taken off the queues (started, or retired as cancelled); any thread reads it."""
+        self.space = threading.Condition()
+        self.space_waiters = 0
+
+        # The loop thread's own.
+        self._pump_queued = False
+        self._burst_seen = 0
+        self._ready: deque[TaskFuture[Any]] = deque()
+        self._key_queues: dict[Hashable, deque[TaskFuture[Any]]] = {}
+        self.outstanding: dict[int, TaskFuture[Any]] = {}
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0
+
+        # Totals, written on the loop thread.
+        self.n_completed = 0
+        self.n_failed = 0
+        self.n_cancelled = 0
+        self.n_calls = 0
+
+        # The ledger: what the next drain reports, guarded by idle's lock.
+        self.idle = threading.Condition()
+        self._reported_completed = 0
+        self._failed: list[TaskRecord] = []
+        self._cancelled: list[TaskRecord] = []
+        self._losses: list[Loss] = []
+
+    # ------------------------------------------------------------------ queues
+
+    def pump_soon(self) -> None:
+        """Schedule a pump from the loop thread itself, once."""
+        if not self._pump_queued:
+            self._pump_queued = True
+            loop = self.loop
+            assert loop is not None  # runs on the loop
+            loop.call_soon(self.pump)
+
+    def pump(self) -> None:
+        """Move newly spawned tasks from the inbox to their queues and start what may start."""
+        self._pump_queued = False
+        inbox = self.inbox
+        loop = self.loop
+        assert loop is not None  # runs on the loop
+        size = len(inbox)
+        if size >= _BURST and size != self._burst_seen and size < self._max_pending // 2:
+            # A burst is still arriving: wait a moment, off the GIL, rather than contend with
+            # the submitting thread for it task by task. Backpressure bounds the wait.
+            self._burst_seen = size
+            loop.call_later(_BURST_SETTLE_S, self.pump)
+            return
+        self._burst_seen = 0
+        self.wake_scheduled = False
+        outstanding, ready, key_queues = self.outstanding, self._ready, self._key_queues
+        moved = bool(inbox)
+        while inbox:
+            future = inbox[0]
+            # Registered before it leaves the inbox, so a drain never sees it in neither.
+            outstanding[future.seq] = future
+            inbox.popleft()
+            key = future.key
+            if key is None:
+                ready.append(future)
+            elif key in key_queues:
+                key_queues[key].append(future)
+            else:
+                key_queues[key] = deque()
+                ready.append(future)
+        self._start_ready()
+        if moved:
+            # Spawns come in a rhythm (one per training step): look again shortly, on this
+            # loop's own timer, so that the next ones need no cross-thread wake-up. That
+            # wake-up cost the spawning thread ~8 µs of CPU here, several times the rest of
+            # spawn; the loop stops looking after one empty look.
+            self.wake_scheduled = True
+            loop.call_later(_LINGER_S, self.pump)
+
+    def _start_ready(self) -> None:
+        ready, loop = self._ready, self.loop
+        assert loop is not None  # only called on the running loop
+        while self._in_flight < self._max_in_flight and ready:
+            future = ready.popleft()
+            self.taken += 1
+            if not future._start(loop, partial(self._run, future)):
+                self._retire_cancelled(future)
+                continue
+            self._in_flight += 1
+        if self.space_waiters:
+            with self.space:
+                self.space.notify_all()
+
+    async def _run(self, future: TaskFuture[Any]) -> None:
+        abandoned = False
+        try:
+            result = await _awaitable_of(future)
+        except GeneratorExit:
+            # The loop is gone (close() abandoned this task) and the coroutine is being
+            # garbage-collected, on whatever thread: there is nothing left to account to.
+            abandoned = True
+            raise
+        except asyncio.CancelledError:
+            future._set_cancelled()
+            self.n_cancelled += 1
+            with self.idle:
+                self._cancelled.append(record_of(future))
+        except BaseException as exc:
+            future._set_exception(exc)
+            self.n_failed += 1
+            with self.idle:
+                self._failed.append(record_of(future, exc))
+            key = "" if future.key is None else f" (key={future.key!r})"
+            logger.error(
+                "background task %r%s failed: %s: %s",
+                future.name,
+                key,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            # Even SystemExit or KeyboardInterrupt stays a failed task: re-raised here, it
+            # would stop the loop under every other task.
+        else:
+            future._set_result(result)
+            self.n_completed += 1
+        finally:
+            if not abandoned:
+                self._in_flight -= 1
+                self._finish(future)
+
+    def _finish(self, future: TaskFuture[Any]) -> None:
+        del self.outstanding[future.seq]
+        key = future.key
+        if key is not None:
+            queue = self._key_queues[key]
+            if queue:
+                self._ready.append(queue.popleft())
+            else:
+                del self._key_queues[key]
+        self._start_ready()
+        if not self.outstanding and not self.inbox:
+            with self.idle:
+                self.idle.notify_all()
+
+    def _retire_cancelled(self, future: TaskFuture[Any]) -> None:
+        """Account for a task cancelled while it was still queued."""
+        work = future.work
+        if isinstance(work, Coroutine):
+            work.close()
+        self.n_cancelled += 1
+        with self.idle:
+            self._cancelled.append(record_of(future))
+        self._finish(future)
+
+    # ------------------------------------------------------------------ calls
+
+    def start_call(self, future: TaskFuture[Any]) -> None:
+        """Start a `Bridge.call`: at once, outside the queues and the in-flight limit."""
+        loop = self.loop
+        assert loop is not None  # runs on the loop
+        if not future._start(loop, partial(_run_call, future)):
+            # call() timed out (and cancelled) before the loop got here: the work never runs.
+            if isinstance(future.work, Coroutine):
+                future.work.close()
+            return
+        self.n_calls += 1
+        task = future.asyncio_task
+        assert task is not None  # set by _start
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def cancel_everything(self) -> None:
+        """Cancel every task, queued or running, and every call."""
+        loop = self.loop
+        assert loop is not None  # runs on the loop
+        self.pump()
+        # TaskFuture.cancel() schedules the asyncio cancel after the task's first step:
+        # a task cancelled before it starts would skip the bookkeeping in _run.
+        for future in list(self.outstanding.values()):
+            future.cancel()
+        for task in list(self._calls):
+            loop.call_soon(task.cancel)
+        # Queued tasks, now marked cancelled, are retired as they reach the front.
+        self._start_ready()
+
+    # ------------------------------------------------------------------ any thread
+
+    def is_idle(self) -> bool:
+        """True when nothing is queued or running."""
+        return not self.inbox and not self.outstanding
+
+    def unfinished(self) -> list[TaskFuture[Any]]:
+        """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
+        waiting = list(self.outstanding.copy().values()) + list(self.inbox)
+        waiting.sort(key=lambda f: f.seq)
+        return [f for f in waiting if not f.done()]
+
+    def running(self) -> list[TaskFuture[Any]]:
+        """Tasks running now (a snapshot safe from any thread)."""
+        return [f for f in self.outstanding.copy().values() if f.running()]
+
+    def record_loss(self, loss: Loss) -> None:
+        """Add data a callback dropped to the next report."""
+        with self.idle:
+            self._losses.append(loss)
+
+    def take_losses(self) -> tuple[Loss, ...]:
+        """The losses recorded since the last report, forgetting them."""
+        with self.idle:
+            losses, self._losses = tuple(self._losses), []
+        return losses
+
+    def take_report(
+        self,
+        elapsed: float,
+        *,
+        timed_out: bool,
+        pending: list[TaskFuture[Any]] | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> DrainReport:
+        """The report of what ended since the last one; `pending` names what had not."""
+        if pending is None:
+            pending = self.unfinished() if timed_out else []
+        pending_seqs = {f.seq for f in pending}
+        with self.idle:
+            completed = self.n_completed - self._reported_completed
+            self._reported_completed += completed
+            failed, self._failed = tuple(self._failed), []
+            cancelled, self._cancelled = tuple(self._cancelled), []
+            losses, self._losses = tuple(self._losses), []
+        return DrainReport(
+            completed=completed,
+            failed=failed,
+            # Work pending at the deadline is reported once, as pending.
+            cancelled=tuple(r for r in cancelled if r.seq not in pending_seqs),
+            pending=tuple(record_of(f) for f in pending),
+            losses=losses,
+            elapsed=elapsed,
+            timed_out=timed_out,
+            notes=notes,
+        )
+
+
+async def _run_call(future: TaskFuture[Any]) -> None:
+    try:
+        result = await _awaitable_of(future)
+    except asyncio.CancelledError:
+        future._set_cancelled()
+    except BaseException as exc:
+        future._set_exception(exc)
+    else:
+        future._set_result(result)
+
+
+async def _awaitable_of(future: TaskFuture[T]) -> T:
+    work = future.work
+    if type(work) is CoroutineType:
+        return await work  # type: ignore[no-any-return]
+    assert work is not None  # spawn refuses None
+    awaitable = work()  # type: ignore[operator]
+    if not isinstance(awaitable, Awaitable):
+        msg = (
+            f"spawned work {future.name!r} returned {type(awaitable).__name__}, not an "
+            f"awaitable; spawn takes a coroutine or an async callable (`async def`)"
+        )
+        raise TypeError(msg)
+    return await awaitable
+
+
+def record_of(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
+    """The report's record of a task."""
+    return TaskRecord(future.name, future.key, exc, seq=future.seq)
