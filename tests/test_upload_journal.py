@@ -34,7 +34,7 @@ class TestJournalBook:
         book = JournalBook()
         journal = book.get(tmp_path)
         assert isinstance(journal, UploadJournal)
-        entry = book.entry(journal, journal.record_intent("file:///r", "run", _row(1)))
+        entry = book.entry(tmp_path, journal, journal.record_intent("file:///r", "run", _row(1)))
         book.close(tmp_path)
         entry.attempt()
         entry.published()
@@ -64,7 +64,8 @@ class TestJournalBook:
     ) -> None:
         """A journal write that fails never fails the upload; it is logged."""
         journal = UploadJournal(tmp_path / JOURNAL_FILE)
-        entry = JournalBook().entry(journal, journal.record_intent("file:///r", "run", _row(1)))
+        intent_id = journal.record_intent("file:///r", "run", _row(1))
+        entry = JournalBook().entry(tmp_path, journal, intent_id)
         journal.close()
         entry.published()
         entry.failed(RuntimeError("boom"))

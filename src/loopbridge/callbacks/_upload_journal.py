@@ -42,6 +42,7 @@ class JournalEntry:
     journal: UploadJournal
     intent_id: int
     book: JournalBook | None = None
+    out_dir: Path | None = None
 
     def attempt(self) -> None:
         """Count an attempt (bridge loop)."""
@@ -57,8 +58,8 @@ class JournalEntry:
 
     def done(self) -> None:
         """Let the journal close once the run has ended and this was its last upload."""
-        if self.book is not None:
-            self.book.release(self.journal)
+        if self.book is not None and self.out_dir is not None:
+            self.book.release(self.out_dir)
 
     def _safely(self, mark: Any, *args: object) -> None:
         try:
@@ -69,7 +70,11 @@ class JournalEntry:
 
 
 class JournalBook:
-    """The journals an uploader writes, one per out dir, shared by the loop and bridge threads."""
+    """The journals an uploader writes, one per out dir, shared by the loop and bridge threads.
+
+    Keyed by the out dir itself: the loop passes the same `state.out_dir` object every time,
+    whose hash is cached, so a lookup on the loop thread costs next to nothing.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -83,71 +88,71 @@ class JournalBook:
 
         None when `create` is false and there is no journal yet.
         """
-        path = out_dir / JOURNAL_FILE
         with self._lock:
-            if path in self._broken:
-                return self._broken[path]
-            journal = self._open.get(path)
+            broken = self._broken.get(out_dir)
+            if broken is not None:
+                return broken
+            journal = self._open.get(out_dir)
             if journal is not None:
-                self._closing.discard(path)
+                self._closing.discard(out_dir)
                 return journal
+            path = out_dir / JOURNAL_FILE
             if not create and not path.exists():
                 return None
             try:
                 journal = UploadJournal(path)
             except JournalError as exc:
-                self._broken[path] = exc
+                self._broken[out_dir] = exc
                 return exc
-            self._open[path] = journal
+            self._open[out_dir] = journal
             return journal
 
     def set_broken(self, out_dir: Path, error: JournalError) -> None:
         """Stop handing out the out dir's journal: `get` returns `error` until it is closed."""
         with self._lock:
-            self._broken[out_dir / JOURNAL_FILE] = error
+            self._broken[out_dir] = error
 
-    def entry(self, journal: UploadJournal, intent_id: int) -> JournalEntry:
+    def entry(self, out_dir: Path, journal: UploadJournal, intent_id: int) -> JournalEntry:
         """An entry for one upload; the journal stays open until the entry is done."""
         with self._lock:
-            self._users[journal.path] = self._users.get(journal.path, 0) + 1
-        return JournalEntry(journal, intent_id, self)
+            self._users[out_dir] = self._users.get(out_dir, 0) + 1
+        return JournalEntry(journal, intent_id, self, out_dir)
 
-    def release(self, journal: UploadJournal) -> None:
+    def release(self, out_dir: Path) -> None:
         """One upload finished; close the journal if its run already ended."""
         with self._lock:
-            users = self._users[journal.path] = self._users.get(journal.path, 1) - 1
-            last = users <= 0 and journal.path in self._closing
+            users = self._users[out_dir] = self._users.get(out_dir, 1) - 1
+            last = users <= 0 and out_dir in self._closing
         if last:
-            self._close(journal.path)
+            self._close(out_dir)
 
     def close(self, out_dir: Path) -> None:
         """Close the out dir's journal now, or when its last upload finishes."""
-        path = out_dir / JOURNAL_FILE
         with self._lock:
-            self._broken.pop(path, None)
-            if path not in self._open:
+            self._broken.pop(out_dir, None)
+            if out_dir not in self._open:
                 return
-            self._closing.add(path)
-            idle = self._users.get(path, 0) <= 0
+            self._closing.add(out_dir)
+            idle = self._users.get(out_dir, 0) <= 0
         if idle:
-            self._close(path)
+            self._close(out_dir)
 
     def close_all(self) -> None:
         """Close every journal (the bridge is shutting down; no upload is left)."""
         with self._lock:
-            paths = list(self._open)
-        for path in paths:
-            self._close(path)
+            out_dirs = list(self._open)
+        for out_dir in out_dirs:
+            self._close(out_dir)
 
     async def aclose_all(self) -> None:
         """`close_all` as a bridge shutdown callback."""
         self.close_all()
 
-    def _close(self, path: Path) -> None:
+    def _close(self, out_dir: Path) -> None:
         with self._lock:
-            journal = self._open.pop(path, None)
-            self._closing.discard(path)
-            self._users.pop(path, None)
+            journal = self._open.pop(out_dir, None)
+            self._closing.discard(out_dir)
+            self._users.pop(out_dir, None)
         if journal is not None:
             journal.close()
 
