@@ -83,11 +83,8 @@ class JournalBook:
         self._closing: set[Path] = set()
         self._broken: dict[Path, JournalError] = {}
 
-    def get(self, out_dir: Path, *, create: bool = True) -> UploadJournal | JournalError | None:
-        """The out dir's journal, opened on first use; its error if it cannot be used.
-
-        None when `create` is false and there is no journal yet.
-        """
+    def get(self, out_dir: Path) -> UploadJournal | JournalError:
+        """The out dir's journal, opened (or created) on first use; its error if unusable."""
         with self._lock:
             broken = self._broken.get(out_dir)
             if broken is not None:
@@ -96,11 +93,8 @@ class JournalBook:
             if journal is not None:
                 self._closing.discard(out_dir)
                 return journal
-            path = out_dir / JOURNAL_FILE
-            if not create and not path.exists():
-                return None
             try:
-                journal = UploadJournal(path)
+                journal = UploadJournal(out_dir / JOURNAL_FILE)
             except JournalError as exc:
                 self._broken[out_dir] = exc
                 return exc

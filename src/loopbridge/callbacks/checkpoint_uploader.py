@@ -196,7 +196,7 @@ class CheckpointUploader(Callback):
         self._retries_at_start = store.retries
         self.journal = journal
         self._journals = JournalBook()
-        self._journal_errors: set[int] = set()  # ids of the JournalErrors already reported
+        self._journal_errors: set[JournalError] = set()  # already reported (kept, so by identity)
         self._store_options = store_options(store)
 
     def __repr__(self) -> str:
@@ -231,7 +231,7 @@ class CheckpointUploader(Callback):
         """Open the run's journal; queue the uploads an earlier process left unfinished in it."""
         if not self.journal:
             return
-        # Opened here, before the first step: creating a journal costs ~20 ms of fsyncs.
+        # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs.
         journal = self._journal(state.out_dir)
         if journal is None:
             return
@@ -299,9 +299,9 @@ class CheckpointUploader(Callback):
             name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
         )
 
-    def _journal(self, out_dir: Path, *, create: bool = True) -> UploadJournal | None:
+    def _journal(self, out_dir: Path) -> UploadJournal | None:
         """The out dir's journal, or None (its error reported once) when it cannot be used."""
-        journal = self._journals.get(out_dir, create=create)
+        journal = self._journals.get(out_dir)
         if isinstance(journal, JournalError):
             self._report_journal_error(journal)
             return None
@@ -309,9 +309,9 @@ class CheckpointUploader(Callback):
 
     def _report_journal_error(self, exc: JournalError) -> None:
         """Put a journal failure in the drain report once; uploads go on without the journal."""
-        if id(exc) in self._journal_errors:
+        if exc in self._journal_errors:
             return
-        self._journal_errors.add(id(exc))
+        self._journal_errors.add(exc)
         logger.error("%s; uploads continue without crash protection", exc)
 
         async def fail() -> None:
