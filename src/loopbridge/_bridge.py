@@ -161,7 +161,7 @@ class Bridge:
             _LIVE_BRIDGES.add(self)
 
     def _thread_main(self, ready: threading.Event) -> None:
-        selector = LoopSelector(self._sched.inbox, self._sched.pump_soon)
+        selector = LoopSelector(self._sched)
         loop = asyncio.SelectorEventLoop(selector)
         asyncio.set_event_loop(loop)
         self._selector = selector
@@ -299,9 +299,11 @@ class Bridge:
         sched.inbox.append(future)
         if not sched.wake_scheduled:
             sched.wake_scheduled = True
+            # Set before `sleeping` is read: a busy loop then finds the work before it next
+            # sleeps, and only a sleeping one needs waking (see LoopSelector).
+            sched.unsent = True
             selector = self._selector
             assert selector is not None  # set before the state becomes RUNNING
-            # A busy loop finds the work before it next sleeps (see LoopSelector).
             if selector.sleeping:
                 loop = self._loop
                 assert loop is not None  # set with the selector
@@ -390,8 +392,7 @@ class Bridge:
         idle = True
         sched = self._sched
         if self._loop is not None and self._state is not _State.CLOSED:
-            with sched.idle:
-                idle = sched.idle.wait_for(sched.is_idle, timeout)
+            idle = sched.wait_idle(timeout)
         if idle:
             return sched.take_report(time.monotonic() - started, timed_out=False)
         pending = sched.unfinished()
@@ -424,9 +425,7 @@ class Bridge:
         loop.call_soon_threadsafe(cancel_on_loop)
         if not done.wait(timeout):
             return False
-        with sched.idle:
-            remaining = max(0.0, timeout - (time.monotonic() - started))
-            return sched.idle.wait_for(sched.is_idle, remaining)
+        return sched.wait_idle(max(0.0, timeout - (time.monotonic() - started)))
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""

@@ -186,26 +186,35 @@ class TaskFuture(Generic[T]):
         with _LOCK:
             self._result = result
             self._state = FINISHED
-        self._finish_callbacks()
+            waiter, callbacks, self._callbacks = self._waiter, self._callbacks, None
+        self._notify(waiter, callbacks)
 
     def _set_exception(self, exc: BaseException) -> None:
         with _LOCK:
             self._exception = exc
             self._state = FINISHED
-        self._finish_callbacks()
+            waiter, callbacks, self._callbacks = self._waiter, self._callbacks, None
+        self._notify(waiter, callbacks)
 
     def _set_cancelled(self) -> None:
         with _LOCK:
             if self._state >= FINISHED:
                 return
             self._state = CANCELLED
-        self._finish_callbacks()
+            waiter, callbacks, self._callbacks = self._waiter, self._callbacks, None
+        self._notify(waiter, callbacks)
 
     def _finish_callbacks(self) -> None:
-        # The state is final here, so no callback can be added after this swap.
         with _LOCK:
-            callbacks, self._callbacks = self._callbacks, None
-            waiter = self._waiter
+            waiter, callbacks, self._callbacks = self._waiter, self._callbacks, None
+        self._notify(waiter, callbacks)
+
+    def _notify(
+        self,
+        waiter: threading.Event | None,
+        callbacks: list[Callable[[TaskFuture[T]], object]] | None,
+    ) -> None:
+        # The state is final now, so no waiter or callback can be added after the swap.
         if waiter is not None:
             waiter.set()
         if callbacks:

@@ -15,7 +15,7 @@ import selectors
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Coroutine, Hashable
 from functools import partial
 from types import CoroutineType
 from typing import Any, TypeVar
@@ -39,25 +39,26 @@ _LINGER_S = 0.0005
 
 
 class LoopSelector(selectors.DefaultSelector):
-    """The loop's selector: it times the loop's waits, and checks the inbox before each.
+    """The loop's selector: it times the loop's waits, and looks for unsent work before each.
 
-    `sleeping` is set before the inbox is checked, and spawn appends before it reads
-    `sleeping`. So either spawn sees the loop about to sleep and wakes it, or the loop sees
-    the new work before it sleeps. A spawn onto a busy loop thus needs no wake-up: the
-    wake-up's socket write releases the GIL, and winning it back from a busy loop thread
-    can cost the training thread a whole switch interval (5 ms).
+    A spawn that finds no wake-up on its way sets `Scheduler.unsent`, then reads `sleeping`,
+    and sends a wake-up only if the loop sleeps. The selector sets `sleeping`, then reads
+    `unsent`. So either spawn sees the loop asleep and wakes it, or the loop sees the work
+    before it sleeps. A spawn onto a busy loop thus needs no wake-up: the wake-up's socket
+    write releases the GIL, and winning it back from a busy loop thread can cost the
+    training thread a whole switch interval (5 ms).
     """
 
-    def __init__(self, inbox: deque[TaskFuture[Any]], on_inbox: Callable[[], None]) -> None:
+    def __init__(self, scheduler: Scheduler) -> None:
         super().__init__()
         self.idle_ns = 0
         self.sleeping = False
-        self._inbox = inbox
-        self._on_inbox = on_inbox
+        self._scheduler = scheduler
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        scheduler = self._scheduler
         self.sleeping = True
-        if self._inbox:
+        if scheduler.unsent:
             timeout = 0
         start = _perf_ns()
         try:
@@ -65,8 +66,9 @@ class LoopSelector(selectors.DefaultSelector):
         finally:
             self.sleeping = False
             self.idle_ns += _perf_ns() - start
-            if self._inbox:
-                self._on_inbox()
+            if scheduler.unsent:
+                scheduler.unsent = False
+                scheduler.pump_soon()
 
 
 class Scheduler:
@@ -80,6 +82,9 @@ class Scheduler:
         # Shared with spawning threads.
         self.inbox: deque[TaskFuture[Any]] = deque()
         self.wake_scheduled = False
+        """A pump is on its way: a spawn need not arrange one."""
+        self.unsent = False
+        """A spawn arranged a pump without waking the loop; the selector will see to it."""
         self.taken = 0
         """Tasks taken off the queues (started, or retired as cancelled); any thread reads it."""
         self.space = threading.Condition()
@@ -102,6 +107,7 @@ class Scheduler:
 
         # The ledger: what the next drain reports, guarded by idle's lock.
         self.idle = threading.Condition()
+        self._idle_waiters = 0
         self._reported_completed = 0
         self._failed: list[TaskRecord] = []
         self._cancelled: list[TaskRecord] = []
@@ -218,7 +224,7 @@ class Scheduler:
             else:
                 del self._key_queues[key]
         self._start_ready()
-        if not self.outstanding and not self.inbox:
+        if self._idle_waiters and not self.outstanding and not self.inbox:
             with self.idle:
                 self.idle.notify_all()
 
@@ -268,6 +274,17 @@ class Scheduler:
     def is_idle(self) -> bool:
         """True when nothing is queued or running."""
         return not self.inbox and not self.outstanding
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` s until nothing is queued or running; True if so."""
+        with self.idle:
+            # Counted under the lock before the check, so the loop, which notifies only
+            # when someone waits, cannot miss this waiter.
+            self._idle_waiters += 1
+            try:
+                return self.idle.wait_for(self.is_idle, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def unfinished(self) -> list[TaskFuture[Any]]:
         """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
