@@ -167,20 +167,19 @@ class TaskFuture(Generic[T]):
             msg = f"task {self.name!r} did not finish within {timeout} s"
             raise TimeoutError(msg)
 
-    def _start(
-        self, loop: asyncio.AbstractEventLoop, runner: Callable[[], Coroutine[Any, Any, None]]
-    ) -> bool:
-        """Start a queued task as an asyncio task; False if it was cancelled while queued.
+    def _start(self, loop: asyncio.AbstractEventLoop, runner: Coroutine[Any, Any, None]) -> bool:
+        """Run `runner` as the task's asyncio task; False (and closed) if it was cancelled.
 
         State and task change together under the lock, so cancel() never sees a running
         task without the asyncio task it has to cancel.
         """
         with _LOCK:
-            if self._state != QUEUED:
-                return False
-            self._state = RUNNING
-            self.asyncio_task = loop.create_task(runner())
-            return True
+            if self._state == QUEUED:
+                self._state = RUNNING
+                self.asyncio_task = loop.create_task(runner)
+                return True
+        runner.close()
+        return False
 
     def _set_result(self, result: T) -> None:
         with _LOCK:
