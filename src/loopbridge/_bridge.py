@@ -25,6 +25,7 @@ from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThr
 from loopbridge._future import BRIDGE_LOOPS, TaskFuture
 from loopbridge._report import BridgeStats, DrainReport, Loss
 from loopbridge._scheduler import LoopSelector, Scheduler, record_of
+from loopbridge._waker import Waker
 
 __all__ = ["Bridge"]
 
@@ -81,6 +82,7 @@ class Bridge:
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         self._selector: LoopSelector | None = None
+        self._waker: Waker | None = None
         self._started_at = 0.0
         self._sched = Scheduler(max_in_flight=max_in_flight, max_pending=max_pending)
         self._seq = itertools.count(1)
@@ -166,6 +168,7 @@ class Bridge:
         asyncio.set_event_loop(loop)
         self._selector = selector
         self._sched.loop = loop
+        self._waker = Waker(loop, self._sched.pump_soon)
         self._loop = loop
         BRIDGE_LOOPS.add(loop)
         self._thread_id = threading.get_ident()
@@ -181,6 +184,8 @@ class Bridge:
                     loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
+                if self._waker is not None:
+                    self._waker.detach()
                 asyncio.set_event_loop(None)
                 loop.close()
 
@@ -305,9 +310,9 @@ class Bridge:
             selector = self._selector
             assert selector is not None  # set before the state becomes RUNNING
             if selector.sleeping:
-                loop = self._loop
-                assert loop is not None  # set with the selector
-                loop.call_soon_threadsafe(sched.pump)
+                waker = self._waker
+                assert waker is not None  # set with the selector
+                waker.wake()
         self._spawn_ns += _perf_ns() - started
         return future
 
