@@ -3,8 +3,9 @@
 This module is the callers' half: the lifecycle, `spawn`, `call`, `drain` and `close`. The
 spawn path is the hot path: it allocates one TaskFuture, appends it to a deque (atomic under
 the GIL) and wakes the loop only if the loop is asleep and no wake-up is on its way, so a
-burst of spawns costs at most one cross-thread wake-up. What then happens on the loop
-thread (per-key order, the in-flight limit, the ledger) is in `_scheduler.py`.
+burst of spawns costs at most one cross-thread wake-up, and that one keeps the GIL
+(`_waker.py`). What then happens on the loop thread (per-key order, the in-flight limit,
+the ledger) is in `_scheduler.py`.
 """
 
 from __future__ import annotations
