@@ -72,6 +72,7 @@ class Worker:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(WAIT)
         assert self.proc.returncode == -signal.SIGKILL
+        self._reader.join(WAIT)  # the pipe is at EOF now; close it only once nobody reads it
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
