@@ -221,6 +221,49 @@ class TestCrashThenResume:
             assert len(journal.intents()) == last + 2
 
 
+class TestExperimentRestart:
+    def test_an_experiment_started_again_finishes_what_failed_before(self, tmp_path: Path) -> None:
+        """Uploads that failed in an experiment's first attempt publish when it runs again."""
+        remote = tmp_path / "remote"
+        remote.write_bytes(b"in the way")  # the store's root is a file: every upload fails
+
+        def save(state: lb.LoopState, path: Path) -> None:
+            path.write_bytes(f"{state.run_name} {state.step}".encode() * 100)
+
+        def experiment(start_step: int) -> lb.ExperimentResult:
+            def build(ctx: lb.LogContext) -> lb.TrainLoop:
+                return lb.TrainLoop(
+                    lambda state, batch: {"loss": 0.5},
+                    range(10),
+                    max_steps=start_step + 2,
+                    start_step=start_step,
+                    out_dir=tmp_path / "runs" / str(ctx.run_name),
+                    save=save,
+                    checkpoint_every=1,
+                )
+
+            uploader = CheckpointUploader(remote.as_uri())
+            return lb.Experiment(
+                "exp", {"arm": {}}, build, callbacks=[uploader], on_drain_failure="warn"
+            ).run()
+
+        first = experiment(0)
+        (run,) = first.arms["arm"].runs
+        assert run.drain_report is not None
+        assert len(run.drain_report.failed) == 2
+        remote.unlink()
+
+        second = experiment(2)
+        (run,) = second.arms["arm"].runs
+        assert run.drain_report is not None
+        assert run.drain_report.ok, run.drain_report.summary()
+        (prefix,) = [p.parent for p in remote.rglob("manifest.json")]
+        manifest = json.loads((prefix / "manifest.json").read_bytes())
+        assert [entry["step"] for entry in manifest["checkpoints"]] == [1, 2, 3, 4]
+        assert json.loads((prefix / "latest").read_bytes())["step"] == 4
+        assert prefix.relative_to(remote).parts[:2] == ("exp", "arm")
+
+
 # -- what cannot be published is reported -----------------------------------------------------
 
 
