@@ -64,11 +64,18 @@ class _PartBodyPayload(payload.Payload):
         return self._value.data.decode(encoding, errors)
 
     async def write(self, writer: Any) -> None:
-        await writer.write(self._value.data)
+        await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        data = self._value.data
-        await writer.write(data if content_length is None else data[:content_length])
+        view = self._value._view
+        if content_length is not None:
+            view = view[:content_length]
+        # Headers on their own: coalesced with the body, they would be joined to it (a copy
+        # of the whole body, under the GIL, on Pythons whose transports lack writelines).
+        writer.send_headers()
+        # A memoryview, so the part the socket does not take at once is copied only once,
+        # into the transport's buffer, not sliced into a new bytes object first.
+        await writer.write(view)
 
 
 # Registered for this exact type only, so no other body changes how it is sent.
