@@ -33,6 +33,12 @@ class TestLocalStore:
         assert hashlib.sha256(stored).hexdigest() == sha
         assert [info.key for info in await store.list("a/")] == ["a/b/ckpt.bin"]
 
+    async def test_async_with_gives_the_store(self, tmp_path: Path) -> None:
+        """LocalStore works as an async context manager, closing on the way out."""
+        async with LocalStore(tmp_path) as store:
+            await store.put_bytes("k", b"v")
+        assert (tmp_path / "k").read_bytes() == b"v"
+
     async def test_bytes_round_trip_head_list_delete(self, tmp_path: Path) -> None:
         """put_bytes, get_bytes, head, list and delete agree with each other."""
         store = LocalStore(tmp_path)

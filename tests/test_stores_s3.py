@@ -378,6 +378,15 @@ class TestConfiguration:
         await store.aclose()
         assert store._clients == {}
 
+    async def test_async_with_closes_the_client(self, make_store: StoreFactory) -> None:
+        """`async with` hands back the store and closes its client on the way out."""
+        async with make_store() as store:
+            await store.put_bytes("ctx", b"1")
+            assert store._clients != {}
+        assert store._clients == {}
+        assert await store.get_bytes("ctx") == b"1"  # a later call opens a fresh client
+        await store.aclose()
+
     async def test_missing_aioboto3_names_the_extra(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without aioboto3 the store says to install loopbridge[s3]."""
         monkeypatch.setitem(sys.modules, "aioboto3", None)

@@ -16,6 +16,8 @@ import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from loopbridge._digest import CHUNK_BYTES
 from loopbridge._exceptions import IntegrityError, StoreError
@@ -102,6 +104,18 @@ class LocalStore:
 
     async def aclose(self) -> None:
         """Nothing to release: files are opened and closed per call."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the store (`async with LocalStore(...) as store:`)."""
+        await self.aclose()
 
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Remove temporary files under `prefix` left by a dead process; returns how many."""

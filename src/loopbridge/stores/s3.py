@@ -28,7 +28,8 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError, PermanentStoreError
@@ -241,6 +242,18 @@ class S3Store:
         entry = self._clients.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the client of the running loop (`async with S3Store(...) as store:`)."""
+        await self.aclose()
 
     # -- helpers ---------------------------------------------------------------------------
 
