@@ -4,6 +4,9 @@ Hooks run inline on the loop thread; slow work is spawned onto one background ev
 and drained, with a report, when training ends.
 """
 
+# The built-in callbacks and stores, so that `lb.callbacks.CheckpointUploader` works after
+# `import loopbridge as lb`; their optional dependencies (aioboto3) load only when used.
+from loopbridge import callbacks, stores
 from loopbridge._bridge import Bridge
 from loopbridge._callback import HOOK_NAMES, Callback
 from loopbridge._dispatch import CallbackList
@@ -77,4 +80,6 @@ __all__ = [
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
+    "callbacks",
+    "stores",
 ]
