@@ -29,7 +29,7 @@ __all__ = ["JOURNAL_FILE", "UploadIntent", "UploadJournal", "find_journals"]
 
 JOURNAL_FILE = "upload-journal.sqlite3"
 _APPLICATION_ID = 0x4C42524A  # "LBRJ": tells our journal from any other SQLite file
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: store_options column, no secondary index
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS intents (
