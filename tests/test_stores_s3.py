@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from loopbridge._exceptions import (
     StoreError,
 )
 from loopbridge.stores import ObjectStore, S3Store
+from loopbridge.stores._source import hash_thread
 from tests.fixtures.s3 import (
     Delay,
     FaultProxy,
@@ -321,6 +323,42 @@ class TestMultipartSafety:
         assert s3_bucket.open_multipart_uploads() == []
         assert s3_bucket.list_keys() == []
 
+    async def test_cancelled_while_creating_aborts_the_created_upload(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """Parts are read while the upload is created; cancelled then, the upload is aborted."""
+        source = tmp_path / "big.bin"
+        _random_file(source, 11 * MiB)
+        fault_proxy.add(FaultRule((Delay(0.5),), method="POST", path=r"\?uploads"))
+        arrived = fault_proxy.arrived("POST", r"\?uploads")
+        task = asyncio.create_task(make_store().put_file("k/big", source))
+        await asyncio.to_thread(arrived.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fault_proxy.requests("PUT", r"partNumber=") == []
+        assert len(fault_proxy.requests("DELETE", r"uploadId=")) == 1
+        assert s3_bucket.open_multipart_uploads() == []
+        assert s3_bucket.list_keys() == []
+
+    async def test_refused_create_sends_no_part(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """A create refused for good fails once, naming the operation; no part is sent."""
+        source = tmp_path / "big.bin"
+        _random_file(source, 11 * MiB)
+        fault_proxy.add(FaultRule((DENIED,), method="POST", path=r"\?uploads"))
+        with pytest.raises(PermanentStoreError, match="CreateMultipartUpload"):
+            await make_store().put_file("k/big", source)
+        assert len(fault_proxy.requests("POST", r"\?uploads")) == 1
+        assert fault_proxy.requests("PUT") == []
+        assert fault_proxy.requests("DELETE") == []
+        assert s3_bucket.list_keys() == []
+
     async def test_file_deleted_mid_upload_is_not_published(
         self,
         make_store: StoreFactory,
@@ -386,6 +424,18 @@ class TestConfiguration:
         assert store._clients == {}
         assert await store.get_bytes("ctx") == b"1"  # a later call opens a fresh client
         await store.aclose()
+
+    @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+    async def test_hashing_runs_on_lower_priority_threads(self) -> None:
+        """Reading and hashing parts yields the CPU to the training thread when cores are busy."""
+
+        def where() -> tuple[str, int]:
+            tid = threading.get_native_id()
+            return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)
+
+        name, nice = await hash_thread(where)
+        assert name.startswith("loopbridge-hash")
+        assert nice >= 5
 
     async def test_missing_aioboto3_names_the_extra(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without aioboto3 the store says to install loopbridge[s3]."""

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError, PermanentStoreError
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
-from loopbridge.stores._source import SourceFile
+from loopbridge.stores._source import SourceFile, hash_thread
 from loopbridge.stores.keys import join_key, normalize_prefix
 from loopbridge.stores.protocol import ObjectInfo, PutResult
 
@@ -351,7 +351,7 @@ class S3Store:
         """Read the whole (small) file, check it, then PutObject and HEAD it."""
         counter = _Counter()
         data = await source.read_part(self._threshold + 1)
-        md5 = await asyncio.to_thread(_md5, data)
+        md5 = await hash_thread(_md5, data)
         # Checked before sending: a changed file never reaches the key.
         await source.check_unchanged(expected_sha256)
         etag = await self._put_object(
@@ -386,19 +386,25 @@ class S3Store:
             )
             return result
 
-        created = await self._call("CreateMultipartUpload", full_key, create, counter)
-        upload_id = str(created["UploadId"])
-        create_retried = counter.retries > 0
+        # Created while the first parts are read and hashed; each part waits for it to send.
+        created = asyncio.ensure_future(
+            self._call("CreateMultipartUpload", full_key, create, counter)
+        )
+        create_retries: builtins.list[int] = []
+        created.add_done_callback(lambda _: create_retries.append(counter.retries))
+        upload_id: str | None = None
         completed = False
         try:
             parts, part_md5s = await self._send_parts(
                 client=client,
                 full_key=full_key,
-                upload_id=upload_id,
+                created=created,
                 source=source,
                 part_size=part_size,
                 counter=counter,
             )
+            # Every part waited for the creation, so it is done.
+            upload_id = str(created.result()["UploadId"])
             # Nothing is published until here: a file that changed while read is refused.
             await source.check_unchanged(expected_sha256)
             expected_etag = (
@@ -415,10 +421,12 @@ class S3Store:
             )
             completed = True
         except BaseException:
-            await self._abort(client, full_key, upload_id)
+            upload_id = await self._created_id(created)
+            if upload_id is not None:
+                await self._abort(client, full_key, upload_id)
             raise
         finally:
-            if create_retried:
+            if create_retries and create_retries[0] > 0:
                 # A retried create may have started uploads whose replies were lost.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_ABORT_TIMEOUT * 2):
@@ -436,12 +444,27 @@ class S3Store:
             retries=counter.retries,
         )
 
+    async def _created_id(self, created: asyncio.Future[dict[str, Any]]) -> str | None:
+        """The id of an upload whose creation may be in flight (to abort it); None if none."""
+        try:
+            if not created.done():
+                # Bounded: this runs while a failed or cancelled upload unwinds.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ABORT_TIMEOUT):
+                        await asyncio.wait([created])
+        finally:
+            if not created.done():
+                created.cancel()
+        if created.cancelled() or created.exception() is not None:
+            return None
+        return str(created.result()["UploadId"])
+
     async def _send_parts(
         self,
         *,
         client: Any,
         full_key: str,
-        upload_id: str,
+        created: asyncio.Future[dict[str, Any]],
         source: SourceFile,
         part_size: int,
         counter: _Counter,
@@ -456,7 +479,9 @@ class S3Store:
         async def send(number: int, data: bytes) -> dict[str, Any]:
             try:
                 # Hashed here, not by the reader, so parts hash in parallel with reading.
-                md5 = md5s[number] = await asyncio.to_thread(_md5, data)
+                md5 = md5s[number] = await hash_thread(_md5, data)
+                # Shielded: a part cancelled here must not cancel the creation it waits for.
+                upload_id = str((await asyncio.shield(created))["UploadId"])
 
                 async def upload() -> dict[str, Any]:
                     result: dict[str, Any] = await client.upload_part(
