@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -173,3 +175,69 @@ class TestFinding:
             tmp_path / "a/x" / JOURNAL_FILE,
             tmp_path / "b" / JOURNAL_FILE,
         ]
+
+
+class TestOwnership:
+    """A journal is claimed by the process that has it open, until that process ends."""
+
+    def test_second_opener_is_refused_with_the_holder_named(self, tmp_path: Path) -> None:
+        """Another process cannot open a journal this one holds; the error names our pid."""
+        path = tmp_path / JOURNAL_FILE
+        with UploadJournal(path):
+            code = (
+                "import sys\n"
+                "from pathlib import Path\n"
+                "from loopbridge.journal import UploadJournal\n"
+                "from loopbridge._exceptions import JournalError\n"
+                "try:\n"
+                f"    UploadJournal(Path({str(path)!r}))\n"
+                "except JournalError as exc:\n"
+                "    print(exc)\n"
+                "    sys.exit(3)\n"
+            )
+            proc = subprocess.run(
+                [sys.executable, "-c", code],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert proc.returncode == 3, proc.stderr
+        assert "in use by a running process" in proc.stdout
+        assert f"pid {os.getpid()}" in proc.stdout
+
+    def test_claim_ends_when_the_holder_is_killed(self, tmp_path: Path) -> None:
+        """A journal held by a process killed with SIGKILL can be opened at once after."""
+        path = tmp_path / JOURNAL_FILE
+        code = (
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from loopbridge.journal import UploadJournal\n"
+            f"journal = UploadJournal(Path({str(path)!r}))\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(JournalError, match="in use by a running process"):
+                UploadJournal(path)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+            for stream in (holder.stdin, holder.stdout):
+                if stream is not None:
+                    stream.close()
+        with UploadJournal(path) as journal:
+            assert journal.open_intents() == []
+
+    def test_close_lets_go(self, tmp_path: Path) -> None:
+        """Once closed, the same process can open the journal again."""
+        path = tmp_path / JOURNAL_FILE
+        UploadJournal(path).close()
+        UploadJournal(path).close()

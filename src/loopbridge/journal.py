@@ -14,13 +14,16 @@ training thread waits for, and the open intents are read once per run (a scan of
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from loopbridge._exceptions import JournalError
 from loopbridge._types import ManifestRow
@@ -74,22 +77,28 @@ class UploadIntent:
 class UploadJournal:
     """A run's upload journal; safe to use from the loop thread and the bridge thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Held while open, so `loopbridge resume` cannot abort the uploads of a live run;
+        # the kernel lets go of it when the process dies, even by SIGKILL.
+        self._owner = _claim(path) if exclusive else None
         existed = path.exists() and path.stat().st_size > 0
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
+            self._release()
             raise JournalError(_unreadable(path, exc)) from exc
         self._lock = threading.Lock()
         try:
             self._open(existed)
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            self._release()
             raise JournalError(_unreadable(path, exc)) from exc
         except JournalError:
             self._db.close()
+            self._release()
             raise
 
     def _open(self, existed: bool) -> None:
@@ -127,9 +136,15 @@ class UploadJournal:
         self.close()
 
     def close(self) -> None:
-        """Close the database; the WAL is folded back into it."""
+        """Close the database (the WAL is folded back into it) and let go of the claim."""
         with self._lock:
             self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.close()  # closing the descriptor drops the flock
 
     def record_intent(
         self,
@@ -236,6 +251,28 @@ class UploadJournal:
             )
             for r in rows
         ]
+
+
+def _claim(path: Path) -> IO[str]:
+    """Take the journal's lock file, or say which process holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    handle = lock_path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        msg = (
+            f"{path} is in use by a running process ({holder}); resume its uploads only "
+            f"once that process has ended (its own run finishes them)"
+        )
+        raise JournalError(msg) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def find_journals(out_dir: Path) -> Iterator[Path]:
