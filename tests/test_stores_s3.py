@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,43 @@ class TestRoundTrip:
         puts = fault_proxy.requests("PUT")
         assert {r.headers["x-amz-content-sha256"] for r in puts} == {"UNSIGNED-PAYLOAD"}
         assert all("content-md5" in r.headers for r in puts)
+
+    @pytest.mark.parametrize(
+        ("option", "env", "sent"),
+        [(None, None, True), (False, None, False), (None, "when_required", False)],
+    )
+    async def test_parts_carry_a_crc32_unless_configured_off(
+        self,
+        *,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        option: bool | None,
+        env: str | None,
+        sent: bool,
+    ) -> None:
+        """Parts carry the CRC32 S3 checks (as boto3 sends), off by option or AWS setting."""
+        if env is not None:
+            monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", env)
+        source = tmp_path / "big.bin"
+        data = os.urandom(11 * MiB)
+        source.write_bytes(data)
+        store = make_store(checksum_crc32=option, part_size=8 * MiB)
+        result = await store.put_file("k", source)
+        assert result.parts == 2
+        assert s3_bucket.sha256("pre/k") == hashlib.sha256(data).hexdigest()
+        parts = fault_proxy.requests("PUT", r"partNumber=")
+        crcs = [r.headers.get("x-amz-checksum-crc32") for r in parts]
+        if sent:
+            expected = {
+                base64.b64encode(zlib.crc32(data[i : i + 8 * MiB]).to_bytes(4, "big")).decode()
+                for i in (0, 8 * MiB)
+            }
+            assert set(crcs) == expected
+        else:
+            assert crcs == [None, None]
 
     async def test_signed_payloads_work_too(
         self,

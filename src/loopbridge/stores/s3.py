@@ -16,6 +16,11 @@ checks the stored size. Because the server checks every body against its Content
 body's SHA-256 is not also signed (botocore makes the same choice over HTTPS); over plain
 HTTP botocore would otherwise hash every body again on the event loop. Pass
 `sign_payload=True` to sign bodies anyway.
+
+Multipart uploads also carry a CRC32 per part (`x-amz-checksum-crc32`, as boto3 sends by
+default), which S3 checks against each body and combines at completion; the ETag checks are
+unchanged. For S3-compatible servers that reject checksum headers, pass `checksum_crc32=False`
+or set `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`, as for any AWS tool.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import builtins
 import contextlib
 import hashlib
 import logging
+import os
+import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +86,18 @@ def _md5_header(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def _part_digests(data: bytes) -> tuple[bytes, str]:
+    """A part's MD5 digest and its base64 CRC32 (`x-amz-checksum-crc32`), in one thread trip."""
+    crc = zlib.crc32(data).to_bytes(4, "big")
+    return _md5(data), base64.b64encode(crc).decode("ascii")
+
+
+def _crc32_by_default() -> bool:
+    """Whether the AWS configuration asks for checksums when supported (the default)."""
+    setting = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    return setting.strip().lower() != "when_required"
+
+
 def _etag(response: dict[str, Any]) -> str:
     """The ETag of a response without its quotes."""
     return str(response.get("ETag", "")).strip('"')
@@ -115,6 +134,7 @@ class S3Store:
         retry_slowdown_delay: float = 1.0,
         verify_etag: bool = True,
         sign_payload: bool = False,
+        checksum_crc32: bool | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             msg = f"invalid S3 bucket name {bucket!r}: give the bare bucket name, like 'my-bucket'"
@@ -149,6 +169,7 @@ class S3Store:
         )
         self._verify_etag = verify_etag
         self._sign_payload = sign_payload
+        self._crc32 = _crc32_by_default() if checksum_crc32 is None else checksum_crc32
         self._retries = 0
         # One client per event loop: aiohttp sessions belong to the loop that made them.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, contextlib.AsyncExitStack]] = {}
@@ -381,8 +402,9 @@ class S3Store:
         part_size = max(self._part_size, -(-source.size // _MAX_PARTS))
 
         async def create() -> dict[str, Any]:
+            extra = {"ChecksumAlgorithm": "CRC32"} if self._crc32 else {}
             result: dict[str, Any] = await client.create_multipart_upload(
-                Bucket=self._bucket, Key=full_key, ContentType="application/octet-stream"
+                Bucket=self._bucket, Key=full_key, ContentType="application/octet-stream", **extra
             )
             return result
 
@@ -479,7 +501,9 @@ class S3Store:
         async def send(number: int, data: bytes) -> dict[str, Any]:
             try:
                 # Hashed here, not by the reader, so parts hash in parallel with reading.
-                md5 = md5s[number] = await hash_thread(_md5, data)
+                md5, crc = await hash_thread(_part_digests, data)
+                md5s[number] = md5
+                extra = {"ChecksumCRC32": crc} if self._crc32 else {}
                 # Shielded: a part cancelled here must not cancel the creation it waits for.
                 upload_id = str((await asyncio.shield(created))["UploadId"])
 
@@ -492,13 +516,14 @@ class S3Store:
                         Body=_body(data),
                         ContentLength=len(data),
                         ContentMD5=_md5_header(md5),
+                        **extra,
                     )
                     return result
 
                 response = await self._call("UploadPart", full_key, upload, counter)
                 etag = _etag(response)
                 self._check_etag(full_key, etag, md5.hex(), f"UploadPart #{number}")
-                return {"PartNumber": number, "ETag": response["ETag"]}
+                return {"PartNumber": number, "ETag": response["ETag"], **extra}
             except BaseException:
                 failed.set()
                 raise
