@@ -66,6 +66,10 @@ async def make_store(s3_bucket: S3Bucket, fault_proxy: FaultProxy) -> AsyncItera
     yield make
     for store in stores:
         await store.aclose()
+    # Let the transports that aclose() and cancelled requests closed finish closing on this
+    # loop (their connection_lost is scheduled, not run), before pytest closes the loop.
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def _random_file(path: Path, size: int) -> str:

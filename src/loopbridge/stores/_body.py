@@ -10,6 +10,7 @@ transport then sends as much as the socket takes per wake-up.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -75,7 +76,16 @@ class _PartBodyPayload(payload.Payload):
         writer.send_headers()
         # A memoryview, so the part the socket does not take at once is copied only once,
         # into the transport's buffer, not sliced into a new bytes object first.
-        await writer.write(view)
+        try:
+            await writer.write(view)
+        except asyncio.CancelledError:
+            # Half sent, the connection is useless. A graceful close would wait for the
+            # peer to read the rest, which a stuck server never does: the socket would
+            # outlive its loop. Abort drops the buffer and closes at once.
+            transport = getattr(writer, "transport", None)
+            if transport is not None:
+                transport.abort()
+            raise
 
 
 # Registered for this exact type only, so no other body changes how it is sent.
