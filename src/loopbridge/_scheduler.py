@@ -33,6 +33,7 @@ _perf_ns = time.perf_counter_ns
 # An inbox at least this long when the loop wakes means a burst is under way.
 _BURST = 256
 _BURST_SETTLE_S = 0.0005
+_BURST_QUIET_S = 0.005
 # After moving work, look at the inbox again this soon: see Scheduler.pump.
 _LINGER_S = 0.0005
 
@@ -93,6 +94,7 @@ class Scheduler:
         self._pump_queued = False
         self._timer: asyncio.TimerHandle | None = None
         self._burst_seen = 0
+        self._burst_grew_at = 0.0
         self._ready: deque[TaskFuture[Any]] = deque()
         self._key_queues: dict[Hashable, deque[TaskFuture[Any]]] = {}
         self.outstanding: dict[int, TaskFuture[Any]] = {}
@@ -128,13 +130,18 @@ class Scheduler:
         self._pump_queued = False
         inbox = self.inbox
         size = len(inbox)
-        if size >= _BURST and size != self._burst_seen and size < self._max_pending // 2:
-            # A burst is still arriving: wait a moment, off the GIL, rather than contend with
-            # the submitting thread for it task by task. Backpressure bounds the wait.
-            self._burst_seen = size
-            self._arm(_BURST_SETTLE_S)
-            self.wake_scheduled = True
-            return
+        if _BURST <= size < self._max_pending // 2:
+            now = time.monotonic()
+            if size != self._burst_seen:
+                self._burst_seen, self._burst_grew_at = size, now
+            if now - self._burst_grew_at < _BURST_QUIET_S:
+                # A burst is still arriving: wait, off the GIL, rather than contend with the
+                # submitting thread for it task by task. A pause shorter than _BURST_QUIET_S
+                # (the submitter's garbage collection, say) does not end the burst.
+                # Backpressure bounds the wait.
+                self._arm(_BURST_SETTLE_S)
+                self.wake_scheduled = True
+                return
         self._burst_seen = 0
         # Cleared before draining: a spawn from here on arranges its own pump.
         self.wake_scheduled = False
