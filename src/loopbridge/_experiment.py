@@ -11,7 +11,7 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
-from loopbridge._loop import BenchmarkFn, DrainPolicy, TrainLoop
+from loopbridge._loop import BenchmarkFn, DrainPolicy, TrainLoop, check_benchmark
 from loopbridge._profile import HookProfiler
 from loopbridge._types import (
     ArmResult,
@@ -239,9 +239,7 @@ class Experiment:
         results = []
         for name, benchmark in self.benchmarks.items():
             evaluated, predictions = benchmark(loop.state)
-            if not isinstance(evaluated, EvalResult):
-                msg = f"benchmark {name!r} returned {type(evaluated).__name__}, not EvalResult"
-                raise TypeError(msg)
+            check_benchmark(name, evaluated)
             # Through the loop's list, so the run's own callbacks see its final scores too.
             loop.callbacks.on_benchmark_eval(ctx, evaluated, predictions, step=None)
             results.append(evaluated)

@@ -321,7 +321,7 @@ class TrainLoop:
             cbs.on_eval(state, step_idx, name, metrics)
         for name, benchmark in self.benchmarks.items():
             result, predictions = benchmark(state)
-            _check_benchmark(name, result)
+            check_benchmark(name, result)
             cbs.on_benchmark_eval(self.ctx, result, predictions, step=state.step)
 
     def _checkpoint(
@@ -395,7 +395,8 @@ def _check_positive(name: str, value: int | None) -> None:
         raise ValueError(msg)
 
 
-def _check_benchmark(name: str, result: object) -> None:
+def check_benchmark(name: str, result: object) -> None:
+    """Refuse a benchmark whose result is not an EvalResult, naming the benchmark."""
     if not isinstance(result, EvalResult):
         msg = (
             f"benchmark {name!r} returned {type(result).__name__} where (EvalResult, "
