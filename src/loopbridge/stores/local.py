@@ -16,13 +16,11 @@ import os
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from loopbridge._digest import CHUNK_BYTES
 from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge.stores.keys import join_key
-from loopbridge.stores.protocol import ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
 
 __all__ = ["LocalStore"]
 
@@ -34,7 +32,7 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class LocalStore:
+class LocalStore(ClosingStore):
     """An `ObjectStore` over a directory; keys map to relative paths under `root`."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -104,18 +102,6 @@ class LocalStore:
 
     async def aclose(self) -> None:
         """Nothing to release: files are opened and closed per call."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the store (`async with LocalStore(...) as store:`)."""
-        await self.aclose()
 
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Remove temporary files under `prefix` left by a dead process; returns how many."""

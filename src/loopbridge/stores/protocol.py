@@ -6,9 +6,10 @@ import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["CleansStaleUploads", "ObjectInfo", "ObjectStore", "PutResult"]
+__all__ = ["ClosingStore", "CleansStaleUploads", "ObjectInfo", "ObjectStore", "PutResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +102,21 @@ class CleansStaleUploads(Protocol):
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Abort or remove unfinished uploads under `prefix`; return how many."""
         ...
+
+
+class ClosingStore:
+    """Makes a store an async context manager that calls its `aclose()` on exit."""
+
+    async def aclose(self) -> None:
+        """Release the store's clients; stores override this."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

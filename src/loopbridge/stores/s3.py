@@ -35,15 +35,14 @@ import os
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError, PermanentStoreError
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
 from loopbridge.stores._source import SourceFile, hash_thread
 from loopbridge.stores.keys import join_key, normalize_prefix
-from loopbridge.stores.protocol import ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
 
 __all__ = ["S3Store"]
 
@@ -110,7 +109,7 @@ class _Counter:
         self.retries = 0
 
 
-class S3Store:
+class S3Store(ClosingStore):
     """An `ObjectStore` in one S3 bucket, with keys relative to `prefix`."""
 
     def __init__(
@@ -263,18 +262,6 @@ class S3Store:
         entry = self._clients.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the client of the running loop (`async with S3Store(...) as store:`)."""
-        await self.aclose()
 
     # -- helpers ---------------------------------------------------------------------------
 
