@@ -11,7 +11,14 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["CHUNK_BYTES", "combine_shard_digests", "digest_path", "sha256_file", "shard_files"]
+__all__ = [
+    "CHUNK_BYTES",
+    "combine_shard_digests",
+    "digest_path",
+    "sha256_file",
+    "shard_files",
+    "size_of",
+]
 
 CHUNK_BYTES = 1 << 20
 """Read size for hashing; large enough that hashlib releases the GIL for most of the work."""
@@ -54,3 +61,10 @@ def digest_path(path: Path) -> tuple[int, str]:
         return total, combine_shard_digests(shards)
     size, hexdigest = sha256_file(path)
     return size, "sha256:" + hexdigest
+
+
+def size_of(path: Path) -> int:
+    """Return the total size of a checkpoint file or directory of shards, without reading it."""
+    if path.is_dir():
+        return sum(file.stat().st_size for file in shard_files(path))
+    return path.stat().st_size

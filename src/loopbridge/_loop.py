@@ -18,7 +18,6 @@ from typing import Any, Literal, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
-from loopbridge._digest import digest_path
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
 from loopbridge._profile import HookProfiler, ProfileMark
@@ -338,18 +337,12 @@ class TrainLoop:
                 f"directory at exactly the path it is given"
             )
             raise FileNotFoundError(msg)
-        if self.hash_checkpoints:
-            size, digest = digest_path(path)
-        else:
-            size, digest = _size_of(path), None
-        row = ManifestRow(
+        row = ManifestRow.for_checkpoint(
+            path,
             step=state.step,
-            path=path,
-            size_bytes=size,
-            digest=digest,
-            created_at=time.time(),
             is_final=final,
             run_name=state.run_name,
+            digest=self.hash_checkpoints,
         )
         rows.write(row.to_json())
         manifest.append(row)
@@ -403,9 +396,3 @@ def check_benchmark(name: str, result: object) -> None:
             f"predictions) was expected"
         )
         raise TypeError(msg)
-
-
-def _size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,37 @@ class ManifestRow:
             "is_final": self.is_final,
             "run_name": self.run_name,
         }
+
+    @classmethod
+    def for_checkpoint(
+        cls,
+        path: Path,
+        *,
+        step: int,
+        is_final: bool = False,
+        run_name: str = "",
+        digest: bool = True,
+    ) -> ManifestRow:
+        """Describe a checkpoint already written at `path` (a file or a directory of shards).
+
+        For foreign loops and adapters as for `TrainLoop`: the size is measured, and the
+        digest computed unless `digest=False`.
+        """
+        from loopbridge._digest import digest_path, size_of
+
+        if digest:
+            size, content_digest = digest_path(path)
+        else:
+            size, content_digest = size_of(path), None
+        return cls(
+            step=step,
+            path=path,
+            size_bytes=size,
+            digest=content_digest,
+            created_at=time.time(),
+            is_final=is_final,
+            run_name=run_name,
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ManifestRow:
