@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 		{ echo "loopbridge needs Python 3.11 or newer: set PYTHON=python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0's CPU build lies on this disk; an unpinned torch pulled in
+	# by a framework would be a multi-GB CUDA build. The framework tests need it.
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
