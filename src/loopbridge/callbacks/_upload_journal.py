@@ -18,7 +18,7 @@ from typing import Any
 
 from loopbridge._exceptions import IntegrityError, JournalError
 from loopbridge._types import ManifestRow
-from loopbridge.journal import JOURNAL_FILE, UploadJournal
+from loopbridge.journal import JOURNAL_FILE, UploadIntent, UploadJournal
 from loopbridge.stores import CleansStaleUploads, ObjectStore, S3Store
 from loopbridge.stores.keys import join_key
 
@@ -82,6 +82,7 @@ class JournalBook:
         self._users: dict[Path, int] = {}
         self._closing: set[Path] = set()
         self._broken: dict[Path, JournalError] = {}
+        self._reported: set[JournalError] = set()
 
     def get(self, out_dir: Path) -> UploadJournal | JournalError:
         """The out dir's journal, opened (or created) on first use; its error if unusable."""
@@ -100,6 +101,55 @@ class JournalBook:
                 return exc
             self._open[out_dir] = journal
             return journal
+
+    def unfinished(
+        self, out_dir: Path, dest: str
+    ) -> list[tuple[UploadIntent, JournalEntry]] | JournalError:
+        """The open intents an earlier process left for `dest`, each with its entry."""
+        journal = self.get(out_dir)
+        if isinstance(journal, JournalError):
+            return journal
+        try:
+            intents = journal.open_intents()
+        except JournalError as exc:
+            return exc
+        mine = [i for i in intents if i.dest == dest]
+        if len(mine) < len(intents):
+            logger.warning(
+                "%s: %d open uploads to other destinations are left for `loopbridge resume`",
+                journal.path,
+                len(intents) - len(mine),
+            )
+        if mine:
+            logger.info("%s: resuming %d unfinished uploads", journal.path, len(mine))
+        return [(intent, self.entry(out_dir, journal, intent.id)) for intent in mine]
+
+    def record(
+        self,
+        out_dir: Path,
+        dest: str,
+        run_prefix: str,
+        row: ManifestRow,
+        options: dict[str, str],
+    ) -> JournalEntry | JournalError:
+        """Record an upload's intent; on failure the out dir's journal is not used again."""
+        journal = self.get(out_dir)
+        if isinstance(journal, JournalError):
+            return journal
+        try:
+            intent_id = journal.record_intent(dest, run_prefix, row, options)
+        except JournalError as exc:
+            self.set_broken(out_dir, exc)
+            return exc
+        return self.entry(out_dir, journal, intent_id)
+
+    def first_report(self, error: JournalError) -> bool:
+        """Whether `error` is reported for the first time (errors are kept, so by identity)."""
+        with self._lock:
+            if error in self._reported:
+                return False
+            self._reported.add(error)
+            return True
 
     def set_broken(self, out_dir: Path, error: JournalError) -> None:
         """Stop handing out the out dir's journal: `get` returns `error` until it is closed."""
