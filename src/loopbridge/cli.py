@@ -37,6 +37,13 @@ def _resume(argv: list[str]) -> int:
     parser.add_argument("--store", metavar="URL", help="publish to this store, not the recorded")
     parser.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint, not the recorded")
     parser.add_argument("--timeout", metavar="S", type=float, help="give up after S seconds")
+    parser.add_argument(
+        "--store-option",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="an S3 store option over the recorded ones (e.g. verify_etag=false); repeatable",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -46,10 +53,28 @@ def _resume(argv: list[str]) -> int:
     if not args.out_dir.is_dir():
         print(f"loopbridge resume: {args.out_dir} is not a directory", file=sys.stderr)
         return 2
+    from loopbridge.callbacks._store_options import decode_options
     from loopbridge.resume import resume_out_dir
 
+    options: dict[str, str] = {}
+    for item in args.store_option:
+        name, sep, value = item.partition("=")
+        if not name or not sep:
+            print(f"loopbridge resume: --store-option {item!r}: give NAME=VALUE", file=sys.stderr)
+            return 2
+        options[name] = value
+    try:
+        decode_options(options)
+    except ValueError as exc:
+        print(f"loopbridge resume: {exc}", file=sys.stderr)
+        return 2
+
     report = resume_out_dir(
-        args.out_dir, store=args.store, endpoint_url=args.endpoint_url, timeout=args.timeout
+        args.out_dir,
+        store=args.store,
+        endpoint_url=args.endpoint_url,
+        timeout=args.timeout,
+        store_options=options,
     )
     for line in report.lines():
         print(line)

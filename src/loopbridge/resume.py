@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loopbridge._exceptions import JournalError, LoopbridgeError
+from loopbridge.callbacks._store_options import decode_options
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
 from loopbridge.journal import UploadIntent, UploadJournal, find_journals
 from loopbridge.stores import ObjectStore, open_store
@@ -85,6 +86,7 @@ def resume_out_dir(
     store: str | None = None,
     endpoint_url: str | None = None,
     timeout: float | None = None,
+    store_options: Mapping[str, str] | None = None,
 ) -> ResumeReport:
     """Finish the open uploads of every journal under `out_dir`.
 
@@ -93,16 +95,21 @@ def resume_out_dir(
         store: publish to this store URL instead of the one each journal recorded.
         endpoint_url: the S3 endpoint to use instead of the recorded one.
         timeout: give up on what is still open after this many seconds (reported as failed).
+        store_options: S3 store options by name (`verify_etag`, `part_size`, ...), as
+            strings, over the ones each journal recorded.
     """
     report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir)))
     started = time.monotonic()
-    asyncio.run(_resume_all(report, store=store, endpoint_url=endpoint_url, limit=timeout))
+    overrides = dict(store_options or {})
+    if endpoint_url is not None:
+        overrides["endpoint_url"] = endpoint_url
+    asyncio.run(_resume_all(report, store=store, overrides=overrides, limit=timeout))
     report.elapsed = time.monotonic() - started
     return report
 
 
 async def _resume_all(
-    report: ResumeReport, *, store: str | None, endpoint_url: str | None, limit: float | None
+    report: ResumeReport, *, store: str | None, overrides: dict[str, str], limit: float | None
 ) -> None:
     """Open every journal and store, then resume each run's open intents on this loop."""
     journals: list[UploadJournal] = []
@@ -129,9 +136,7 @@ async def _resume_all(
                 )
         tasks = []
         for (path, dest, _), items in runs.items():
-            options = dict(items[0][1].store_options)
-            if endpoint_url is not None:
-                options["endpoint_url"] = endpoint_url
+            options = {**items[0][1].store_options, **overrides}
             url = store or dest
             key = (url, tuple(sorted(options.items())))
             if key not in uploaders:
@@ -154,10 +159,13 @@ async def _resume_all(
 def _uploader(url: str, options: dict[str, str]) -> CheckpointUploader | str:
     """An uploader over the store `url` names, or why that store cannot be opened."""
     try:
-        kwargs: dict[str, Any] = dict(options) if url.startswith("s3://") else {}
+        kwargs: dict[str, Any] = decode_options(options) if url.startswith("s3://") else {}
         store = open_store(url, **kwargs)
     except (ValueError, TypeError, LoopbridgeError) as exc:
-        return f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url)"
+        return (
+            f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url, "
+            f"--store-option NAME=VALUE)"
+        )
     return CheckpointUploader("", store=store, journal=False)
 
 

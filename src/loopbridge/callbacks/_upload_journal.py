@@ -12,17 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._exceptions import IntegrityError, JournalError, StoreError
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks._store_options import encode_options
 from loopbridge.journal import JOURNAL_FILE, UploadIntent, UploadJournal
 from loopbridge.stores import CleansStaleUploads, ObjectStore, S3Store
 from loopbridge.stores.keys import join_key
 
-__all__ = ["JournalBook", "JournalEntry", "resume_shortcut", "store_options"]
+__all__ = [
+    "JournalBook",
+    "JournalEntry",
+    "journal_options",
+    "resume_shortcut",
+    "store_options",
+]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
@@ -33,6 +41,15 @@ def store_options(store: ObjectStore) -> dict[str, str]:
         return {}
     options = {"endpoint_url": store.endpoint_url, "region": store.region}
     return {name: value for name, value in options.items() if value}
+
+
+def journal_options(store: ObjectStore, opened_with: Mapping[str, Any] | None) -> dict[str, str]:
+    """The options to record for `store`: those it was opened with, else what it tells."""
+    recorded = store_options(store)
+    if opened_with is not None and isinstance(store, S3Store):
+        # The endpoint as the store shows it: without any user or password in the URL.
+        recorded = {**encode_options(opened_with), **recorded}
+    return recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +227,20 @@ async def resume_shortcut(
         IntegrityError: it is not complete remotely and the local checkpoint is gone.
     """
     if isinstance(store, CleansStaleUploads):
-        stale = await store.abort_stale_uploads(step_prefix + "/")
-        if stale:
-            logger.info("cleared %d unfinished uploads under %s", stale, step_prefix)
+        # Best effort: stale parts cost storage, never correctness, so a store that cannot
+        # list them must not turn a publishable checkpoint into a failure.
+        try:
+            stale = await store.abort_stale_uploads(step_prefix + "/")
+        except (StoreError, OSError) as exc:
+            logger.warning(
+                "could not clear unfinished uploads under %s (%s); a bucket lifecycle rule "
+                "(AbortIncompleteMultipartUpload) will remove their parts",
+                step_prefix,
+                exc,
+            )
+        else:
+            if stale:
+                logger.info("cleared %d unfinished uploads under %s", stale, step_prefix)
     files = await _complete_files(store, row, step_prefix, marker)
     if files is not None:
         return files

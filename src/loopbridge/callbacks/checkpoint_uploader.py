@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -52,11 +52,12 @@ from loopbridge._types import (
     RunResult,
 )
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._store_options import check_store_options
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
+    journal_options,
     resume_shortcut,
-    store_options,
 )
 from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
 from loopbridge.journal import UploadIntent, UploadJournal
@@ -95,6 +96,10 @@ class CheckpointUploader(Callback):
             ones of an earlier process when a run starts again on the same out dir.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
+        store_options: any other `S3Store` keyword by name, such as `verify_etag`,
+            `multipart_threshold`, `addressing_style` or `checksum_crc32` (they win over the
+            keywords above). Recorded in the journal, so `loopbridge resume` reopens the
+            store the same way; never credentials.
 
     Raises:
         ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
@@ -113,27 +118,37 @@ class CheckpointUploader(Callback):
         call_timeout: float = 120.0,
         max_attempts: int = 5,
         journal: bool = True,
+        store_options: Mapping[str, Any] | None = None,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
         self.keep_last = keep_last
+        options: dict[str, Any] | None = None
         if store is None:
             text = os.fspath(dest)
+            extra = check_store_options(text, store_options or {})
             if text.startswith("s3://"):
-                store = open_store(
-                    text,
-                    part_size=part_size,
-                    max_concurrency=max_concurrency,
-                    endpoint_url=endpoint_url,
-                    region=region,
-                    call_timeout=call_timeout,
-                    max_attempts=max_attempts,
-                )
+                options = {
+                    "part_size": part_size,
+                    "max_concurrency": max_concurrency,
+                    "endpoint_url": endpoint_url,
+                    "region": region,
+                    "call_timeout": call_timeout,
+                    "max_attempts": max_attempts,
+                    **extra,
+                }
+                store = open_store(text, **options)
             else:
                 store = open_store(text)
             self._prefix = ""
         else:
+            if store_options:
+                msg = (
+                    f"store_options={dict(store_options)!r} configure a store the uploader "
+                    f"opens from dest; with store= given, set them on that store instead"
+                )
+                raise ValueError(msg)
             self._prefix = normalize_prefix(os.fspath(dest))
         self.store: ObjectStore = store
         self._publisher = Publisher(store, keep_last)
@@ -146,7 +161,8 @@ class CheckpointUploader(Callback):
         self._retries_at_start = store.retries
         self.journal = journal
         self._journals = JournalBook()
-        self._store_options = store_options(store)
+        # What reopening the store needs besides its URL (for `loopbridge resume`).
+        self._store_options = journal_options(store, options)
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
