@@ -194,8 +194,12 @@ class CheckpointUploader(Callback):
         if isinstance(found, JournalError):
             self._report_journal_error(found)
             return
-        if found:
-            self._close_store_with(self._attached_bridge())
+        if not found:
+            # Created (the costly part) but not held open: a run that fails before its first
+            # checkpoint spawns nothing, so no bridge shutdown would ever close it.
+            self._journals.close(state.out_dir)
+            return
+        self._close_store_with(self._attached_bridge())
         for intent, entry in found:
             self._spawn_upload(intent.row, intent.run_prefix, entry, resume=True)
 
