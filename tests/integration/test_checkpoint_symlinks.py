@@ -186,8 +186,12 @@ class TestUnreadableCheckpointsFail:
         make, why = BROKEN[case]
         remote = tmp_path / "remote"
         uploader = CheckpointUploader(str(remote))
+
+        def save(state: LoopState, path: Path) -> None:
+            make(path)
+
         with pytest.raises(CheckpointFilesError, match=why):
-            _train(tmp_path, lambda state, path: make(path) and None, uploader)
+            _train(tmp_path, save, uploader)
         assert not [p for p in remote.rglob("*") if p.is_file()]
 
     def test_a_link_that_breaks_before_upload_fails_the_upload_naming_it(
