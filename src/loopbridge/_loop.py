@@ -20,6 +20,7 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
+from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
@@ -201,6 +202,8 @@ class TrainLoop:
             self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
         self.callbacks.bridge = self._bridge
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Before any hook: a used out dir is continued explicitly (start_step) or refused.
+        claim_out_dir(self.out_dir, self._start_step)
         try:
             return self._run()
         except KeyboardInterrupt:
@@ -330,6 +333,8 @@ class TrainLoop:
         assert self.save is not None  # callers check
         path = self.out_dir / CHECKPOINT_DIR / f"step-{state.step:08d}"
         path.parent.mkdir(parents=True, exist_ok=True)
+        # An earlier run's file there would pass the existence check below as this run's.
+        clear_stale_checkpoint(path)
         self.save(state, path)
         if not path.exists():
             msg = (

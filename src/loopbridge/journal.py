@@ -203,6 +203,10 @@ class UploadJournal:
             (error[:2000], time.time(), intent_id),
         )
 
+    def withdraw(self, intent_id: int) -> None:
+        """Remove an intent no longer wanted (a later run superseded its step)."""
+        self._execute("withdraw an upload intent", "DELETE FROM intents WHERE id = ?", (intent_id,))
+
     def _execute(self, what: str, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         """Run one statement under the lock; a database error becomes a JournalError."""
         with self._lock:

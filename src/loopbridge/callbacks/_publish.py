@@ -54,12 +54,19 @@ class Publisher:
         self._manifests: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._pruned = 0
+        # Runs continuing from a step: the earlier run's checkpoints past it are superseded.
+        self._continues: dict[str, int] = {}
 
     @property
     def pruned(self) -> int:
         """Checkpoints pruned past `keep_last` so far."""
         with self._lock:
             return self._pruned
+
+    def supersede_after(self, run_prefix: str, step: int) -> None:
+        """The run continues from `step`: drop (and prune) its published steps past it."""
+        with self._lock:
+            self._continues[run_prefix] = step
 
     async def publish(
         self, row: ManifestRow, run_prefix: str, step_dir: str, shards: list[Shard]
@@ -83,10 +90,18 @@ class Publisher:
             [e for e in entries if e["step"] != row.step] + [entry], key=lambda e: int(e["step"])
         )
         doomed: list[dict[str, Any]] = []
+        with self._lock:
+            after = self._continues.pop(run_prefix, None)
+        if after is not None:
+            # Once, before this run's own steps join: an earlier run's later steps are
+            # replaced by this run's history.
+            doomed = [e for e in entries if int(e["step"]) > after and e["prefix"] != step_dir]
+            entries[:] = [e for e in entries if e not in doomed]
         if self.keep_last is not None and len(entries) > self.keep_last:
             # Never the newest and never the one `latest` is about to point at.
-            doomed = [e for e in entries[: -self.keep_last] if e["prefix"] != step_dir]
-            entries[:] = [e for e in entries if e not in doomed]
+            past = [e for e in entries[: -self.keep_last] if e["prefix"] != step_dir]
+            entries[:] = [e for e in entries if e not in past]
+            doomed += past
         manifest = {"version": 1, "run": run_prefix, "checkpoints": entries}
         await self.store.put_bytes(join_key(run_prefix, MANIFEST), _json(manifest))
         # The newest step, not this one: a resumed older checkpoint must not move it back.

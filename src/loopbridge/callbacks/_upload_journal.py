@@ -120,14 +120,21 @@ class JournalBook:
             return journal
 
     def unfinished(
-        self, out_dir: Path, dest: str
+        self, out_dir: Path, dest: str, after: int
     ) -> list[tuple[UploadIntent, JournalEntry]] | JournalError:
-        """The open intents an earlier process left for `dest`, each with its entry."""
+        """The open intents an earlier process left for `dest`, each with its entry.
+
+        A run continuing from step `after` > 0 supersedes the earlier run's steps past it:
+        their open intents are withdrawn, never resumed, since this run saves those steps anew
+        (a run from step 0 in a used out dir is refused by the loop before it gets here).
+        """
         journal = self.get(out_dir)
         if isinstance(journal, JournalError):
             return journal
         try:
             intents = journal.open_intents()
+            if after > 0:
+                intents = self._withdraw_superseded(journal, intents, after)
         except JournalError as exc:
             return exc
         mine = [i for i in intents if i.dest == dest]
@@ -140,6 +147,24 @@ class JournalBook:
         if mine:
             logger.info("%s: resuming %d unfinished uploads", journal.path, len(mine))
         return [(intent, self.entry(out_dir, journal, intent.id)) for intent in mine]
+
+    @staticmethod
+    def _withdraw_superseded(
+        journal: UploadJournal, intents: list[UploadIntent], after: int
+    ) -> list[UploadIntent]:
+        """Withdraw the intents past step `after`; return the others."""
+        superseded = [i for i in intents if i.row.step > after]
+        for intent in superseded:
+            journal.withdraw(intent.id)
+            logger.warning(
+                "%s: the unfinished upload of step %d (%s) is withdrawn: this run continues "
+                "from step %d and saves that step anew",
+                journal.path,
+                intent.row.step,
+                intent.row.path,
+                after,
+            )
+        return [i for i in intents if i.row.step <= after]
 
     def record(
         self,

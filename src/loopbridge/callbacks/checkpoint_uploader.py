@@ -187,10 +187,12 @@ class CheckpointUploader(Callback):
 
     def on_train_start(self, state: LoopState) -> None:
         """Open the run's journal; queue the uploads an earlier process left unfinished in it."""
+        if state.step > 0:
+            self._publisher.supersede_after(self.run_prefix(state), state.step)
         if not self.journal:
             return
         # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs.
-        found = self._journals.unfinished(state.out_dir, self.store.url)
+        found = self._journals.unfinished(state.out_dir, self.store.url, after=state.step)
         if isinstance(found, JournalError):
             self._report_journal_error(found)
             return
