@@ -115,33 +115,40 @@ async def _resume_all(
     journals: list[UploadJournal] = []
     uploaders: dict[tuple[str, tuple[tuple[str, str], ...]], CheckpointUploader | str] = {}
     runs: dict[tuple[Path, str, str], list[tuple[UploadJournal, UploadIntent]]] = {}
+    # Every run a journal names, open uploads or not: each is swept for stale leftovers.
+    known: dict[tuple[Path, str, str], UploadIntent] = {}
     finished: set[tuple[Path, int]] = set()
     try:
         for path in report.journals:
             try:
                 journal = UploadJournal(path)
                 journals.append(journal)
-                intents = journal.open_intents()
+                every = journal.intents()
             except JournalError as exc:
                 report.outcomes.append(ResumeOutcome(path, str(exc), ok=False))
                 continue
+            intents = [i for i in every if i.state != "published"]
             if not intents:
-                done = len(journal.intents())
                 report.outcomes.append(
-                    ResumeOutcome(path, f"{path}: nothing open ({done} published)", ok=True)
+                    ResumeOutcome(path, f"{path}: nothing open ({len(every)} published)", ok=True)
                 )
+            for intent in every:
+                known.setdefault((path, intent.dest, intent.run_prefix), intent)
             for intent in intents:
                 runs.setdefault((path, intent.dest, intent.run_prefix), []).append(
                     (journal, intent)
                 )
         tasks = []
-        for (path, dest, _), items in runs.items():
-            options = {**items[0][1].store_options, **overrides}
+        for (path, dest, run_prefix), first in known.items():
+            options = {**first.store_options, **overrides}
             url = store or dest
             key = (url, tuple(sorted(options.items())))
             if key not in uploaders:
                 uploaders[key] = _uploader(url, options)
-            tasks.append(_resume_run(report, path, uploaders[key], items, finished))
+            items = runs.get((path, dest, run_prefix), [])
+            tasks.append(
+                _resume_run(report, path, uploaders[key], items, finished, run_prefix=run_prefix)
+            )
         try:
             async with asyncio.timeout(limit):
                 await asyncio.gather(*tasks)
@@ -175,8 +182,10 @@ async def _resume_run(
     uploader: CheckpointUploader | str,
     items: list[tuple[UploadJournal, UploadIntent]],
     finished: set[tuple[Path, int]],
+    *,
+    run_prefix: str,
 ) -> None:
-    """Resume one run's open intents in the order they were recorded."""
+    """Resume one run's open intents in the order they were recorded; then sweep the run."""
     for journal, intent in items:
         row = intent.row
         if isinstance(uploader, str):
@@ -194,6 +203,22 @@ async def _resume_run(
                 outcome = ResumeOutcome(path, f"published ({how})", True, row.step, where)
         report.outcomes.append(outcome)
         finished.add((path, intent.id))
+    if isinstance(uploader, CheckpointUploader):
+        report.outcomes.extend(await _sweep(path, uploader, run_prefix))
+
+
+async def _sweep(path: Path, uploader: CheckpointUploader, run_prefix: str) -> list[ResumeOutcome]:
+    """Remove what failed or abandoned uploads left under the run's unpublished steps."""
+    where = f"{uploader.store.url}/{run_prefix}"
+    try:
+        removed = await uploader.sweep_unpublished(run_prefix)
+    except Exception as exc:
+        return [ResumeOutcome(path, f"{where}: stale leftovers not removed: {exc}", ok=False)]
+    if not removed:
+        return []
+    detail = f"{where}: removed stale leftovers of unpublished {', '.join(removed)}"
+    logger.info("%s", detail)
+    return [ResumeOutcome(path, detail, ok=True)]
 
 
 def _report_unfinished(

@@ -9,17 +9,18 @@ store the first time so a resumed run carries on) and `latest`; it prunes checkp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from loopbridge._digest import combine_shard_digests
+from loopbridge._exceptions import StoreError
 from loopbridge._types import ManifestRow
-from loopbridge.stores import ObjectStore
+from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
 
 __all__ = ["LATEST", "MANIFEST", "MARKER", "Publisher", "Shard"]
@@ -30,6 +31,7 @@ MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _DISCARD_TIMEOUT = 10.0
+_STEP_DIR = re.compile(r"step-[0-9]{8,}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +149,64 @@ class Publisher:
         with self._lock:
             self._pruned += 1
 
-    async def discard(self, keys: list[str]) -> None:
-        """Best-effort removal of what a failed upload sent; it is unreferenced either way."""
-        if not keys:
-            return
-        # Bounded: the store may be what failed, and the keys are unreferenced anyway.
-        with contextlib.suppress(Exception):
+    async def discard(self, step_prefix: str, sent: list[str]) -> None:
+        """Delete everything under a failed checkpoint's step prefix, unfinished uploads too.
+
+        Listed rather than remembered: an object whose put failed after the server stored it
+        (a lost reply, a failed verification) is removed as well. The marker goes first, so
+        a half-deleted checkpoint never looks complete.
+
+        Raises:
+            StoreError: something could not be deleted (the message names what is left);
+                `loopbridge resume` removes such leftovers later.
+        """
+        prefix = step_prefix + "/"
+        try:
+            # Bounded: the store may be what failed.
             async with asyncio.timeout(_DISCARD_TIMEOUT):
-                await self.store.delete(keys)
+                if isinstance(self.store, CleansStaleUploads):
+                    await self.store.abort_stale_uploads(prefix)
+                keys = {info.key for info in await self.store.list(prefix)} | set(sent)
+                markers = sorted(k for k in keys if k.endswith("/" + MARKER))
+                await self.store.delete(markers)
+                await self.store.delete(sorted(keys - set(markers)))
+        except Exception as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            msg = (
+                f"what it had uploaded under {self.store.url}/{prefix} could not be deleted "
+                f"({why}); `loopbridge resume` removes it as stale"
+            )
+            raise StoreError(msg, key=prefix) from exc
+
+    async def sweep_unpublished(self, run_prefix: str) -> list[str]:
+        """Delete the step prefixes of a run that are not published; return those removed.
+
+        Published means listed in the run's `manifest.json` (and so complete, with its
+        marker). Only for runs no live process is uploading to (`loopbridge resume`).
+
+        Raises:
+            StoreError: the manifest is unreadable (nothing is deleted then) or a delete failed.
+        """
+        raw = await self.store.get_bytes(join_key(run_prefix, MANIFEST))
+        published: set[str] = set()
+        if raw is not None:
+            try:
+                published = {str(e["prefix"]) for e in json.loads(raw)["checkpoints"]}
+            except (ValueError, KeyError, TypeError) as exc:
+                msg = (
+                    f"the manifest of {self.store.url}/{run_prefix} is unreadable ({exc}); "
+                    f"unpublished checkpoints there were left alone"
+                )
+                raise StoreError(msg, key=join_key(run_prefix, MANIFEST)) from exc
+        base = run_prefix + "/" if run_prefix else ""
+        stale: set[str] = set()
+        for info in await self.store.list(base):
+            step_dir = info.key[len(base) :].split("/", 1)[0]
+            if _STEP_DIR.fullmatch(step_dir) and step_dir not in published:
+                stale.add(step_dir)
+        for step_dir in sorted(stale):
+            await self.discard(join_key(run_prefix, step_dir), [])
+        return sorted(stale)
 
 
 def _json(data: dict[str, Any]) -> bytes:

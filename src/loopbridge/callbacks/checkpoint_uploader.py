@@ -42,7 +42,7 @@ from typing import Any
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
-from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._exceptions import IntegrityError, JournalError, StoreError
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -314,6 +314,17 @@ class CheckpointUploader(Callback):
         entry = JournalEntry(journal, intent.id)
         return await self._upload(intent.row, intent.run_prefix, None, entry, resume=True)
 
+    async def sweep_unpublished(self, run_prefix: str) -> list[str]:
+        """Delete what failed uploads left under the run's unpublished steps; return them.
+
+        Only for runs no live process uploads to (`loopbridge resume` checks the journal's
+        lock).
+
+        Raises:
+            StoreError: the run's manifest is unreadable, or a delete failed.
+        """
+        return await self._publisher.sweep_unpublished(run_prefix)
+
     # -- background work (bridge loop) -----------------------------------------------------
 
     async def _upload(
@@ -358,10 +369,14 @@ class CheckpointUploader(Callback):
             if entry is not None:
                 entry.published()
         except Exception as exc:
-            await self._publisher.discard(sent)
+            await self._discard(step_prefix, sent, exc)
             if entry is not None:
                 entry.failed(exc)
             self._tally.failed(row.step, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            # Cancelled by the drain's deadline: still clear what was sent, briefly.
+            await self._discard(step_prefix, sent, exc)
             raise
         finally:
             self._tally.busy(-1)
@@ -369,6 +384,15 @@ class CheckpointUploader(Callback):
                 entry.done()
         self._tally.published(total)
         return total
+
+    async def _discard(self, step_prefix: str, sent: list[str], error: BaseException) -> None:
+        """Delete a failed checkpoint's objects; if that fails too, say so in `error`."""
+        try:
+            await self._publisher.discard(step_prefix, sent)
+        except StoreError as exc:
+            logger.error("checkpoint %s failed (%s), and %s", step_prefix, error, exc)
+            # Its type kept, so callers still tell a refusal from an integrity failure.
+            error.args = (f"{error}; and {exc}",)
 
     def _slots(self) -> asyncio.Semaphore:
         """The running loop's limit on checkpoints sending bytes at once."""
