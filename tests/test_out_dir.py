@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import loopbridge as lb
-from loopbridge._out_dir import OutDirInUseError
+from loopbridge._exceptions import OutDirInUseError
 from loopbridge._types import LoopState, ManifestRow, TrainingBatch
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.journal import JOURNAL_FILE, UploadJournal

@@ -14,8 +14,9 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from loopbridge._exceptions import CheckpointFilesError
+
 __all__ = [
-    "CheckpointFilesError",
     "CHUNK_BYTES",
     "combine_shard_digests",
     "digest_path",
@@ -37,10 +38,6 @@ def sha256_file(path: Path) -> tuple[int, str]:
             hasher.update(chunk)
             size += len(chunk)
     return size, hasher.hexdigest()
-
-
-class CheckpointFilesError(OSError):
-    """A checkpoint directory holds something that cannot be read as a file: named in the text."""
 
 
 def shard_files(directory: Path) -> list[Path]:

@@ -6,7 +6,9 @@ LoopbridgeError
 ├── BridgeError (also RuntimeError)
 │   ├── BridgeClosedError                      spawn/call after close()
 │   └── BridgeLoopThreadError                  a blocking call made on the bridge's own loop
+├── CheckpointFilesError (also OSError)       a checkpoint holds something that is not a file
 ├── DrainError                                 background work of a run failed or was left undone
+├── OutDirInUseError (also FileExistsError)    a new run in an out dir an earlier run wrote to
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
 │   └── IntegrityError                         what was uploaded is not what was saved
@@ -26,11 +28,13 @@ __all__ = [
     "BridgeLoopThreadError",
     "CallbackNotAttachedError",
     "CallbackValidationError",
+    "CheckpointFilesError",
     "DrainError",
     "IntegrityError",
     "JournalError",
     "LoopbridgeError",
     "MissingExtraError",
+    "OutDirInUseError",
     "PermanentStoreError",
     "StoreError",
 ]
@@ -63,6 +67,14 @@ class BridgeClosedError(BridgeError):
 
 class BridgeLoopThreadError(BridgeError):
     """A blocking bridge method was called from the bridge's own event loop."""
+
+
+class CheckpointFilesError(LoopbridgeError, OSError):
+    """A checkpoint holds a dangling link, a link loop, an unreadable directory or a non-file."""
+
+
+class OutDirInUseError(LoopbridgeError, FileExistsError):
+    """A run from step 0 was started in an out dir an earlier run already wrote to."""
 
 
 class DrainError(LoopbridgeError):

@@ -15,19 +15,15 @@ import os
 import shutil
 from pathlib import Path
 
-from loopbridge._exceptions import LoopbridgeError
+from loopbridge._exceptions import OutDirInUseError
 
-__all__ = ["OutDirInUseError", "claim_out_dir", "clear_stale_checkpoint"]
+__all__ = ["claim_out_dir", "clear_stale_checkpoint"]
 
 logger = logging.getLogger("loopbridge.loop")
 
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class OutDirInUseError(LoopbridgeError, FileExistsError):
-    """A run was started from step 0 in an out dir an earlier run already wrote to."""
 
 
 def _used(out_dir: Path) -> list[str]:

@@ -17,7 +17,8 @@ import pytest
 from tests.fixtures.s3 import S3Bucket
 
 import loopbridge as lb
-from loopbridge._digest import CheckpointFilesError, digest_path, shard_files, size_of
+from loopbridge._digest import digest_path, shard_files, size_of
+from loopbridge._exceptions import CheckpointFilesError
 from loopbridge._types import LoopState, ManifestRow, TrainingBatch
 from loopbridge.callbacks import CheckpointUploader
 

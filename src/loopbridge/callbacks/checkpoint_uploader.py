@@ -13,11 +13,19 @@ Remote layout, under the destination's prefix (`s3://bucket/prefix` or a local d
 of an `Experiment` (the arm is left out when there is none); a bare `TrainLoop` run is
 `<prefix>/<run>/`. Names are percent-escaped into single safe key segments.
 
+A directory's files are listed through symlinks (`_digest.shard_files`, as for its digest):
+a linked subdirectory or file is uploaded like any other, and a dangling link, a link loop
+or a non-file fails the checkpoint naming it (`CheckpointFilesError`).
+
 A checkpoint counts as published only once its marker, then the manifest, then `latest` are
 written, and each of them only after every byte was uploaded and verified: the bytes
-hashed while streaming must match the row's digest, sizes and ETags must match, and the
-local files must not have changed or disappeared meanwhile (`IntegrityError` otherwise). A
-failed checkpoint leaves no marker and no manifest entry, and what it had uploaded is deleted.
+hashed while streaming must match the row's digest, sizes must match, ETags too where the
+store keeps them comparable, and the local files must not have changed or disappeared
+meanwhile (`IntegrityError` otherwise). A failed checkpoint, or one cancelled by the drain's
+deadline, leaves no marker and no manifest entry, and everything under its step prefix is
+deleted (listed, not remembered, so an object stored although its reply was lost goes too;
+unfinished multipart uploads are aborted). If that clean-up fails as well, it is logged and
+added to the checkpoint's error, and `loopbridge resume` removes the leftovers later.
 Uploads overlap (up to two checkpoints send bytes at once, which hides the server's work
 of assembling the previous one), but a run's checkpoints publish strictly in order: each
 waits for the one before it to finish, published or failed. Runs upload independently.
@@ -25,8 +33,12 @@ waits for the one before it to finish, published or failed. Runs upload independ
 
 With `journal=True` (the default) each upload is recorded in the run's upload journal
 (`loopbridge.journal`) before it is queued, and marked published after `latest` is written.
-When a run starts again on the same out dir, its open intents are uploaded first; `loopbridge
-resume OUT_DIR` does the same without training. Publishing a checkpoint twice is harmless.
+The store options it was opened with (endpoint, part size, `verify_etag`, ...; never
+credentials) are recorded with each intent. When a run continues on the same out dir
+(`start_step=N`), its open intents up to step N are uploaded first and those past N are
+withdrawn, and its first publish drops the remote steps past N, which it saves anew.
+`loopbridge resume OUT_DIR` finishes open intents without training, then removes what
+failed uploads left under unpublished steps. Publishing a checkpoint twice is harmless.
 """
 
 from __future__ import annotations
