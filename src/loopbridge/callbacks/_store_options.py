@@ -7,10 +7,20 @@ object of strings), so each option's type is known here to read it back.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["S3_OPTIONS", "check_store_options", "decode_options", "encode_options"]
+from loopbridge.stores import ObjectStore, open_store
+from loopbridge.stores.keys import normalize_prefix
+
+__all__ = [
+    "S3_OPTIONS",
+    "check_store_options",
+    "decode_options",
+    "encode_options",
+    "open_upload_store",
+]
 
 _BOOL = frozenset({"verify_etag", "sign_payload", "checksum_crc32"})
 _INT = frozenset({"part_size", "multipart_threshold", "max_concurrency", "max_attempts"})
@@ -49,6 +59,35 @@ def check_store_options(dest: str, options: Mapping[str, Any]) -> dict[str, Any]
         )
         raise ValueError(msg)
     return dict(options)
+
+
+def open_upload_store(
+    dest: str | os.PathLike[str],
+    store: ObjectStore | None,
+    explicit: Mapping[str, Any],
+    store_options: Mapping[str, Any] | None,
+) -> tuple[ObjectStore, str, dict[str, Any] | None]:
+    """The uploader's store, its key prefix, and the S3 options it was opened with (if any).
+
+    `explicit` are the uploader's own S3 keywords; `store_options` win over them.
+
+    Raises:
+        ValueError: `dest` or an option is invalid, or options come with an opened store.
+    """
+    if store is not None:
+        if store_options:
+            msg = (
+                f"store_options={dict(store_options)!r} configure a store the uploader opens "
+                f"from dest; with store= given, set them on that store instead"
+            )
+            raise ValueError(msg)
+        return store, normalize_prefix(os.fspath(dest)), None
+    text = os.fspath(dest)
+    extra = check_store_options(text, store_options or {})
+    if not text.startswith("s3://"):
+        return open_store(text), "", None
+    options = {**explicit, **extra}
+    return open_store(text, **options), "", options
 
 
 def encode_options(options: Mapping[str, Any]) -> dict[str, str]:

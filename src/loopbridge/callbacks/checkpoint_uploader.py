@@ -64,7 +64,7 @@ from loopbridge._types import (
     RunResult,
 )
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
-from loopbridge.callbacks._store_options import check_store_options
+from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
@@ -73,8 +73,8 @@ from loopbridge.callbacks._upload_journal import (
 )
 from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
 from loopbridge.journal import UploadIntent, UploadJournal
-from loopbridge.stores import ObjectStore, open_store
-from loopbridge.stores.keys import escape_segment, join_key, normalize_prefix
+from loopbridge.stores import ObjectStore
+from loopbridge.stores.keys import escape_segment, join_key
 from loopbridge.stores.s3 import MiB
 
 __all__ = ["CheckpointUploader", "UploadSummary"]
@@ -136,32 +136,15 @@ class CheckpointUploader(Callback):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
         self.keep_last = keep_last
-        options: dict[str, Any] | None = None
-        if store is None:
-            text = os.fspath(dest)
-            extra = check_store_options(text, store_options or {})
-            if text.startswith("s3://"):
-                options = {
-                    "part_size": part_size,
-                    "max_concurrency": max_concurrency,
-                    "endpoint_url": endpoint_url,
-                    "region": region,
-                    "call_timeout": call_timeout,
-                    "max_attempts": max_attempts,
-                    **extra,
-                }
-                store = open_store(text, **options)
-            else:
-                store = open_store(text)
-            self._prefix = ""
-        else:
-            if store_options:
-                msg = (
-                    f"store_options={dict(store_options)!r} configure a store the uploader "
-                    f"opens from dest; with store= given, set them on that store instead"
-                )
-                raise ValueError(msg)
-            self._prefix = normalize_prefix(os.fspath(dest))
+        explicit = {
+            "part_size": part_size,
+            "max_concurrency": max_concurrency,
+            "endpoint_url": endpoint_url,
+            "region": region,
+            "call_timeout": call_timeout,
+            "max_attempts": max_attempts,
+        }
+        store, self._prefix, options = open_upload_store(dest, store, explicit, store_options)
         self.store: ObjectStore = store
         self._publisher = Publisher(store, keep_last)
         self._ctx: LogContext | None = None
