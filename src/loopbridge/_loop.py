@@ -198,12 +198,12 @@ class TrainLoop:
         if self._ran:
             raise RuntimeError("this TrainLoop has already run; build a new one for another run")
         self._ran = True
+        # Before any hook: a used out dir is continued explicitly (start_step) or refused.
+        claim_out_dir(self.out_dir, self._start_step)
         if self._bridge is None:
             self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
         self.callbacks.bridge = self._bridge
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # Before any hook: a used out dir is continued explicitly (start_step) or refused.
-        claim_out_dir(self.out_dir, self._start_step)
         try:
             return self._run()
         except KeyboardInterrupt:
