@@ -16,9 +16,9 @@ checks the stored size. An ETag is compared only where it has the form of what w
 MD5, or an MD5 of the part MD5s with the part count): after a multipart upload some stores
 (rclone) answer HEAD with the whole object's MD5, which confirms nothing more than the size;
 what guards the bytes there is the server's Content-MD5 check of every part. Because the
-server checks every body against its Content-MD5, the body's SHA-256 is not also signed (botocore makes the same choice over HTTPS); over plain
-HTTP botocore would otherwise hash every body again on the event loop. Pass
-`sign_payload=True` to sign bodies anyway.
+server checks every body against its Content-MD5, the body's SHA-256 is not also signed
+(botocore makes the same choice over HTTPS); over plain HTTP botocore would otherwise hash
+every body again on the event loop. Pass `sign_payload=True` to sign bodies anyway.
 
 Multipart uploads also carry a CRC32 per part (`x-amz-checksum-crc32`, as boto3 sends by
 default), which S3 checks against each body and combines at completion; the ETag checks are
