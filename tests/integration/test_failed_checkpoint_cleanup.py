@@ -48,14 +48,19 @@ def _step(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
     return {"loss": 1.0}
 
 
-def _train(tmp_path: Path, uploader: CheckpointUploader, **options: object) -> lb.LoopArtifacts:
+def _train(
+    tmp_path: Path,
+    uploader: CheckpointUploader,
+    extra: tuple[lb.Callback, ...] = (),
+    **options: object,
+) -> lb.LoopArtifacts:
     loop = lb.TrainLoop(
         _step,
         range(1),
         max_steps=1,
         out_dir=tmp_path / "out",
         save=_save_shards,
-        callbacks=[uploader],
+        callbacks=[uploader, *extra],
         run_name=RUN,
         on_drain_failure="warn",
         **options,  # type: ignore[arg-type]
@@ -112,10 +117,20 @@ class TestNothingStays:
         hung = r"shard-1\.bin\?.*partNumber=2"
         fault_proxy.add(FaultRule((Hang(),), method="PUT", path=hung))
         sent = fault_proxy.arrived("PUT", hung)
+
+        class HoldUntilHung(lb.Callback):
+            """The drain (and its deadline) starts only once the part hangs."""
+
+            def on_train_end(self, state: LoopState, artifacts: lb.LoopArtifacts) -> None:
+                assert sent.wait(60), "the hung part never arrived"
+
         artifacts = _train(
-            tmp_path, _uploader(s3_bucket, fault_proxy), drain_timeout=1.0, interrupt_grace=5.0
+            tmp_path,
+            _uploader(s3_bucket, fault_proxy),
+            drain_timeout=1.0,
+            interrupt_grace=5.0,
+            extra=(HoldUntilHung(),),
         )
-        assert sent.is_set()
         report = artifacts.drain_report
         assert report is not None
         assert report.timed_out
