@@ -135,7 +135,6 @@ class CheckpointUploader(Callback):
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
-        self.keep_last = keep_last
         explicit = {
             "part_size": part_size,
             "max_concurrency": max_concurrency,
@@ -161,6 +160,11 @@ class CheckpointUploader(Callback):
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
+
+    @property
+    def keep_last(self) -> int | None:
+        """How many newest checkpoints per run are kept remotely; None keeps all."""
+        return self._publisher.keep_last
 
     @property
     def destination(self) -> str:
