@@ -219,3 +219,39 @@ class TestResumeSweepsLeftovers:
         assert not resumed.ok
         assert any("manifest" in o.detail and "unreadable" in o.detail for o in resumed.failed)
         assert s3_bucket.list_keys() == before
+
+
+class TestStaleUploadCleanupIsBestEffort:
+    @pytest.mark.parametrize(
+        "refusal",
+        [
+            Status(404, "NoSuchUpload", "The specified upload does not exist."),
+            Status(500, "InternalError", "We encountered an internal error."),
+            Status(403, "AccessDenied", "Access Denied"),
+        ],
+        ids=["404 NoSuchUpload", "500", "403"],
+    )
+    def test_a_store_that_cannot_list_unfinished_uploads_still_gets_the_checkpoint(
+        self,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+        refusal: Status,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """ListMultipartUploads refused on every try: resume publishes anyway, and says why."""
+        caplog.set_level(logging.WARNING)
+        fault_proxy.add(FaultRule((DENIED,), method="PUT", path=r"shard-2\.bin$", times=1))
+        artifacts = _train(tmp_path, _uploader(s3_bucket, fault_proxy, max_attempts=2))
+        assert isinstance(_failure(artifacts), PermanentStoreError)
+        fault_proxy.add(FaultRule((refusal,), method="GET", path=r"\?uploads"))
+
+        resumed = resume_out_dir(tmp_path / "out")
+        assert resumed.ok, resumed.lines()
+        assert fault_proxy.requests("GET", r"\?uploads")
+        marker = json.loads(s3_bucket.read(f"{STEP}/_COMPLETE"))
+        assert len(marker["files"]) == 3
+        if refusal.code != "NoSuchUpload":  # rclone's "none yet": nothing to warn about
+            assert any(
+                "could not clear unfinished uploads" in r.getMessage() for r in caplog.records
+            )

@@ -161,22 +161,28 @@ class Publisher:
                 `loopbridge resume` removes such leftovers later.
         """
         prefix = step_prefix + "/"
+        problems: list[str] = []
         try:
             # Bounded: the store may be what failed.
             async with asyncio.timeout(_DISCARD_TIMEOUT):
                 if isinstance(self.store, CleansStaleUploads):
-                    await self.store.abort_stale_uploads(prefix)
+                    try:
+                        await self.store.abort_stale_uploads(prefix)
+                    except Exception as exc:
+                        # The objects can still go; the parts are reported below.
+                        problems.append(f"unfinished uploads not aborted: {_why(exc)}")
                 keys = {info.key for info in await self.store.list(prefix)} | set(sent)
                 markers = sorted(k for k in keys if k.endswith("/" + MARKER))
                 await self.store.delete(markers)
                 await self.store.delete(sorted(keys - set(markers)))
         except Exception as exc:
-            why = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            problems.append(_why(exc))
+        if problems:
             msg = (
                 f"what it had uploaded under {self.store.url}/{prefix} could not be deleted "
-                f"({why}); `loopbridge resume` removes it as stale"
+                f"({'; '.join(problems)}); `loopbridge resume` removes it as stale"
             )
-            raise StoreError(msg, key=prefix) from exc
+            raise StoreError(msg, key=prefix)
 
     async def sweep_unpublished(self, run_prefix: str) -> list[str]:
         """Delete the step prefixes of a run that are not published; return those removed.
@@ -207,6 +213,11 @@ class Publisher:
         for step_dir in sorted(stale):
             await self.discard(join_key(run_prefix, step_dir), [])
         return sorted(stale)
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed clean-up step."""
+    return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
 
 
 def _json(data: dict[str, Any]) -> bytes:
