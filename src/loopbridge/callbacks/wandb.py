@@ -242,7 +242,6 @@ class WandbLogger(RunLogger):
 
     async def _close(self, run: RunSink, end: RunEnd) -> None:
         thread, wandb_run = run.handle
-        run.handle = None
         summary = {
             "loopbridge/status": "completed" if end.ok else "failed",
             "loopbridge/steps_completed": end.steps_completed,
@@ -257,6 +256,7 @@ class WandbLogger(RunLogger):
         try:
             await self._call(run, "finish", self._finish_timeout, finish)
         finally:
+            run.handle = None
             thread.stop()
 
 
