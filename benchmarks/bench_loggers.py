@@ -30,9 +30,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench_dashboard import dashboard_server
-
 import loopbridge as lb
+
+# Run as a script, the benchmarks directory is on sys.path; mypy does not see it.
+from bench_dashboard import dashboard_server  # type: ignore[import-not-found]
 from loopbridge import Bridge
 from loopbridge._types import LoopArtifacts, LoopState, TrainingBatch
 from loopbridge.callbacks import ConsoleProgress, HttpDashboard, TensorBoardLogger, WandbLogger
@@ -115,9 +116,7 @@ def loggers_part(steps: int, runs: int, tmp: Path) -> None:
             "HttpDashboard": lambda: live_ns(
                 lambda: HttpDashboard(url, max_buffer_rows=steps + 1), steps, tmp
             ),
-            "TensorBoardLogger": lambda: live_ns(
-                lambda: TensorBoardLogger(tmp / "tb"), steps, tmp
-            ),
+            "TensorBoardLogger": lambda: live_ns(lambda: TensorBoardLogger(tmp / "tb"), steps, tmp),
             "WandbLogger (offline)": lambda: live_ns(
                 lambda: WandbLogger("bench", mode="offline", dir=tmp, settings=settings),
                 steps,
@@ -318,7 +317,9 @@ def mlflow_part(runs: int, tmp: Path) -> None:
     print(f"\n3. MLflowLogger, loop-thread ms per run (on_run_start + on_run_end), {2 * runs} runs")
     print(f"   old: params and end status waited for  {old_ms:7.1f} ms")
     print(f"   new: runs/create only                  {new_ms:7.1f} ms")
-    print(f"   new/old {new_ms / old_ms:.2f}  {verdict('MLflow run boundary', new_ms / old_ms, 1.0)}")
+    print(
+        f"   new/old {new_ms / old_ms:.2f}  {verdict('MLflow run boundary', new_ms / old_ms, 1.0)}"
+    )
 
 
 def main() -> None:

@@ -39,8 +39,9 @@ print("draws", progress.lines_written)
 
 def run_notebook(tmp_path: Path) -> Any:
     """Execute the one-cell notebook and return it with its outputs."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(f"OUT = {str(tmp_path / 'run')!r}\n" + CELL)]
+    nb = nbformat.v4.new_notebook()  # type: ignore[no-untyped-call]
+    source = f"OUT = {str(tmp_path / 'run')!r}\n" + CELL
+    nb.cells = [nbformat.v4.new_code_cell(source)]  # type: ignore[no-untyped-call]
     client = NotebookClient(
         nb,
         kernel_name="python3",

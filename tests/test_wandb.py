@@ -12,8 +12,8 @@ import math
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,8 +136,13 @@ def bench(state: lb.LoopState) -> tuple[lb.EvalResult, list[dict[str, Any]]]:
 class TestOffline:
     def test_experiment_runs_read_back(self, wandb_env: Path, tmp_path: Path) -> None:
         """Groups, job types, config, every step's metrics, evals, benchmarks, final state."""
-        arms = {"small": {"model": {"width": 64}, "lr": 0.1}, "big": {"lr": 0.05}}
-        logger = WandbLogger("lb-test", mode="offline", dir=wandb_env, settings=settings(), flush_rows=3)
+        arms: dict[str, dict[str, Any]] = {
+            "small": {"model": {"width": 64}, "lr": 0.1},
+            "big": {"lr": 0.05},
+        }
+        logger = WandbLogger(
+            "lb-test", mode="offline", dir=wandb_env, settings=settings(), flush_rows=3
+        )
         result = lb.Experiment(
             "exp-w",
             arms=arms,

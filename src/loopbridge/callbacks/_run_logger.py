@@ -331,6 +331,10 @@ def numbers(values: Mapping[str, Any], source: str, step: int) -> dict[str, floa
     return out
 
 
+def _finite(value: bool | str | float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | float | str]:
     """Nested mappings as dotted keys; bools, numbers and strings kept, the rest as text."""
     flat: dict[str, bool | float | str] = {}
@@ -338,9 +342,7 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool |
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flat_config(value, f"{name}."))
-        elif isinstance(value, bool | str):
-            flat[name] = value
-        elif isinstance(value, int | float) and math.isfinite(value):
+        elif isinstance(value, bool | str | int | float) and _finite(value):
             flat[name] = value
         else:
             flat[name] = str(value)

@@ -216,7 +216,7 @@ class ConsoleProgress(Callback):
             return "{desc} | {bar} {n}/{total} | "
         if self._width == 0:
             return "{desc} | {n}/{total} | "
-        return "{desc} | [{bar:%d}] {n}/{total} | " % self._width
+        return "{desc} | [{bar:" + str(self._width) + "}] {n}/{total} | "
 
     def _redraw(self, step: int, bar_format: str, *, final: bool) -> None:
         """Update the run's tqdm bar (a widget or a terminal line); create it on first use."""
@@ -253,7 +253,9 @@ class ConsoleProgress(Callback):
         except ImportError as exc:  # a notebook without ipywidgets: terminal lines instead
             logger.warning("ConsoleProgress: no Jupyter widget (%s); drawing text lines", exc)
             self._bar_class = None
-            return self._new_bar(step, bar_format.replace("{bar}", "[{bar:%d}]" % self._width))
+            return self._new_bar(
+                step, bar_format.replace("{bar}", "[{bar:" + str(self._width) + "}]")
+            )
         self._bar = bar
         self.lines_written += 1
         return bar

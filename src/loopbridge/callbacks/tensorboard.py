@@ -107,7 +107,7 @@ def _use_fast_crc(record_writer: Any) -> None:
     value = google_crc32c.value
 
     def masked_crc32c(data: bytes) -> int:
-        x = value(data)
+        x = int(value(data))
         return ((((x >> 15) | (x << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
     record_writer.masked_crc32c = masked_crc32c
@@ -160,7 +160,9 @@ class TensorBoardLogger(RunLogger):
             parent = parent / _segment(run.experiment)
         base = _segment(run.name)
         path, n = parent / base, 1
-        while path.is_dir() and any(p.name.startswith("events.out.tfevents") for p in path.iterdir()):
+        while path.is_dir() and any(
+            p.name.startswith("events.out.tfevents") for p in path.iterdir()
+        ):
             n += 1
             path = parent / f"{base}.{n}"
         return path
@@ -181,8 +183,12 @@ class TensorBoardLogger(RunLogger):
         )
         group = f"{run.experiment}/{run.arm}" if run.experiment and run.arm else None
         hparams = flat_config(run.config)
-        summary = tb.hparams_summary.hparams_pb(hparams, trial_id=group, start_time_secs=time.time())
-        writer.add_event(tb.event_pb2.Event(wall_time=time.time(), step=run.last_step, summary=summary))
+        summary = tb.hparams_summary.hparams_pb(
+            hparams, trial_id=group, start_time_secs=time.time()
+        )
+        writer.add_event(
+            tb.event_pb2.Event(wall_time=time.time(), step=run.last_step, summary=summary)
+        )
         return writer
 
     async def _write(self, run: RunSink, rows: list[Row]) -> None:
@@ -208,7 +214,9 @@ class TensorBoardLogger(RunLogger):
     ) -> None:
         if result.tags:
             text = json.dumps(result.tags, sort_keys=True, default=str)
-            await asyncio.to_thread(self._write_text, run.handle, f"bench/{result.name}/tags", text, at)
+            await asyncio.to_thread(
+                self._write_text, run.handle, f"bench/{result.name}/tags", text, at
+            )
 
     def _write_text(self, writer: Any, tag: str, text: str, step: int) -> None:
         tb = self._tb

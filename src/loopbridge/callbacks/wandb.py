@@ -60,7 +60,9 @@ class _RunThread:
     """One daemon thread that runs a W&B run's calls in order; a hung call never blocks exit."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ]
         self._jobs = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -163,16 +165,16 @@ class WandbLogger(RunLogger):
 
     # ------------------------------------------------------------------ bridge loop
 
-    async def _call(self, run: RunSink, what: str, timeout: float, fn: Callable[[], T]) -> T:
-        """Run `fn` in the run's thread and wait at most `timeout` seconds for it."""
+    async def _call(self, run: RunSink, what: str, bound_s: float, fn: Callable[[], T]) -> T:
+        """Run `fn` in the run's thread and wait at most `bound_s` seconds for it."""
         thread: _RunThread = run.handle[0]
         future = thread.submit(fn)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(bound_s):
                 return await asyncio.wrap_future(future)
         except TimeoutError as exc:
             msg = (
-                f"{self.source}: {what} for run {run.name!r} did not return within {timeout} s; "
+                f"{self.source}: {what} for run {run.name!r} did not return within {bound_s} s; "
                 f"it is left running in a daemon thread (raise {_SETTING[what]} or check the "
                 f"wandb service)"
             )
