@@ -38,7 +38,7 @@ def test_import_loopbridge_imports_no_logger_library() -> None:
 @pytest.mark.parametrize(
     ("package", "make", "extra"),
     [
-        ("tensorboard", lambda tmp: TensorBoardLogger(tmp), "loopbridge[tensorboard]"),
+        ("tensorboard", TensorBoardLogger, "loopbridge[tensorboard]"),
         ("wandb", lambda tmp: WandbLogger("p", mode="offline", dir=tmp), "loopbridge[wandb]"),
     ],
 )
