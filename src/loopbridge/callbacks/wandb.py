@@ -173,6 +173,9 @@ class WandbLogger(RunLogger):
             async with asyncio.timeout(bound_s):
                 return await asyncio.wrap_future(future)
         except TimeoutError as exc:
+            if what == "init":
+                # Should it return after all, its run must not stay open unowned.
+                future.add_done_callback(_finish_late_run)
             msg = (
                 f"{self.source}: {what} for run {run.name!r} did not return within {bound_s} s; "
                 f"it is left running in a daemon thread (raise {_SETTING[what]} or check the "
@@ -260,6 +263,20 @@ class WandbLogger(RunLogger):
         finally:
             run.handle = None
             thread.stop()
+
+
+def _finish_late_run(future: concurrent.futures.Future[Any]) -> None:
+    """Finish, as failed, a run whose `wandb.init` returned after its run was given up."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    late = future.result()
+    if late is None:
+        return
+    logger.warning("WandbLogger: wandb.init returned after its timeout; finishing that run")
+    try:
+        late.finish(exit_code=1)
+    except Exception:
+        logger.exception("WandbLogger: could not finish a run whose init came late")
 
 
 def _table(wandb: Any, predictions: list[dict[str, Any]]) -> Any:
