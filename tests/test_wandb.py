@@ -76,6 +76,7 @@ class OfflineRun:
     """One offline run read back: its run record, history rows by step, summary, exit code."""
 
     def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
         records = read_run(run_dir)
         self.run = next(r["run"] for r in records if r["type"] == "run")
         self.history = [r["history"]["item"] for r in records if r["type"] == "history"]
@@ -173,6 +174,11 @@ class TestOffline:
                 assert run.series("bench/qa/hard/score")[0] == (4, 0.25)
                 tables = [row for row in run.history if "bench/qa/predictions._type" in row]
                 assert [row["_step"] for row in tables] == [4, 8]
+                table = json.loads(
+                    (run.dir / "files" / tables[0]["bench/qa/predictions.path"]).read_text()
+                )
+                assert table["columns"] == ["id", "pred"]
+                assert table["data"] == [[0, "p0"], [1, "p1"], [2, "p2"]]
                 assert run.summary["bench/qa/tags/dataset"] == "toy"
                 assert run.summary["loopbridge/status"] == "completed"
                 assert run.summary["loopbridge/steps_completed"] == N_STEPS
