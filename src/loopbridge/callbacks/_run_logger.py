@@ -131,7 +131,7 @@ class RunLogger(Callback):
         run.run_id = state.run_id
         run.train_started = True
         run.last_step = state.step
-        run.next_flush = time.monotonic() + self._flush_interval_s
+        run.next_flush = time.time() + self._flush_interval_s
 
     def on_step_end(
         self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
@@ -141,9 +141,11 @@ class RunLogger(Callback):
         if run is None:
             return
         rows = run.rows
+        now = time.time()
         # A copy, because the loop or another callback may reuse the dict after this hook.
-        rows.append((state.step, time.time(), metrics.copy()))
-        if len(rows) >= self._flush_rows or time.monotonic() >= run.next_flush:
+        rows.append((state.step, now, metrics.copy()))
+        # Wall clock for the deadline too (one clock read); a clock jump only moves a flush.
+        if len(rows) >= self._flush_rows or now >= run.next_flush:
             self._flush(run)
 
     def on_eval(
@@ -231,7 +233,7 @@ class RunLogger(Callback):
         return run
 
     def _flush(self, run: RunSink) -> None:
-        run.next_flush = time.monotonic() + self._flush_interval_s
+        run.next_flush = time.time() + self._flush_interval_s
         rows, run.rows = run.rows, []
         if rows:
             run.last_step = max(run.last_step, rows[-1][0])

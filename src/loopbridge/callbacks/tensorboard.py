@@ -18,16 +18,21 @@ dotted keys; each run is one session, and the repeats of an arm share a session 
 (`<experiment>/<arm>`), so the HParams table shows an arm's runs together. Each run ends with
 the plugin's session-end record: STATUS_SUCCESS, or STATUS_FAILURE for a run that failed.
 
-Why tensorboard's own writer rather than tensorboardX: `tensorboard.summary.writer`'s
-`EventFileWriter` is the maintained writer that TensorBoard's team ships (PyTorch's
-`SummaryWriter` is built on it), and the hparams plugin's `summary_v2.hparams_pb` builds the
-session record without TensorFlow. The one `tensorboard` package then writes and reads
-(`EventAccumulator`) what users view with it. tensorboardX would add a second dependency whose
-`add_hparams` writes the hparams into a separate timestamped sub-directory, splitting each
-run in two in TensorBoard; tensorboard's experimental `tensorboard.summary.Writer` has no
-hparams or text yet. One cost of tensorboard's writer: its record checksum (CRC-32C) is pure
-Python, about 60 µs per event here, paid under the GIL; the extra therefore also installs
-google-crc32c, and the writer is given its C checksum (same bytes on disk).
+Why tensorboard's own writer rather than tensorboardX: `tensorboard.summary.writer` is the
+maintained writer that TensorBoard's team ships (PyTorch's `SummaryWriter` is built on it),
+and the hparams plugin's `summary_v2.hparams_pb` builds the session record without
+TensorFlow. The one `tensorboard` package then writes and reads (`EventAccumulator`) what
+users view with it. tensorboardX would add a second dependency whose `add_hparams` writes the
+hparams into a separate timestamped sub-directory, splitting each run in two in TensorBoard;
+tensorboard's experimental `tensorboard.summary.Writer` has no hparams or text yet.
+
+Two costs of that writer, measured (benchmarks/bench_loggers.py) because the writing shares
+the GIL with the training thread: `EventFileWriter` hands every event to a queue thread of its
+own, which tripled the time per 10-metric row (about 68 against 21 µs here), so events go
+through its `RecordWriter` (the record framing and checksums) from the worker thread that
+already writes off the training thread; the file name and the leading version record are
+the ones `EventFileWriter` writes. And its CRC-32C is pure Python, about 60 µs per event; the
+extra also installs google-crc32c, whose C checksum the record writer is given (same bytes).
 
 The loop thread only appends rows; writing happens in a worker thread spawned from the
 bridge, one run at a time in hook order, and a run's file is flushed and closed by the time
@@ -37,10 +42,12 @@ the run's drain returns. Needs the `tensorboard` extra: `pip install 'loopbridge
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,7 @@ __all__ = ["TensorBoardLogger"]
 logger = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[\\/\x00]")
+_file_ids = itertools.count()
 
 
 def _import_tensorboard() -> Any:
@@ -65,7 +73,6 @@ def _import_tensorboard() -> Any:
         from tensorboard.plugins.hparams import summary_v2 as hparams_summary
         from tensorboard.plugins.text import metadata as text_metadata
         from tensorboard.summary.writer import record_writer
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
         from tensorboard.util import tensor_util
     except ImportError as exc:
         msg = (
@@ -87,7 +94,7 @@ def _import_tensorboard() -> Any:
     modules.hparams_metadata = hparams_metadata
     modules.hparams_summary = hparams_summary
     modules.text_metadata = text_metadata
-    modules.EventFileWriter = EventFileWriter
+    modules.RecordWriter = record_writer.RecordWriter
     modules.tensor_util = tensor_util
     return modules
 
@@ -111,6 +118,37 @@ def _use_fast_crc(record_writer: Any) -> None:
         return ((((x >> 15) | (x << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
     record_writer.masked_crc32c = masked_crc32c
+
+
+class _EventFile:
+    """One event file, written through tensorboard's RecordWriter by the calling thread."""
+
+    def __init__(self, tb: Any, directory: Path) -> None:
+        # The name and first record EventFileWriter gives a file, so readers see no difference.
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_file_ids)}"
+        )
+        self.path = directory / name
+        self._records = tb.RecordWriter(self.path.open("wb"))
+        version = tb.event_pb2.Event(
+            wall_time=time.time(),
+            file_version="brain.Event:2",
+            source_metadata=tb.event_pb2.SourceMetadata(writer="loopbridge"),
+        )
+        self.add_event(version)
+
+    def add_event(self, event: Any) -> None:
+        """Append one Event record (buffered until `flush`)."""
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        """Hand what is buffered to the operating system."""
+        self._records.flush()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._records.close()
 
 
 def _segment(name: str) -> str:
@@ -177,10 +215,7 @@ class TensorBoardLogger(RunLogger):
         path = self._run_dir(run)
         path.mkdir(parents=True, exist_ok=True)
         self.run_dirs.append(path)
-        # A queue as large as a flush: add_event then never waits on the writer's thread.
-        writer = tb.EventFileWriter(
-            str(path), max_queue_size=self._flush_rows * 4, flush_secs=self._flush_interval_s
-        )
+        writer = _EventFile(tb, path)
         group = f"{run.experiment}/{run.arm}" if run.experiment and run.arm else None
         hparams = flat_config(run.config)
         summary = tb.hparams_summary.hparams_pb(
@@ -189,6 +224,7 @@ class TensorBoardLogger(RunLogger):
         writer.add_event(
             tb.event_pb2.Event(wall_time=time.time(), step=run.last_step, summary=summary)
         )
+        writer.flush()
         return writer
 
     async def _write(self, run: RunSink, rows: list[Row]) -> None:
@@ -203,6 +239,7 @@ class TensorBoardLogger(RunLogger):
                 add(tag=tag, simple_value=value)
             if event.summary.value:
                 writer.add_event(event)
+        writer.flush()
 
     async def _benchmark(
         self,
@@ -229,6 +266,7 @@ class TensorBoardLogger(RunLogger):
         event = tb.event_pb2.Event(wall_time=time.time(), step=step)
         event.summary.value.add(tag=tag, tensor=tensor, metadata=metadata)
         writer.add_event(event)
+        writer.flush()
 
     async def _close(self, run: RunSink, end: RunEnd) -> None:
         writer, run.handle = run.handle, None
