@@ -1,16 +1,20 @@
 """ConsoleProgress in a real Jupyter kernel: one live widget, not hundreds of printed lines.
 
-The notebook is built with nbformat and executed by nbclient under ipykernel's native kernel
-(the interpreter running the tests), with widget state stored, as Jupyter would save it.
+The notebook is built with nbformat and executed by nbclient under ipykernel, in a kernel
+spec of the test's own that runs the interpreter running the tests (a "python3" spec found
+elsewhere on the machine could run another Python), with widget state stored, as Jupyter
+would save it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -37,14 +41,32 @@ print("draws", progress.lines_written)
 """
 
 
-def run_notebook(tmp_path: Path) -> Any:
+KERNEL = "loopbridge-test"
+
+
+@pytest.fixture
+def kernel_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernel spec that starts ipykernel on this interpreter, found through JUPYTER_PATH."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "loopbridge test",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return KERNEL
+
+
+def run_notebook(tmp_path: Path, kernel: str) -> Any:
     """Execute the one-cell notebook and return it with its outputs."""
     nb = nbformat.v4.new_notebook()  # type: ignore[no-untyped-call]
     source = f"OUT = {str(tmp_path / 'run')!r}\n" + CELL
     nb.cells = [nbformat.v4.new_code_cell(source)]  # type: ignore[no-untyped-call]
     client = NotebookClient(
         nb,
-        kernel_name="python3",
+        kernel_name=kernel,
         timeout=90,
         startup_timeout=60,
         store_widget_state=True,
@@ -54,9 +76,9 @@ def run_notebook(tmp_path: Path) -> Any:
     return nb
 
 
-def test_progress_is_one_updating_widget(tmp_path: Path) -> None:
+def test_progress_is_one_updating_widget(tmp_path: Path, kernel_spec: str) -> None:
     """300 steps and ~100 redraws give one widget display and one printed line."""
-    nb = run_notebook(tmp_path)
+    nb = run_notebook(tmp_path, kernel_spec)
     outputs = nb.cells[0].outputs
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, errors
