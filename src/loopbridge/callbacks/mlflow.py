@@ -119,7 +119,7 @@ class MLflowLogger(Callback):
         flush_points: step-metric points buffered before a log-batch is sent.
         flush_interval_s: a partial buffer is sent once its oldest row is this old.
         timeout: seconds for each HTTP request.
-        call_timeout: seconds a hook waits for a run to be created or closed.
+        call_timeout: seconds a hook waits for the experiment or a run to be created.
         retry: the retry policy for 5xx, 429, connection errors and timeouts.
         artifact_store_options: keyword arguments for the `S3Store` that writes artifacts
             when the run's artifact root is `s3://` (e.g. `endpoint_url`, `region`).
