@@ -151,12 +151,13 @@ class TestPlainLoop:
     def test_plain_loop_and_a_second_run_of_the_same_name(self, tmp_path: Path) -> None:
         """A TrainLoop writes <log_dir>/<run>; the same name again goes to <run>.2."""
         log_dir = tmp_path / "tb"
-        for _ in range(2):
+        for attempt in range(2):
             tb = TensorBoardLogger(log_dir, flush_interval_s=60)
             loop = lb.TrainLoop(
                 lambda state, batch: {"loss": float(batch.data)},
                 range(2500),
-                out_dir=tmp_path / "solo",
+                # Two out dirs (a used one is refused), one run name: both are "solo".
+                out_dir=tmp_path / f"attempt-{attempt}" / "solo",
                 config={"opt": {"name": "adam"}},
                 callbacks=[tb],
             )
