@@ -117,12 +117,13 @@ class TestSpawn:
         with pytest.raises(TypeError, match="spawn\\(\\) takes a coroutine or an async callable"):
             bridge.spawn(42)  # type: ignore[arg-type]
 
-    def test_callable_returning_non_awaitable_fails_the_task(self, bridge: Bridge) -> None:
-        """A sync callable is reported as the task's TypeError, naming the task."""
-        future: TaskFuture[int] = bridge.spawn(lambda: 3, name="sync-fn")  # type: ignore[arg-type,return-value]
-        with pytest.raises(TypeError, match="spawned work 'sync-fn' returned int"):
-            future.result(WAIT)
-        bridge.drain(WAIT)
+    def test_sync_callable_refused_at_spawn(self, bridge: Bridge) -> None:
+        """A sync callable is refused by spawn itself, before it runs (tests/test_work.py)."""
+        ran: list[int] = []
+        with pytest.raises(TypeError, match="plain \\(not async\\) callable"):
+            bridge.spawn(lambda: ran.append(3), name="sync-fn")  # type: ignore[arg-type,return-value]
+        assert ran == []
+        assert bridge.drain(WAIT).ok
 
     def test_names(self, bridge: Bridge) -> None:
         """A task is named by spawn's name, else by the work's qualified name and sequence."""

@@ -41,6 +41,7 @@ from loopbridge._types import (
     RunStatus,
     TrainingBatch,
 )
+from loopbridge._work import to_thread
 
 __version__ = "0.1.0"
 
@@ -82,4 +83,5 @@ __all__ = [
     "TrainingBatch",
     "callbacks",
     "stores",
+    "to_thread",
 ]
