@@ -20,6 +20,7 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
+from loopbridge._metrics import coerce_metrics
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
@@ -128,6 +129,7 @@ class TrainLoop:
         if not callable(step):
             raise TypeError(f"step must be callable as step(state, batch), got {step!r}")
         self.step_fn = step
+        self._step_label = f"step function {_label(step)}"
         self.batches = batches
         self.max_steps = max_steps
         self.out_dir = Path(out_dir)
@@ -232,7 +234,7 @@ class TrainLoop:
             )
             batch = None if done else next(batches, None)
             while batch is not None:
-                metrics = dict(self.step_fn(state, batch) or {})
+                metrics = coerce_metrics(self.step_fn(state, batch), self._step_label)
                 step_idx = state.step
                 state.step += 1
                 state.metrics = metrics
@@ -314,7 +316,7 @@ class TrainLoop:
     def _evaluate(self, step_idx: int, metrics_out: JsonLinesWriter) -> None:
         state, cbs = self.state, self.callbacks
         for name, evaluate in self.evaluators.items():
-            metrics = dict(evaluate(state))
+            metrics = coerce_metrics(evaluate(state), f"evaluator {name!r} ({_label(evaluate)})")
             row = {"step": state.step, "time": time.time(), "eval": name, "metrics": metrics}
             metrics_out.write(row)
             cbs.on_eval(state, step_idx, name, metrics)
@@ -386,6 +388,11 @@ def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         msg = f"TrainLoop({name}={value!r}): give a whole number of at least 1, or None"
         raise ValueError(msg)
+
+
+def _label(fn: object) -> str:
+    """A function's name for messages: its qualified name, else its repr."""
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
 def check_benchmark(name: str, result: object) -> None:
