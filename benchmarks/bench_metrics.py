@@ -30,8 +30,9 @@ from loopbridge._metrics import coerce_metrics
 TARGET_ADDED = 0.10
 
 
-def _old_copy(out: object, where: str) -> dict[str, float]:
-    return dict(out or {})  # type: ignore[call-overload]
+def _old_copy(out: Any, where: str) -> dict[str, float]:
+    copy: dict[str, float] = dict(out or {})
+    return copy
 
 
 def _loop_ns_per_step(metrics: dict[str, Any], steps: int, out_dir: Path) -> float:
