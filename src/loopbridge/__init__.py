@@ -28,6 +28,7 @@ from loopbridge._experiment import Experiment
 from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 from loopbridge._types import (
     ArmResult,
@@ -82,6 +83,7 @@ __all__ = [
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "not_a_hook",
     "stores",
     "to_thread",
 ]

@@ -184,6 +184,7 @@ class TrainLoop:
         """Join an Experiment: its callbacks first, its bridge, its context and profiler."""
         self._bridge = bridge
         self._owns_bridge = False
+        self.callbacks.release()
         profile: bool | HookProfiler = (
             profiler if profiler is not None else (self.callbacks.profiler or False)
         )
@@ -216,6 +217,7 @@ class TrainLoop:
                     logger.error("run %s failed; background work: %s", self.state.run_name, report)
             raise
         finally:
+            self.callbacks.release()  # the run is over: its callbacks may join another
             if self._owns_bridge and not self._bridge.closed:
                 self._bridge.close(self.drain_timeout)
 
