@@ -166,7 +166,7 @@ class TestOneInstanceOneList:
         steps: list[int] = []
 
         def build(ctx: lb.LogContext) -> lb.TrainLoop:
-            return _loop(tmp_path / ctx.run_name, [shared], step=lambda s, b: steps.append(1))
+            return _loop(tmp_path / str(ctx.run_name), [shared], step=lambda s, b: steps.append(1))
 
         result = lb.Experiment("e", {"a": {}}, build, callbacks=[shared]).run()
         (run,) = result.runs
@@ -251,14 +251,14 @@ class TestOneInstanceOneList:
         experiment = lb.Experiment(
             "e",
             {"a": {}, "b": {}},
-            lambda ctx: _loop(tmp_path / "e" / ctx.run_name, []),
+            lambda ctx: _loop(tmp_path / "e" / str(ctx.run_name), []),
             n_repeats=2,
             callbacks=[cb],
         )
         assert experiment.run().ok
         assert experiment.run().ok  # the same experiment again
         other = lb.Experiment(
-            "f", {"a": {}}, lambda ctx: _loop(tmp_path / "f" / ctx.run_name, [cb])
+            "f", {"a": {}}, lambda ctx: _loop(tmp_path / "f" / str(ctx.run_name), [cb])
         )
         assert other.run().ok
         assert cb.starts == 2 + 4 + 4 + 1
