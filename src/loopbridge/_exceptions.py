@@ -9,6 +9,7 @@ LoopbridgeError
 ├── DrainError                                 background work of a run failed or was left undone
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
+│   │   └── DestinationError                   a destination failed its pre-flight check
 │   └── IntegrityError                         what was uploaded is not what was saved
 └── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
@@ -26,6 +27,7 @@ __all__ = [
     "BridgeLoopThreadError",
     "CallbackNotAttachedError",
     "CallbackValidationError",
+    "DestinationError",
     "DrainError",
     "IntegrityError",
     "JournalError",
@@ -90,6 +92,10 @@ class StoreError(LoopbridgeError):
 
 class PermanentStoreError(StoreError):
     """A store error that retrying cannot fix, such as access denied or a missing bucket."""
+
+
+class DestinationError(PermanentStoreError):
+    """A checkpoint destination cannot work (found before training); the message has the fix."""
 
 
 class IntegrityError(StoreError):
