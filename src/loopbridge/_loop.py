@@ -133,6 +133,7 @@ class TrainLoop:
         self.batches = batches
         self.max_steps = max_steps
         self.out_dir = Path(out_dir)
+        _check_out_dir(self.out_dir)
         self.save = save
         self.checkpoint_every = checkpoint_every
         self.evaluators = dict(evaluators or {})
@@ -390,6 +391,26 @@ def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         msg = f"TrainLoop({name}={value!r}): give a whole number of at least 1, or None"
         raise ValueError(msg)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an out dir that is a file, or lies under one, before anything is written."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():
+        return
+    if existing == out_dir:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) is a regular file, not a directory: give a "
+            f"directory for the run's metrics, manifest and checkpoints (created if missing)"
+        )
+    else:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) cannot be created: {existing} is a regular "
+            f"file, not a directory; give a path whose parents are directories"
+        )
+    raise NotADirectoryError(msg)
 
 
 def _label(fn: object) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from loopbridge._exceptions import JournalError, LoopbridgeError
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
-from loopbridge.journal import UploadIntent, UploadJournal, find_journals
+from loopbridge.journal import RESUME_HOLDER, UploadIntent, UploadJournal, find_journals
 from loopbridge.stores import ObjectStore, open_store
 
 __all__ = ["ResumeOutcome", "ResumeReport", "resume_out_dir"]
@@ -94,7 +94,8 @@ def resume_out_dir(
         endpoint_url: the S3 endpoint to use instead of the recorded one.
         timeout: give up on what is still open after this many seconds (reported as failed).
     """
-    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir)))
+    # Absolute, as UploadJournal.path is: outcomes are matched to journals by path.
+    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir.absolute())))
     started = time.monotonic()
     asyncio.run(_resume_all(report, store=store, endpoint_url=endpoint_url, limit=timeout))
     report.elapsed = time.monotonic() - started
@@ -112,7 +113,7 @@ async def _resume_all(
     try:
         for path in report.journals:
             try:
-                journal = UploadJournal(path)
+                journal = UploadJournal(path, holder=RESUME_HOLDER)
                 journals.append(journal)
                 intents = journal.open_intents()
             except JournalError as exc:
