@@ -184,6 +184,12 @@ class Bridge:
                     task.cancel()
                 if leftovers:
                     loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+                for task in leftovers:
+                    if not task.done():
+                        # It ignored its cancellation and dies with the loop; close() has
+                        # reported it as abandoned, so asyncio need not print "Task was
+                        # destroyed but it is pending!" when it is collected.
+                        task._log_destroy_pending = False  # type: ignore[attr-defined]
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 if self._waker is not None:
