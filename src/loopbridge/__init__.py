@@ -31,6 +31,7 @@ from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
 from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -80,6 +81,7 @@ __all__ = [
     "RunStatus",
     "StoreError",
     "TaskFuture",
+    "TaskKey",
     "TaskRecord",
     "TimingRow",
     "TrainLoop",
