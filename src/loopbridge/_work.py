@@ -30,6 +30,8 @@ def check_work(work: object, where: str = "spawn") -> None:
 
     Callers test `type(work) is CoroutineType` first, so this runs only for the rest.
     """
+    if type(work) is FunctionType and work.__code__.co_flags & _CO_COROUTINE:
+        return  # an `async def` function: the common case, decided in one test
     if _is_async_callable(work):
         return
     if inspect.isawaitable(work):
