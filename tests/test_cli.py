@@ -82,3 +82,14 @@ def test_resume_works_from_another_working_directory(
     assert code == 0, out
     assert "2 open upload(s): 2 published, 0 failed" in out
     assert (store / "x" / "step-00000002" / "step-00000002").read_bytes() == b"weights" * 100
+
+
+def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loopbridge demo --help` shows each option's default."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("steps per run (default: 300)", "(default: 64.0)", "(default: loopbridge-demo)"):
+        assert shown in out
+    assert "(default: None)" not in out
