@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import loopbridge as lb
-from loopbridge import DestinationError, MissingExtraError
+from loopbridge import DestinationError, MissingExtraError, PermanentStoreError
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.callbacks._preflight import PROBE_PREFIX
 from loopbridge.stores import LocalStore, open_store
@@ -120,6 +120,37 @@ class TestLocalDestinations:
         with pytest.raises(lb.DrainError):
             run()
         assert steps == [0, 1, 2]
+
+
+class _NoDelete(LocalStore):
+    """A local store whose deletes are refused, like upload-only credentials (pure logic)."""
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        raise PermanentStoreError("DeleteObject was refused: AccessDenied (HTTP 403)")
+
+
+class TestDeletePermission:
+    """A probe that cannot be deleted: a warning, or an error when keep_last must delete."""
+
+    def test_warns_and_trains_without_keep_last(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Uploads need no delete: the run trains, and the leftover probe is named."""
+        store = _NoDelete(tmp_path / "store")
+        steps, run = _train(tmp_path, CheckpointUploader("", store=store))
+        run()
+        assert steps == [0, 1, 2]
+        warned = [
+            r.getMessage() for r in caplog.records if "could not be deleted" in r.getMessage()
+        ]
+        assert len(warned) == 1
+        assert PROBE_PREFIX in warned[0]
+
+    def test_keep_last_needs_delete(self, tmp_path: Path) -> None:
+        """keep_last prunes by deleting, so a refused delete fails before training."""
+        store = _NoDelete(tmp_path / "store")
+        error = _refused(tmp_path, CheckpointUploader("", store=store, keep_last=2))
+        assert "keep_last needs to delete: allow DeleteObject" in str(error)
 
 
 class TestS3Destinations:

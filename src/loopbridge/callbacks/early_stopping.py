@@ -21,6 +21,11 @@ class EarlyStopping(Callback):
     at the end of the current step, with a reason naming the metric, its best value and step.
     A NaN or infinite value counts as no improvement, or stops at once with `stop_on_nonfinite`.
 
+    A monitor that no evaluator reports is a ValueError listing the keys there are: at once
+    when `eval_name` is given, otherwise right after the first round of evals (one step
+    later). A run of at least one step that saw no eval at all, and was not stopped by
+    anyone else, fails at train end.
+
     Args:
         monitor: the metric's key in the eval metrics, e.g. "loss".
         mode: "min" when lower is better, "max" when higher is better.
