@@ -35,7 +35,9 @@ def open_store(url: str | os.PathLike[str], **options: Any) -> ObjectStore:
     to S3); `file:///dir` or a plain path gives a `LocalStore`.
 
     Raises:
-        ValueError: the URL has another scheme, no bucket, or an unsafe prefix.
+        ValueError: the URL has another scheme, no bucket, or an unsafe prefix, or it is a
+            mistyped URL (`s3:/bucket/x`, `s3:bucket`, `s3//bucket`) that would otherwise
+            become a local directory.
     """
     text = os.fspath(url)
     if "://" not in text:
@@ -77,10 +79,12 @@ def _local_path(text: str) -> str:
     rest = text[match.end() :].lstrip("/")
     if scheme == "file" and match.group(2).startswith(":/"):
         return "/" + unquote(rest)  # `file:/dir`: a valid file URL without an authority
-    example = f"{scheme}://{rest or 'bucket/prefix'}"
+    slashes = "///" if scheme == "file" else "//"
+    example = f"{scheme}:{slashes}{rest or 'bucket/prefix'}"
     msg = (
         f"store destination {text!r} looks like a mistyped {scheme}:// URL, and would become "
-        f"a local directory named {text.partition('/')[0]!r}; write {example!r} (two slashes "
-        f"after the colon), or './{text}' if you do mean a local directory"
+        f"a local directory named {text.partition('/')[0]!r}; write {example!r} "
+        f"({'three' if scheme == 'file' else 'two'} slashes after the colon), or './{text}' if "
+        f"you do mean a local directory"
     )
     raise ValueError(msg)
