@@ -134,6 +134,18 @@ class TestMisspelledHooks:
 
         assert len(CallbackList([Fine()])) == 1
 
+    def test_foreign_mixins_are_not_checked(self) -> None:
+        """Another library's callback base, mixed in, keeps its own on_* names."""
+
+        class ForeignCallback:
+            def on_fit_start(self) -> None:
+                pass
+
+        class Both(ForeignCallback, Callback):
+            pass
+
+        assert len(CallbackList([Both()])) == 1
+
     def test_refused_before_the_first_step(self, tmp_path: Path) -> None:
         """TrainLoop refuses it at construction: the step function never runs."""
 

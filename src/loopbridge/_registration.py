@@ -3,7 +3,8 @@
 A method named like a hook that is not one (`on_step_ended`) never fires, so it is refused
 with the closest hook's name. The rule: every public callable attribute of the callback's
 class (and of its bases up to `Callback`) whose name starts with `on_` must be a hook of the
-contract, unless it is marked with `@loopbridge.not_a_hook`.
+contract, unless it is marked with `@loopbridge.not_a_hook`. Base classes that are not
+`Callback`s (another framework's callback class mixed in) are not checked.
 
 A callback instance belongs to one live list at a time. A `CallbackList` is *live* while it
 has a bridge that is open and it has not been released; `TrainLoop` releases its list when
@@ -53,8 +54,8 @@ def check_hook_names(callback: Callback) -> None:
     """Refuse an `on_*` method that is not a hook, suggesting the hook it resembles."""
     cls = type(callback)
     for klass in cls.__mro__:
-        if klass is Callback or klass is object:
-            break
+        if klass is Callback or not issubclass(klass, Callback):
+            continue  # another library's base class (a mixin) follows its own naming
         for name, value in vars(klass).items():
             if not name.startswith("on_") or name in _HOOKS or name in _BASE_NAMES:
                 continue
