@@ -17,6 +17,7 @@ from loopbridge._exceptions import (
     CallbackNotAttachedError,
     CallbackValidationError,
     CheckpointFilesError,
+    DestinationError,
     DrainError,
     IntegrityError,
     JournalError,
@@ -30,7 +31,9 @@ from loopbridge._experiment import Experiment
 from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -43,6 +46,7 @@ from loopbridge._types import (
     RunStatus,
     TrainingBatch,
 )
+from loopbridge._work import to_thread
 
 __version__ = "0.1.0"
 
@@ -58,6 +62,7 @@ __all__ = [
     "CallbackNotAttachedError",
     "CallbackValidationError",
     "CheckpointFilesError",
+    "DestinationError",
     "DrainError",
     "DrainReport",
     "EvalResult",
@@ -80,10 +85,13 @@ __all__ = [
     "RunStatus",
     "StoreError",
     "TaskFuture",
+    "TaskKey",
     "TaskRecord",
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "not_a_hook",
     "stores",
+    "to_thread",
 ]

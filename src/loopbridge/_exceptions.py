@@ -11,6 +11,7 @@ LoopbridgeError
 ├── OutDirInUseError (also FileExistsError)    a new run in an out dir an earlier run wrote to
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
+│   │   └── DestinationError                   a destination failed its pre-flight check
 │   └── IntegrityError                         what was uploaded is not what was saved
 └── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
@@ -29,6 +30,7 @@ __all__ = [
     "CallbackNotAttachedError",
     "CallbackValidationError",
     "CheckpointFilesError",
+    "DestinationError",
     "DrainError",
     "IntegrityError",
     "JournalError",
@@ -102,6 +104,10 @@ class StoreError(LoopbridgeError):
 
 class PermanentStoreError(StoreError):
     """A store error that retrying cannot fix, such as access denied or a missing bucket."""
+
+
+class DestinationError(PermanentStoreError):
+    """A checkpoint destination cannot work (found before training); the message has the fix."""
 
 
 class IntegrityError(StoreError):

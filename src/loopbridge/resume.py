@@ -20,7 +20,7 @@ from typing import Any
 from loopbridge._exceptions import JournalError, LoopbridgeError
 from loopbridge.callbacks._store_options import decode_options
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
-from loopbridge.journal import UploadIntent, UploadJournal, find_journals
+from loopbridge.journal import RESUME_HOLDER, UploadIntent, UploadJournal, find_journals
 from loopbridge.stores import ObjectStore, open_store
 
 __all__ = ["ResumeOutcome", "ResumeReport", "resume_out_dir"]
@@ -98,7 +98,8 @@ def resume_out_dir(
         store_options: S3 store options by name (`verify_etag`, `part_size`, ...), as
             strings, over the ones each journal recorded.
     """
-    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir)))
+    # Absolute, as UploadJournal.path is: outcomes are matched to journals by path.
+    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir.absolute())))
     started = time.monotonic()
     overrides = dict(store_options or {})
     if endpoint_url is not None:
@@ -121,7 +122,7 @@ async def _resume_all(
     try:
         for path in report.journals:
             try:
-                journal = UploadJournal(path)
+                journal = UploadJournal(path, holder=RESUME_HOLDER)
                 journals.append(journal)
                 every = journal.intents()
             except JournalError as exc:

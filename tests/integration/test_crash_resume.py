@@ -243,7 +243,8 @@ class TestExperimentRestart:
                     checkpoint_every=1,
                 )
 
-            uploader = CheckpointUploader(remote.as_uri())
+            # No pre-flight: this test is about uploads that fail during training.
+            uploader = CheckpointUploader(remote.as_uri(), preflight=False)
             return lb.Experiment(
                 "exp", {"arm": {}}, build, callbacks=[uploader], on_drain_failure="warn"
             ).run()

@@ -45,7 +45,7 @@ def check_store_options(dest: str, options: Mapping[str, Any]) -> dict[str, Any]
     Raises:
         ValueError: `dest` is not an `s3://` URL, or an option name is not an S3Store keyword.
     """
-    if options and not dest.startswith("s3://"):
+    if options and not _is_s3(dest):
         msg = (
             f"store_options={dict(options)!r} apply to s3:// destinations only, not {dest!r}; "
             f"drop them, or pass an opened store with store="
@@ -84,10 +84,15 @@ def open_upload_store(
         return store, normalize_prefix(os.fspath(dest)), None
     text = os.fspath(dest)
     extra = check_store_options(text, store_options or {})
-    if not text.startswith("s3://"):
+    if not _is_s3(text):
         return open_store(text), "", None
     options = {**explicit, **extra}
     return open_store(text, **options), "", options
+
+
+def _is_s3(dest: str) -> bool:
+    """Whether `dest` is an S3 URL (the scheme in any case, as URLs allow)."""
+    return dest[:5].lower() == "s3://"
 
 
 def encode_options(options: Mapping[str, Any]) -> dict[str, str]:

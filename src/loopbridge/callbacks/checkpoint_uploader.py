@@ -65,6 +65,7 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._store_options import open_upload_store
+from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
@@ -106,6 +107,9 @@ class CheckpointUploader(Callback):
         store: an `ObjectStore` to write to instead of opening one from `dest`.
         journal: record each upload in the run's upload journal first, and finish the open
             ones of an earlier process when a run starts again on the same out dir.
+        preflight: before the first step, prove the destination can be written (a small
+            probe object put and deleted under the run's prefix, within `preflight_timeout`
+            seconds); a destination that cannot work raises DestinationError then.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
         store_options: any other `S3Store` keyword by name, such as `verify_etag`,
@@ -131,6 +135,8 @@ class CheckpointUploader(Callback):
         max_attempts: int = 5,
         journal: bool = True,
         store_options: Mapping[str, Any] | None = None,
+        preflight: bool = True,
+        preflight_timeout: float = 10.0,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
@@ -154,6 +160,11 @@ class CheckpointUploader(Callback):
         self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._retries_at_start = store.retries
         self.journal = journal
+        self.preflight, self.preflight_timeout, self._preflight_ok = (
+            preflight,
+            preflight_timeout,
+            False,
+        )
         self._journals = JournalBook()
         # What reopening the store needs besides its URL (for `loopbridge resume`).
         self._store_options = journal_options(store, options)
@@ -186,6 +197,16 @@ class CheckpointUploader(Callback):
 
     def on_train_start(self, state: LoopState) -> None:
         """Open the run's journal; queue the uploads an earlier process left unfinished in it."""
+        if self.preflight and not self._preflight_ok:  # a dead destination fails before step 1
+            self._close_store_with(self._attached_bridge())
+            check_destination(
+                self.store,
+                self.run_prefix(state),
+                self._attached_bridge(),
+                timeout=self.preflight_timeout,
+                need_delete=self.keep_last is not None,
+            )
+            self._preflight_ok = True
         if state.step > 0:
             self._publisher.supersede_after(self.run_prefix(state), state.step)
         if not self.journal:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from loopbridge._callback import Callback
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -99,7 +100,7 @@ class _Run:
     experiment_id: str
     artifact_uri: str
     name: str
-    key: tuple[str, int, str]
+    key: TaskKey
     group_run_id: str | None = None
     owns_lifecycle: bool = False  # created at on_train_start (no Experiment): ended there too
     rows: list[_Row] = field(default_factory=list)
@@ -356,7 +357,7 @@ class MLflowLogger(Callback):
             experiment_id=str(info["experiment_id"]),
             artifact_uri=str(info.get("artifact_uri", "")),
             name=name,
-            key=(_SOURCE, id(self), run_id),
+            key=TaskKey(f"{_SOURCE} run {name}", (id(self), run_id)),
             group_run_id=group_run_id,
         )
 
