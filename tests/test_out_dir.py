@@ -238,14 +238,12 @@ class TestOutDirShape:
         with pytest.raises(NotADirectoryError, match=r"out'\) is a regular file, not a directory"):
             lb.TrainLoop(lambda s, b: {}, range(1), out_dir=target)
 
-
     def test_out_dir_under_a_file(self, tmp_path: Path) -> None:
         """A file among the out dir's parents is named."""
         blocker = tmp_path / "blocker"
         blocker.write_text("a file")
         with pytest.raises(NotADirectoryError, match=f"{blocker} is a regular file"):
             lb.TrainLoop(lambda s, b: {}, range(1), out_dir=blocker / "runs" / "x")
-
 
     def test_a_missing_out_dir_is_created_at_run(self, tmp_path: Path) -> None:
         """A directory that does not exist yet is fine, and created when the run starts."""

@@ -20,8 +20,8 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
-from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._metrics import coerce_metrics
+from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport

@@ -63,9 +63,9 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._store_options import open_upload_store
-from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
