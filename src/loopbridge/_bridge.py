@@ -6,12 +6,19 @@ the GIL) and wakes the loop only if the loop is asleep and no wake-up is on its 
 burst of spawns costs at most one cross-thread wake-up, and that one keeps the GIL
 (`_waker.py`). What then happens on the loop thread (per-key order, the in-flight limit,
 the ledger) is in `_scheduler.py`.
+
+Every wait here is bounded. `drain(timeout, cancel_pending=True, cancel_grace=g)` returns
+within `timeout + g` (plus scheduling noise); `close(timeout, cancel_grace=g)` within
+`timeout + g + CLOSE_MARGIN_S`, all phases together (drain, cancel, shutdown callbacks,
+joining the thread) rather than each with its own full timeout; `abandon()` does not wait.
+A wait longer than `progress_every` logs what it waits for, every `progress_every` s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import enum
 import itertools
 import logging
@@ -28,7 +35,7 @@ from loopbridge._report import BridgeStats, DrainReport, Loss
 from loopbridge._scheduler import LoopSelector, Scheduler, record_of
 from loopbridge._waker import Waker
 
-__all__ = ["Bridge"]
+__all__ = ["CLOSE_MARGIN_S", "Bridge"]
 
 logger = logging.getLogger("loopbridge.bridge")
 
@@ -36,6 +43,12 @@ T = TypeVar("T")
 Work = Coroutine[Any, Any, T] | Callable[[], Awaitable[T]]
 
 _perf_ns = time.perf_counter_ns
+
+CLOSE_MARGIN_S = 1.0
+"""What close() may spend beyond its timeout and cancel grace: shutdown callbacks and the join."""
+_JOIN_SHARE = 0.25
+"""The part of CLOSE_MARGIN_S kept for stopping and joining the loop thread."""
+_SHOW_TASKS = 5
 
 
 class _State(enum.Enum):
@@ -59,6 +72,8 @@ class Bridge:
         max_pending: tasks queued and not yet started; a spawn beyond it blocks its caller.
         exit_timeout: how long the interpreter-exit handler drains a bridge left open.
         name: names the loop thread.
+        progress_every: while a drain or close waits longer than this, it logs a warning
+            naming what it waits for, and again every `progress_every` s (0 turns it off).
     """
 
     def __init__(
@@ -68,6 +83,7 @@ class Bridge:
         max_pending: int = 10_000,
         exit_timeout: float = 10.0,
         name: str = "loopbridge",
+        progress_every: float = 5.0,
     ) -> None:
         for label, value in (("max_in_flight", max_in_flight), ("max_pending", max_pending)):
             if not isinstance(value, int) or value < 1:
@@ -76,6 +92,7 @@ class Bridge:
         self._max_pending = max_pending
         self._exit_timeout = exit_timeout
         self._name = name
+        self._progress_every = progress_every
 
         self._state = _State.NEW
         self._lifecycle = threading.Lock()
@@ -95,6 +112,11 @@ class Bridge:
 
         self._shutdown_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._close_report: DrainReport | None = None
+        self._closer: int | None = None
+        """The thread running close(); it may re-enter close() if a Ctrl-C interrupted it."""
+        self._callbacks_done = False
+        self._leftover_wait = 1.0
+        """How long the loop thread, once stopped, waits for the tasks it cancels."""
 
     def __repr__(self) -> str:
         return f"<Bridge {self._name!r} {self._state.value}>"
@@ -182,7 +204,8 @@ class Bridge:
                 for task in leftovers:
                     task.cancel()
                 if leftovers:
-                    loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+                    wait = asyncio.wait(leftovers, timeout=self._leftover_wait)
+                    loop.run_until_complete(wait)
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 if self._waker is not None:
@@ -198,33 +221,52 @@ class Bridge:
     def close(self, timeout: float | None = None, *, cancel_grace: float = 5.0) -> DrainReport:
         """Drain for up to `timeout` s, cancel what is left, stop the loop and join its thread.
 
-        Idempotent: a second call returns the first call's report.
+        Returns within `timeout + cancel_grace + CLOSE_MARGIN_S` s: cancelled work gets up
+        to `cancel_grace` s to end, and the shutdown callbacks and the join share what is
+        left of it plus the margin. Work that outlasts that is abandoned (the loop thread is
+        a daemon) and named in the report and the log. Idempotent: a second call returns
+        the first call's report; a close interrupted by Ctrl-C may be called again.
         """
         with self._lifecycle:
             if self._state is _State.NEW:
                 self._state = _State.CLOSED
                 self._close_report = DrainReport(losses=self._sched.take_losses())
                 return self._close_report
-            if self._state is not _State.RUNNING:
+            reentry = self._state is _State.CLOSING and self._closer == threading.get_ident()
+            if self._state is not _State.RUNNING and not reentry:
                 return self._close_report or DrainReport()
             if self.in_loop_thread():
                 msg = "Bridge.close() cannot run on the bridge's own loop; close it from outside"
                 raise BridgeLoopThreadError(msg)
             self._state = _State.CLOSING
+            self._closer = threading.get_ident()
         started = time.monotonic()
-        report = self.drain(timeout, cancel_pending=True, cancel_grace=cancel_grace)
-        # Stray call()s, and anything spawned while the drain was ending.
-        report = report.merge(self.cancel_all(timeout=cancel_grace))
-        self._run_shutdown_callbacks(cancel_grace)
-        self._stop_loop(cancel_grace)
-        for future in self._sched.unfinished():
-            # Work that ignored its cancellation: its future ends too, so no waiter hangs.
-            future._set_cancelled()
-        with self._lifecycle:
-            self._state = _State.CLOSED
-        _LIVE_BRIDGES.discard(self)
-        with self._sched.space:
-            self._sched.space.notify_all()
+        sched = self._sched
+        deadline = None if timeout is None else started + timeout
+        settled = self._wait_settled(deadline, started, "close")
+        pending = [] if settled else sched.unfinished()
+        cancel_deadline = time.monotonic() + cancel_grace
+        # Always: stray call()s, and anything spawned while the drain was ending.
+        if not self._cancel_everything(cancel_deadline):
+            settled = False
+            known = {f.seq for f in pending}
+            pending += [f for f in sched.unfinished() if f.seq not in known]
+        notes: tuple[str, ...] = ()
+        if not settled:
+            notes = ("work still pending at the deadline was cancelled",)
+            if not sched.is_settled():
+                notes += ("some pending work ignored its cancellation and was abandoned",)
+        report = sched.take_report(
+            time.monotonic() - started,
+            timed_out=not settled,
+            pending=pending,
+            notes=notes,
+            give_up=True,
+        )
+        end = max(cancel_deadline, time.monotonic()) + CLOSE_MARGIN_S
+        self._run_shutdown_callbacks(end - _JOIN_SHARE * CLOSE_MARGIN_S)
+        self._stop_loop(end)
+        self._finish_close()
         self._close_report = DrainReport(
             completed=report.completed,
             failed=report.failed,
@@ -237,34 +279,88 @@ class Bridge:
         )
         return self._close_report
 
-    def _run_shutdown_callbacks(self, timeout: float) -> None:
-        if not self._shutdown_callbacks or self._loop is None:
+    def abandon(self) -> DrainReport:
+        """Give up on all work now: cancel it without waiting, stop the loop, skip the join.
+
+        For a third Ctrl-C, when nothing may delay the exit any more. The report names what
+        was abandoned (as pending); shutdown callbacks do not run.
+        """
+        with self._lifecycle:
+            if self._state is _State.NEW:
+                self._state = _State.CLOSED
+                self._close_report = DrainReport(losses=self._sched.take_losses())
+                return self._close_report
+            if self._state is _State.CLOSED:
+                return self._close_report or DrainReport()
+            if self.in_loop_thread():
+                msg = "Bridge.abandon() cannot run on the bridge's own loop; call it from outside"
+                raise BridgeLoopThreadError(msg)
+            self._state = _State.CLOSING
+            self._closer = threading.get_ident()
+        sched, loop = self._sched, self._loop
+        self._leftover_wait = 0.0
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed in the meantime
+                loop.call_soon_threadsafe(sched.cancel_everything)
+                loop.call_soon_threadsafe(loop.stop)
+        pending = sched.unfinished()
+        notes = ("abandoned without waiting",) if pending else ()
+        report = sched.take_report(
+            0.0, timed_out=bool(pending), pending=pending, notes=notes, give_up=True
+        )
+        self._finish_close()
+        self._close_report = report
+        return report
+
+    def _finish_close(self) -> None:
+        for future in self._sched.unfinished(given_up=True):
+            # Work that ignored its cancellation: its future ends too, so no waiter hangs.
+            future._set_cancelled()
+        with self._lifecycle:
+            self._state = _State.CLOSED
+        _LIVE_BRIDGES.discard(self)
+        with self._sched.space:
+            self._sched.space.notify_all()
+
+    def _run_shutdown_callbacks(self, deadline: float) -> None:
+        loop = self._loop
+        if not self._shutdown_callbacks or loop is None or self._callbacks_done:
             return
+        self._callbacks_done = True
 
         async def run_all() -> None:
             for fn in self._shutdown_callbacks:
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                         await fn()
+                except TimeoutError:
+                    logger.warning("%r: shutdown callback %r did not finish in time", self, fn)
                 except Exception:
                     logger.exception("shutdown callback %r of %r failed", fn, self)
 
-        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
         try:
-            future.result(timeout * (len(self._shutdown_callbacks) + 1))
+            future = asyncio.run_coroutine_threadsafe(run_all(), loop)
+        except RuntimeError:  # the loop is closed already
+            return
+        try:
+            # A little past the deadline: run_all times itself out on the loop.
+            future.result(max(0.0, deadline - time.monotonic()) + 0.05)
         except TimeoutError:
             future.cancel()
             logger.warning("%r: shutdown callbacks did not finish in time", self)
 
-    def _stop_loop(self, timeout: float) -> None:
+    def _stop_loop(self, deadline: float) -> None:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        # The stopped loop gives the tasks it cancels what is left before the deadline.
+        self._leftover_wait = max(0.0, deadline - time.monotonic() - 0.05)
         if not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
+            with contextlib.suppress(RuntimeError):  # closed in the meantime
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
-            busy = ", ".join(str(record_of(f)) for f in self._sched.running()) or "unknown"
+            busy = _names(self._sched.running()) or "unknown"
             logger.warning(
                 "%r: the loop thread is still busy (%s) and was abandoned; it is a daemon "
                 "thread and will not keep the process alive",
@@ -390,6 +486,7 @@ class Bridge:
         drain and names, in `pending`, what had not ended at the deadline. That work keeps
         running, unless `cancel_pending`: then it is cancelled, given up to `cancel_grace` s
         to end, and still reported under `pending` (not `cancelled`), noted as cancelled.
+        Work reported so is given up: later drains neither wait for it nor report it again.
         """
         if self.in_loop_thread():
             msg = "Bridge.drain() cannot wait on the bridge's own loop; drain from outside it"
@@ -398,40 +495,78 @@ class Bridge:
         idle = True
         sched = self._sched
         if self._loop is not None and self._state is not _State.CLOSED:
-            idle = sched.wait_idle(timeout)
+            deadline = None if timeout is None else started + timeout
+            idle = self._wait_settled(deadline, started, "drain")
         if idle:
             return sched.take_report(time.monotonic() - started, timed_out=False)
         pending = sched.unfinished()
         notes: tuple[str, ...] = ()
         if cancel_pending:
-            if not self._cancel_everything(cancel_grace, started=time.monotonic()):
+            if not self._cancel_everything(time.monotonic() + cancel_grace):
                 notes = ("some pending work ignored its cancellation and may still run",)
             notes = ("work still pending at the deadline was cancelled", *notes)
         return sched.take_report(
-            time.monotonic() - started, timed_out=True, pending=pending, notes=notes
+            time.monotonic() - started,
+            timed_out=True,
+            pending=pending,
+            notes=notes,
+            give_up=cancel_pending,
         )
 
     def cancel_all(self, timeout: float = 2.0) -> DrainReport:
         """Cancel every queued and running task, wait up to `timeout` s for them to end."""
         started = time.monotonic()
-        idle = self._cancel_everything(timeout, started=started)
-        return self._sched.take_report(time.monotonic() - started, timed_out=not idle)
+        idle = self._cancel_everything(started + timeout)
+        return self._sched.take_report(time.monotonic() - started, timed_out=not idle, give_up=True)
 
-    def _cancel_everything(self, timeout: float, *, started: float) -> bool:
-        """Cancel all tasks and calls; True once none is left within `timeout` s."""
+    def _cancel_everything(self, deadline: float) -> bool:
+        """Cancel all tasks and calls; True if none is left by `deadline` (given-up work aside)."""
         loop, sched = self._loop, self._sched
         if loop is None or loop.is_closed() or self.in_loop_thread():
-            return sched.is_idle()
+            return sched.is_settled()
         done = threading.Event()
 
         def cancel_on_loop() -> None:
             sched.cancel_everything()
             done.set()
 
-        loop.call_soon_threadsafe(cancel_on_loop)
-        if not done.wait(timeout):
+        try:
+            loop.call_soon_threadsafe(cancel_on_loop)
+        except RuntimeError:  # closed in the meantime
+            return sched.is_settled()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
             return False
-        return sched.wait_idle(max(0.0, timeout - (time.monotonic() - started)))
+        return sched.wait_idle(max(0.0, deadline - time.monotonic()))
+
+    def _wait_settled(self, deadline: float | None, started: float, what: str) -> bool:
+        """Wait until the scheduler is settled or `deadline`; log what it waits for meanwhile."""
+        sched, every = self._sched, self._progress_every
+        next_log = started + every if every > 0 else None
+        while True:
+            ends = [t for t in (deadline, next_log) if t is not None]
+            if sched.wait_idle(max(0.0, min(ends) - time.monotonic()) if ends else None):
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if next_log is not None and now >= next_log:
+                next_log = now + every
+                self._log_waiting(what, now - started, deadline, now)
+
+    def _log_waiting(self, what: str, waited: float, deadline: float | None, now: float) -> None:
+        waiting = self._sched.unfinished()
+        running = [f for f in waiting if f.running()]
+        limit = "no deadline" if deadline is None else f"gives up in {deadline - now:.1f} s"
+        logger.warning(
+            "%r: %s still waiting after %.1f s (%s) for %d task(s), %d running: %s",
+            self,
+            what,
+            waited,
+            limit,
+            len(waiting),
+            len(running),
+            _names(running or waiting) or "none",
+        )
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""
@@ -465,10 +600,11 @@ class Bridge:
     def _close_at_exit(self) -> None:
         if self._state is not _State.RUNNING:
             return
-        # close() may spend its cancel grace about four times over (cancel, stray calls,
-        # shutdown callbacks, joining the thread): keep the whole within exit_timeout.
-        grace = min(2.0, self._exit_timeout / 8)
-        report = self.close(max(0.0, self._exit_timeout - 4 * grace), cancel_grace=grace)
+        # close() takes at most timeout + grace + CLOSE_MARGIN_S: keep that within exit_timeout.
+        grace = min(2.0, self._exit_timeout / 4)
+        report = self.close(
+            max(0.0, self._exit_timeout - grace - CLOSE_MARGIN_S), cancel_grace=grace
+        )
         if report.ok:
             logger.info("%r was closed at interpreter exit: %s", self, report.summary())
             return
@@ -483,6 +619,13 @@ class Bridge:
             names,
             report.summary(),
         )
+
+
+def _names(futures: list[TaskFuture[Any]]) -> str:
+    """The first few tasks' names (with keys), for a log line."""
+    shown = ", ".join(str(record_of(f)) for f in futures[:_SHOW_TASKS])
+    more = len(futures) - _SHOW_TASKS
+    return f"{shown} (+{more} more)" if more > 0 else shown
 
 
 def _check_key(key: object) -> None:

@@ -5,6 +5,11 @@ otherwise. Work arrives through `inbox`, a deque that spawning threads append to
 under the GIL); `pump` moves it into the ready queue or behind a running task of its key,
 and starts what the in-flight limit allows. The ledger records what ended, for the next
 drain report.
+
+Each task is reported exactly once. A task still unfinished when a drain gave up on it
+(a drain that cancelled it, `cancel_all`, `close`) is reported then, as pending, and is "given
+up": no later drain waits for it or reports it again, and if it ends after all, that is
+logged rather than reported a second time.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ class Scheduler:
         self._failed: list[TaskRecord] = []
         self._cancelled: list[TaskRecord] = []
         self._losses: list[Loss] = []
+        self._given_up: set[int] = set()
+        """Tasks already reported as pending by a drain that gave up on them (seqs)."""
+        self._late_completed = 0
 
     # ------------------------------------------------------------------ queues
 
@@ -213,13 +221,11 @@ class Scheduler:
         except asyncio.CancelledError:
             future._set_cancelled()
             self.n_cancelled += 1
-            with self.idle:
-                self._cancelled.append(record_of(future))
+            self._account(future, self._cancelled, record_of(future), "was cancelled")
         except BaseException as exc:
             future._set_exception(exc)
             self.n_failed += 1
-            with self.idle:
-                self._failed.append(record_of(future, exc))
+            self._account(future, self._failed, record_of(future, exc), "failed")
             key = "" if future.key is None else f" (key={future.key!r})"
             logger.error(
                 "background task %r%s failed: %s: %s",
@@ -233,7 +239,10 @@ class Scheduler:
             # would stop the loop under every other task.
         else:
             future._set_result(result)
-            self.n_completed += 1
+            if self._given_up:  # rare: only after a drain gave up on some work
+                self._complete_late(future)
+            else:
+                self.n_completed += 1
         finally:
             if not abandoned:
                 self._in_flight -= 1
@@ -249,7 +258,9 @@ class Scheduler:
             else:
                 del self._key_queues[key]
         self._start_ready()
-        if self._idle_waiters and not self.outstanding and not self.inbox:
+        # Settled when every task left is one a drain gave up on (see is_settled); the
+        # waiter checks exactly, this only avoids waking it for nothing.
+        if self._idle_waiters and not self.inbox and len(self.outstanding) <= len(self._given_up):
             with self.idle:
                 self.idle.notify_all()
 
@@ -259,9 +270,32 @@ class Scheduler:
         if isinstance(work, Coroutine):
             work.close()
         self.n_cancelled += 1
-        with self.idle:
-            self._cancelled.append(record_of(future))
+        self._account(future, self._cancelled, record_of(future), "was cancelled")
         self._finish(future)
+
+    def _complete_late(self, future: TaskFuture[Any]) -> None:
+        # Both counters move under the lock, so a report never counts this task.
+        with self.idle:
+            self.n_completed += 1
+            late = future.seq in self._given_up
+            if late:
+                self._given_up.discard(future.seq)
+                self._late_completed += 1
+        if late:
+            _log_late(future, "completed")
+
+    def _account(
+        self, future: TaskFuture[Any], ledger: list[TaskRecord], record: TaskRecord, how: str
+    ) -> None:
+        """Put an ended task in the ledger, unless a drain already reported it as pending."""
+        with self.idle:
+            late = future.seq in self._given_up
+            if late:
+                self._given_up.discard(future.seq)
+            else:
+                ledger.append(record)
+        if late:
+            _log_late(future, how)
 
     # ------------------------------------------------------------------ calls
 
@@ -297,25 +331,36 @@ class Scheduler:
     # ------------------------------------------------------------------ any thread
 
     def is_idle(self) -> bool:
-        """True when nothing is queued or running."""
+        """True when nothing is queued or running, given-up work included."""
         return not self.inbox and not self.outstanding
 
+    def is_settled(self) -> bool:
+        """True when nothing is queued or running except work a drain already gave up on."""
+        if self.inbox:
+            return False
+        given_up = self._given_up
+        return all(seq in given_up for seq in self.outstanding.copy())
+
     def wait_idle(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` s until nothing is queued or running; True if so."""
+        """Wait up to `timeout` s until the scheduler is settled (`is_settled`); True if so."""
         with self.idle:
             # Counted under the lock before the check, so the loop, which notifies only
             # when someone waits, cannot miss this waiter.
             self._idle_waiters += 1
             try:
-                return self.idle.wait_for(self.is_idle, timeout)
+                return self.idle.wait_for(self.is_settled, timeout)
             finally:
                 self._idle_waiters -= 1
 
-    def unfinished(self) -> list[TaskFuture[Any]]:
-        """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
+    def unfinished(self, *, given_up: bool = False) -> list[TaskFuture[Any]]:
+        """Queued and running tasks, oldest first (a snapshot safe from any thread).
+
+        Work a drain already gave up on is left out, unless `given_up`.
+        """
         waiting = list(self.outstanding.copy().values()) + list(self.inbox)
         waiting.sort(key=lambda f: f.seq)
-        return [f for f in waiting if not f.done()]
+        skip = () if given_up else self._given_up
+        return [f for f in waiting if not f.done() and f.seq not in skip]
 
     def running(self) -> list[TaskFuture[Any]]:
         """Tasks running now (a snapshot safe from any thread)."""
@@ -339,17 +384,29 @@ class Scheduler:
         timed_out: bool,
         pending: list[TaskFuture[Any]] | None = None,
         notes: tuple[str, ...] = (),
+        give_up: bool = False,
     ) -> DrainReport:
-        """The report of what ended since the last one; `pending` names what had not."""
+        """The report of what ended since the last one; `pending` names what had not.
+
+        `pending` is the work unfinished at the deadline (by default: now). Of it, what has
+        since completed or failed is reported as that instead; what was cancelled or still
+        runs stays pending. With `give_up`, the pending work is given up: no later report
+        names it again (see the module docstring).
+        """
         if pending is None:
             pending = self.unfinished() if timed_out else []
-        pending_seqs = {f.seq for f in pending}
         with self.idle:
-            completed = self.n_completed - self._reported_completed
+            # Ended with a result or an error: reported by its outcome, not as pending.
+            pending = [f for f in pending if not f.done() or f.cancelled()]
+            pending_seqs = {f.seq for f in pending}
+            completed = self.n_completed - self._late_completed - self._reported_completed
             self._reported_completed += completed
             failed, self._failed = tuple(self._failed), []
             cancelled, self._cancelled = tuple(self._cancelled), []
             losses, self._losses = tuple(self._losses), []
+            if give_up:
+                ended = {r.seq for r in cancelled}
+                self._given_up.update(seq for seq in pending_seqs if seq not in ended)
         return DrainReport(
             completed=completed,
             failed=failed,
@@ -387,6 +444,12 @@ async def _awaitable_of(future: TaskFuture[T]) -> T:
         )
         raise TypeError(msg)
     return await awaitable
+
+
+def _log_late(future: TaskFuture[Any], how: str) -> None:
+    logger.info(
+        "background task %r, reported pending by an earlier drain, %s after all", future.name, how
+    )
 
 
 def record_of(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
