@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import contextlib
 import enum
+import inspect
 import itertools
 import logging
 import threading
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
 from loopbridge._future import BRIDGE_LOOPS, TaskFuture
-from loopbridge._report import BridgeStats, DrainReport, Loss
+from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 from loopbridge._scheduler import LoopSelector, Scheduler, record_of
 from loopbridge._waker import Waker
 
@@ -49,6 +50,7 @@ CLOSE_MARGIN_S = 1.0
 _JOIN_SHARE = 0.25
 """The part of CLOSE_MARGIN_S kept for stopping and joining the loop thread."""
 _SHOW_TASKS = 5
+_LEFTOVER_WAIT_S = 0.2
 
 
 class _State(enum.Enum):
@@ -206,12 +208,21 @@ class Bridge:
                 if leftovers:
                     wait = asyncio.wait(leftovers, timeout=self._leftover_wait)
                     loop.run_until_complete(wait)
+                self._close_unstarted_work()
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 if self._waker is not None:
                     self._waker.detach()
                 asyncio.set_event_loop(None)
                 loop.close()
+
+    def _close_unstarted_work(self) -> None:
+        """Close the coroutines of tasks cancelled before their first step (on the loop thread)."""
+        sched = self._sched
+        for future in [*sched.outstanding.copy().values(), *sched.inbox]:
+            work = future.work
+            if type(work) is CoroutineType and inspect.getcoroutinestate(work) == "CORO_CREATED":
+                work.close()
 
     def add_shutdown_callback(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Await `fn()` on the loop during close(), after the work is drained (close clients)."""
@@ -314,6 +325,11 @@ class Bridge:
 
     def _finish_close(self) -> None:
         for future in self._sched.unfinished(given_up=True):
+            # A task that never started never will: close its coroutine (no "never awaited").
+            future.cancel()
+            work = future.work
+            if future.asyncio_task is None and isinstance(work, Coroutine):
+                work.close()
             # Work that ignored its cancellation: its future ends too, so no waiter hangs.
             future._set_cancelled()
         with self._lifecycle:
@@ -353,8 +369,9 @@ class Bridge:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        # The stopped loop gives the tasks it cancels what is left before the deadline.
-        self._leftover_wait = max(0.0, deadline - time.monotonic() - 0.05)
+        # What is still running had its cancel grace already (or was abandoned): the
+        # stopped loop only lets well-behaved stragglers (connection pools) end.
+        self._leftover_wait = max(0.0, min(_LEFTOVER_WAIT_S, deadline - time.monotonic() - 0.05))
         if not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed in the meantime
                 loop.call_soon_threadsafe(loop.stop)
@@ -567,6 +584,10 @@ class Bridge:
             len(running),
             _names(running or waiting) or "none",
         )
+
+    def waiting(self) -> tuple[TaskRecord, ...]:
+        """The tasks queued or running now, oldest first (not those a drain gave up on)."""
+        return tuple(record_of(f) for f in self._sched.unfinished())
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""

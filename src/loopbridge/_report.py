@@ -92,16 +92,23 @@ class DrainReport:
         return f"DrainReport({self.summary()})"
 
     def merge(self, other: DrainReport) -> DrainReport:
-        """Combine two reports, as when a run drains twice (at train end and at close)."""
+        """Combine two reports, as when a run drains twice (at train end and at close).
+
+        A task named in both is named once: a later failure or cancellation replaces an
+        earlier `pending`, and otherwise the first mention stays.
+        """
+        outcome = {r.seq for r in other.failed + other.cancelled if r.seq}
+        pending = tuple(r for r in self.pending if not r.seq or r.seq not in outcome)
+        kept = self.failed + self.cancelled + pending
         return DrainReport(
             completed=self.completed + other.completed,
-            failed=self.failed + other.failed,
-            cancelled=self.cancelled + other.cancelled,
-            pending=self.pending + _new_records(self.pending, other.pending),
+            failed=self.failed + _new_records(kept, other.failed),
+            cancelled=self.cancelled + _new_records(kept, other.cancelled),
+            pending=pending + _new_records(kept, other.pending),
             losses=self.losses + other.losses,
             elapsed=self.elapsed + other.elapsed,
             timed_out=self.timed_out or other.timed_out,
-            notes=self.notes + other.notes,
+            notes=self.notes + tuple(n for n in other.notes if n not in self.notes),
         )
 
 

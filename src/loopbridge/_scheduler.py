@@ -325,8 +325,33 @@ class Scheduler:
             future.cancel()
         for task in list(self._calls):
             loop.call_soon(task.cancel)
-        # Queued tasks, now marked cancelled, are retired as they reach the front.
+        self._retire_queued()
         self._start_ready()
+
+    def _retire_queued(self) -> None:
+        """Retire the cancelled tasks still queued, now: behind a stuck task of their key
+        they would never reach the front, and so never be reported."""
+        dropped = [f for f in self._ready if f.cancelled()]
+        if dropped:
+            self._ready = deque(f for f in self._ready if not f.cancelled())
+        for queue in self._key_queues.values():
+            cancelled = [f for f in queue if f.cancelled()]
+            if cancelled:
+                kept = [f for f in queue if not f.cancelled()]
+                queue.clear()
+                queue.extend(kept)
+                dropped += cancelled
+        for future in dropped:
+            self.taken += 1
+            work = future.work
+            if isinstance(work, Coroutine):
+                work.close()
+            self.n_cancelled += 1
+            self._account(future, self._cancelled, record_of(future), "was cancelled")
+            del self.outstanding[future.seq]
+        if dropped and self._idle_waiters:
+            with self.idle:
+                self.idle.notify_all()
 
     # ------------------------------------------------------------------ any thread
 
@@ -360,7 +385,12 @@ class Scheduler:
         waiting = list(self.outstanding.copy().values()) + list(self.inbox)
         waiting.sort(key=lambda f: f.seq)
         skip = () if given_up else self._given_up
-        return [f for f in waiting if not f.done() and f.seq not in skip]
+        # A task cancelled while queued stays here until retired: it is not over yet.
+        return [
+            f
+            for f in waiting
+            if (not f.done() or (f.cancelled() and f.asyncio_task is None)) and f.seq not in skip
+        ]
 
     def running(self) -> list[TaskFuture[Any]]:
         """Tasks running now (a snapshot safe from any thread)."""
