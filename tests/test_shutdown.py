@@ -416,7 +416,6 @@ class TestEveryTaskOnce:
         assert total.completed + len(named) == len(spawned), (total.summary(), spawned)
         assert set(named) <= set(spawned)
         assert all("fail" in r.name or r.name.endswith(".c1") for r in total.failed)
-        assert not any("finish" in n or n.endswith(".c0") for n in named if n in total.failed)
         assert bridge.closed
 
 

@@ -6,6 +6,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from loopbridge._exceptions import DrainError
+from loopbridge._redact import redact_text
 
 __all__ = ["BridgeStats", "DrainReport", "Loss", "TaskRecord"]
 
@@ -23,7 +24,12 @@ class TaskRecord:
     def __str__(self) -> str:
         key = "" if self.key is None else f" [key={self.key!r}]"
         error = "" if self.exception is None else f": {type(self.exception).__name__}: "
-        return f"{self.name}{key}{error}{self.exception if self.exception else ''}"
+        return redact_text(f"{self.name}{key}{error}{self.exception if self.exception else ''}")
+
+    def __repr__(self) -> str:
+        return redact_text(
+            f"TaskRecord(name={self.name!r}, key={self.key!r}, exception={self.exception!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +41,7 @@ class Loss:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.source} dropped {self.count}: {self.detail}"
+        return redact_text(f"{self.source} dropped {self.count}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,26 @@ class DrainReport:
                 parts.append(f"{len(records)} {label} ({names}{more})")
         parts.extend(str(loss) for loss in self.losses)
         timeout = " [deadline hit]" if self.timed_out else ""
-        return f"{'; '.join(parts)} in {self.elapsed:.3f} s{timeout}"
+        return redact_text(f"{'; '.join(parts)} in {self.elapsed:.3f} s{timeout}")
 
     def __str__(self) -> str:
         return f"DrainReport({self.summary()})"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in (
+                "completed",
+                "failed",
+                "cancelled",
+                "pending",
+                "losses",
+                "elapsed",
+                "timed_out",
+                "notes",
+            )
+        )
+        return redact_text(f"DrainReport({fields})")
 
     def merge(self, other: DrainReport) -> DrainReport:
         """Combine two reports, as when a run drains twice (at train end and at close).

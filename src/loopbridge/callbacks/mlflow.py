@@ -59,7 +59,7 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
 )
-from loopbridge.callbacks._redact import Redactor, redact_url
+from loopbridge.callbacks._redact import Redactor, safe_url
 
 if TYPE_CHECKING:
     from loopbridge._bridge import Bridge
@@ -104,6 +104,8 @@ class MLflowLogger(Callback):
         timeout: seconds for each HTTP request.
         call_timeout: seconds a hook waits for a run to be created or closed.
         retry: the retry policy for 5xx, 429, connection errors and timeouts.
+        log_full_urls: show whole URLs in logs and errors; by default only the server's
+            origin (scheme, host, port) is shown, userinfo never.
     """
 
     def __init__(
@@ -117,19 +119,20 @@ class MLflowLogger(Callback):
         timeout: float = 15.0,
         call_timeout: float = 120.0,
         retry: HttpRetryPolicy | None = None,
+        log_full_urls: bool = False,
     ) -> None:
         scheme = urlsplit(tracking_uri).scheme
         if scheme not in ("http", "https"):
             msg = (
-                f"MLflowLogger({redact_url(tracking_uri)!r}): the tracking URI must be an "
+                f"MLflowLogger({safe_url(tracking_uri)!r}): the tracking URI must be an "
                 f"http(s) URL of an MLflow server, e.g. http://127.0.0.1:5000"
             )
             raise ValueError(msg)
         self._base = tracking_uri.rstrip("/")
-        self._safe_base = redact_url(self._base)
+        self._safe_base = safe_url(self._base, full=log_full_urls)
         self._experiment_name = experiment_name
         self._headers = dict(headers or {})
-        self._redactor = Redactor(tracking_uri, self._headers)
+        self._redactor = Redactor(tracking_uri, self._headers, full=log_full_urls)
         self._flush_points = max(1, flush_points)
         self._flush_interval_s = flush_interval_s
         self._timeout = timeout
