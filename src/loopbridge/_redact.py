@@ -106,10 +106,15 @@ def _is_secret_query(name: str) -> bool:
     return any(word in lowered for word in _SECRET_QUERY_WORDS)
 
 
+_MIN_GLOBAL = 8
+"""Shorter secrets are hidden only in their own endpoint's texts: process-wide, a short one
+("u", "test") would blot out ordinary words everywhere. URLs are covered by the rule anyway."""
+
+
 def add_secrets(secrets: Iterable[str]) -> None:
     """Hide these strings in every text and log record from now on (process-wide)."""
     with _lock:
-        merged = set(_registry.known) | {s for s in secrets if s}
+        merged = set(_registry.known) | {s for s in secrets if len(s) >= _MIN_GLOBAL}
         _registry.known = tuple(sorted(merged, key=len, reverse=True))
 
 
