@@ -277,7 +277,7 @@ class Bridge:
         end = max(cancel_deadline, time.monotonic()) + CLOSE_MARGIN_S
         self._run_shutdown_callbacks(end - _JOIN_SHARE * CLOSE_MARGIN_S)
         self._stop_loop(end)
-        self._finish_close()
+        report = report.merge(self._finish_close())
         self._close_report = DrainReport(
             completed=report.completed,
             failed=report.failed,
@@ -306,7 +306,8 @@ class Bridge:
             if self.in_loop_thread():
                 msg = "Bridge.abandon() cannot run on the bridge's own loop; call it from outside"
                 raise BridgeLoopThreadError(msg)
-            self._state = _State.CLOSING
+            # Closed at once: no task may spawn more work after the report is taken.
+            self._state = _State.CLOSED
             self._closer = threading.get_ident()
         sched, loop = self._sched, self._loop
         self._leftover_wait = 0.0
@@ -319,11 +320,24 @@ class Bridge:
         report = sched.take_report(
             0.0, timed_out=bool(pending), pending=pending, notes=notes, give_up=True
         )
-        self._finish_close()
+        report = report.merge(self._finish_close())
         self._close_report = report
         return report
 
-    def _finish_close(self) -> None:
+    def _finish_close(self) -> DrainReport:
+        """End every future left; report, as pending, work spawned after the close's report."""
+        with self._lifecycle:
+            self._state = _State.CLOSED
+        late = self._sched.unfinished()
+        report = DrainReport()
+        if late:
+            report = self._sched.take_report(
+                0.0,
+                timed_out=True,
+                pending=late,
+                notes=("work spawned while the bridge closed was cancelled",),
+                give_up=True,
+            )
         for future in self._sched.unfinished(given_up=True):
             # A task that never started never will: close its coroutine (no "never awaited").
             future.cancel()
@@ -332,11 +346,10 @@ class Bridge:
                 work.close()
             # Work that ignored its cancellation: its future ends too, so no waiter hangs.
             future._set_cancelled()
-        with self._lifecycle:
-            self._state = _State.CLOSED
         _LIVE_BRIDGES.discard(self)
         with self._sched.space:
             self._sched.space.notify_all()
+        return report
 
     def _run_shutdown_callbacks(self, deadline: float) -> None:
         loop = self._loop
