@@ -102,9 +102,11 @@ class TestRetryingClientRedirects:
         text = str(error)
         assert f"answered HTTP {status} to {dashboard_server.url}" in text
         assert "only a 2xx is" in text
-        assert SECRET not in text and SECRET not in repr(error)
+        assert SECRET not in text
+        assert SECRET not in repr(error)
         assert error.status == status
-        assert error.location is not None and SECRET not in error.location
+        assert error.location is not None
+        assert SECRET not in error.location
         assert len(dashboard_server.posts()) == 1  # not retried, not followed
 
     async def test_3xx_without_location(self, dashboard_server: DashboardServer) -> None:

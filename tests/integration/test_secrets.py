@@ -13,7 +13,6 @@ import logging
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ import loopbridge as lb
 from loopbridge import Bridge, DrainError, DrainReport, LogContext, TrainLoop
 from loopbridge._redact import redact_text, safe_url
 from loopbridge.callbacks import HttpDashboard, MLflowLogger
-from loopbridge.callbacks._http import HttpRetryPolicy
+from loopbridge.callbacks._http import HttpRequestError, HttpRetryPolicy
 
 FAST = HttpRetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02, jitter_s=0.0)
 _ids = itertools.count()
@@ -95,10 +94,10 @@ def leaks(value: str, texts: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def debug_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+def debug_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Every logger at DEBUG, httpx's and httpcore's children included."""
     caplog.set_level(logging.DEBUG)
-    yield caplog
+    return caplog
 
 
 def log_texts(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -207,7 +206,7 @@ class TestSurfaces:
         logger = MLflowLogger(url, retry=FAST, call_timeout=30)
         with Bridge(name="mlflow-secrets") as bridge:
             callbacks = lb.CallbackList([logger], bridge=bridge)
-            with pytest.raises(Exception) as caught:
+            with pytest.raises(HttpRequestError) as caught:
                 callbacks.on_experiment_start(LogContext(experiment_name="e"))
         texts = log_texts(debug_logs) + exception_texts(caught.value) + [repr(logger)]
         assert not leaks(value, texts)
