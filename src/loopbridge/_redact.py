@@ -15,7 +15,8 @@ secrets, replaced by `***` wherever they appear.
 Where it applies:
 - `redact_text` and `safe_url`, in every message, error text and repr loopbridge builds;
 - a log record factory, installed when loopbridge is imported: every record of the
-  `loopbridge`, `httpx` and `httpcore` loggers and their children, at every level, has its
+  `loopbridge`, `httpx`, `httpcore`, `aiobotocore`, `botocore` and `aiohttp` loggers and
+  their children, at every level, has its
   message, traceback text and stack redacted as it is created, so the rule holds whatever
   handlers exist and whenever they were added (a logger filter misses child loggers; a
   handler filter misses later handlers). Exceptions logged there are scrubbed in place.
@@ -73,7 +74,7 @@ _HEADER_TUPLE = re.compile(
     r"(?P<head>\(b(?P<q>['\"])(?P<name>[A-Za-z0-9_-]{1,64})(?P=q),\s*b(?P<q2>['\"]))"
     r"(?P<value>.*?)(?P=q2)\)"
 )
-_HEADER_DICT = re.compile(r"(?P<head>'(?P<name>[A-Za-z0-9_-]{1,64})':\s*')(?P<value>[^']*)'")
+_HEADER_DICT = re.compile(r"(?P<head>'(?P<name>[A-Za-z0-9_-]{1,64})':\s*b?')(?P<value>[^']*)'")
 _QUERY_SECRET = re.compile(
     r"(?P<name>[?&;][A-Za-z0-9_.-]*(?:"
     + "|".join(_SECRET_QUERY_WORDS)
@@ -294,7 +295,9 @@ class Redactor:
 
 # ---------------------------------------------------------------------- the log records
 
-_LOGGERS = ("loopbridge", "httpx", "httpcore")
+# loopbridge's own loggers and those of the HTTP clients it drives (httpx for dashboards and
+# MLflow; aiobotocore, botocore and aiohttp for S3, whose DEBUG lines dump request headers).
+_LOGGERS = ("loopbridge", "httpx", "httpcore", "aiobotocore", "botocore", "aiohttp")
 
 
 def _covered(name: str) -> bool:
@@ -317,7 +320,7 @@ def _scrub_record(record: logging.LogRecord) -> None:
 
 
 def install_log_redaction() -> None:
-    """Redact every record of loopbridge's, httpx's and httpcore's loggers as it is made.
+    """Redact every record of loopbridge's loggers and its HTTP clients' as it is made.
 
     Wraps the current log record factory (once; idempotent), so a factory installed before
     keeps working. Called when loopbridge is imported.

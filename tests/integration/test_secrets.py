@@ -138,6 +138,18 @@ class TestRules:
         )
         assert value not in redact_text(line)
 
+    def test_s3_client_debug_headers(self, caplog: pytest.LogCaptureFixture) -> None:
+        """botocore's DEBUG header dumps lose credentials; a handler added now sees that too."""
+        value = secret()
+        caplog.set_level(logging.DEBUG)
+        logging.getLogger("botocore.endpoint").debug(
+            "Sending http request: %s",
+            f"<AWSPreparedRequest headers={{'x-amz-security-token': b'{value}', "
+            f"'Authorization': b'AWS4-HMAC-SHA256 Credential=AK/{value}'}}>",
+        )
+        assert caplog.records
+        assert value not in caplog.text
+
 
 class TestSurfaces:
     """Each secret-bearing URL x every surface: the secret appears nowhere."""
