@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from loopbridge._shutdown import CANCEL_WAIT_S
 from tests.fixtures.s3 import FaultProxy, FaultRule, Hang, S3Bucket
 
 WAIT = 30.0
-SLACK_S = 3.0
+SLACK_S = 4.0
 """Added to every documented bound: two shared cores, a child interpreter exiting."""
 GRACE_S = 2.0
 
@@ -464,9 +465,8 @@ class TestDrainProgress:
         lines = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
         assert len(lines) >= 2
         assert "upload-step-7 [key='run']" in lines[0]
-        assert "drain still waiting after 0.0" in lines[0] or "after 0.1" in lines[0]
+        assert re.search(r"drain still waiting after \d+\.\d s \(gives up in", lines[0])
         assert "1 task(s), 1 running" in lines[0]
-        assert "gives up in" in lines[0]
 
     def test_off(self, caplog: pytest.LogCaptureFixture) -> None:
         """progress_every=0 keeps the drain quiet."""
