@@ -7,18 +7,13 @@ burst of spawns costs at most one cross-thread wake-up, and that one keeps the G
 (`_waker.py`). What then happens on the loop thread (per-key order, the in-flight limit,
 the ledger) is in `_scheduler.py`.
 
-Every wait here is bounded. `drain(timeout, cancel_pending=True, cancel_grace=g)` returns
-within `timeout + g` (plus scheduling noise); `close(timeout, cancel_grace=g)` within
-`timeout + g + CLOSE_MARGIN_S`, all phases together (drain, cancel, shutdown callbacks,
-joining the thread) rather than each with its own full timeout; `abandon()` does not wait.
-A wait longer than `progress_every` logs what it waits for, every `progress_every` s.
+Every wait is bounded, all phases of a close together; the waits live in `_closing.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import enum
 import inspect
 import itertools
@@ -30,6 +25,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import CoroutineType, TracebackType
 from typing import Any, TypeVar
 
+from loopbridge._closing import (
+    CLOSE_MARGIN_S,
+    abandon_work,
+    cancel_all,
+    close_work,
+    drain_work,
+)
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
 from loopbridge._future import BRIDGE_LOOPS, TaskFuture
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
@@ -44,13 +46,6 @@ T = TypeVar("T")
 Work = Coroutine[Any, Any, T] | Callable[[], Awaitable[T]]
 
 _perf_ns = time.perf_counter_ns
-
-CLOSE_MARGIN_S = 1.0
-"""What close() may spend beyond its timeout and cancel grace: shutdown callbacks and the join."""
-_JOIN_SHARE = 0.25
-"""The part of CLOSE_MARGIN_S kept for stopping and joining the loop thread."""
-_SHOW_TASKS = 5
-_LEFTOVER_WAIT_S = 0.2
 
 
 class _State(enum.Enum):
@@ -252,31 +247,7 @@ class Bridge:
             self._state = _State.CLOSING
             self._closer = threading.get_ident()
         started = time.monotonic()
-        sched = self._sched
-        deadline = None if timeout is None else started + timeout
-        settled = self._wait_settled(deadline, started, "close")
-        pending = [] if settled else sched.unfinished()
-        cancel_deadline = time.monotonic() + cancel_grace
-        # Always: stray call()s, and anything spawned while the drain was ending.
-        if not self._cancel_everything(cancel_deadline):
-            settled = False
-            known = {f.seq for f in pending}
-            pending += [f for f in sched.unfinished() if f.seq not in known]
-        notes: tuple[str, ...] = ()
-        if not settled:
-            notes = ("work still pending at the deadline was cancelled",)
-            if not sched.is_settled():
-                notes += ("some pending work ignored its cancellation and was abandoned",)
-        report = sched.take_report(
-            time.monotonic() - started,
-            timed_out=not settled,
-            pending=pending,
-            notes=notes,
-            give_up=True,
-        )
-        end = max(cancel_deadline, time.monotonic()) + CLOSE_MARGIN_S
-        self._run_shutdown_callbacks(end - _JOIN_SHARE * CLOSE_MARGIN_S)
-        self._stop_loop(end)
+        report = close_work(self, timeout, cancel_grace)
         report = report.merge(self._finish_close())
         self._close_report = DrainReport(
             completed=report.completed,
@@ -309,17 +280,7 @@ class Bridge:
             # Closed at once: no task may spawn more work after the report is taken.
             self._state = _State.CLOSED
             self._closer = threading.get_ident()
-        sched, loop = self._sched, self._loop
-        self._leftover_wait = 0.0
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed in the meantime
-                loop.call_soon_threadsafe(sched.cancel_everything)
-                loop.call_soon_threadsafe(loop.stop)
-        pending = sched.unfinished()
-        notes = ("abandoned without waiting",) if pending else ()
-        report = sched.take_report(
-            0.0, timed_out=bool(pending), pending=pending, notes=notes, give_up=True
-        )
+        report = abandon_work(self)
         report = report.merge(self._finish_close())
         self._close_report = report
         return report
@@ -350,53 +311,6 @@ class Bridge:
         with self._sched.space:
             self._sched.space.notify_all()
         return report
-
-    def _run_shutdown_callbacks(self, deadline: float) -> None:
-        loop = self._loop
-        if not self._shutdown_callbacks or loop is None or self._callbacks_done:
-            return
-        self._callbacks_done = True
-
-        async def run_all() -> None:
-            for fn in self._shutdown_callbacks:
-                try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        await fn()
-                except TimeoutError:
-                    logger.warning("%r: shutdown callback %r did not finish in time", self, fn)
-                except Exception:
-                    logger.exception("shutdown callback %r of %r failed", fn, self)
-
-        try:
-            future = asyncio.run_coroutine_threadsafe(run_all(), loop)
-        except RuntimeError:  # the loop is closed already
-            return
-        try:
-            # A little past the deadline: run_all times itself out on the loop.
-            future.result(max(0.0, deadline - time.monotonic()) + 0.05)
-        except TimeoutError:
-            future.cancel()
-            logger.warning("%r: shutdown callbacks did not finish in time", self)
-
-    def _stop_loop(self, deadline: float) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        # What is still running had its cancel grace already (or was abandoned): the
-        # stopped loop only lets well-behaved stragglers (connection pools) end.
-        self._leftover_wait = max(0.0, min(_LEFTOVER_WAIT_S, deadline - time.monotonic() - 0.05))
-        if not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed in the meantime
-                loop.call_soon_threadsafe(loop.stop)
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            busy = _names(self._sched.running()) or "unknown"
-            logger.warning(
-                "%r: the loop thread is still busy (%s) and was abandoned; it is a daemon "
-                "thread and will not keep the process alive",
-                self,
-                busy,
-            )
 
     # ------------------------------------------------------------------ spawn and call
 
@@ -521,82 +435,17 @@ class Bridge:
         if self.in_loop_thread():
             msg = "Bridge.drain() cannot wait on the bridge's own loop; drain from outside it"
             raise BridgeLoopThreadError(msg)
-        started = time.monotonic()
-        idle = True
-        sched = self._sched
-        if self._loop is not None and self._state is not _State.CLOSED:
-            deadline = None if timeout is None else started + timeout
-            idle = self._wait_settled(deadline, started, "drain")
-        if idle:
-            return sched.take_report(time.monotonic() - started, timed_out=False)
-        pending = sched.unfinished()
-        notes: tuple[str, ...] = ()
-        if cancel_pending:
-            if not self._cancel_everything(time.monotonic() + cancel_grace):
-                notes = ("some pending work ignored its cancellation and may still run",)
-            notes = ("work still pending at the deadline was cancelled", *notes)
-        return sched.take_report(
-            time.monotonic() - started,
-            timed_out=True,
-            pending=pending,
-            notes=notes,
-            give_up=cancel_pending,
+        return drain_work(
+            self,
+            timeout,
+            cancel_pending=cancel_pending,
+            cancel_grace=cancel_grace,
+            wait=self._loop is not None and self._state is not _State.CLOSED,
         )
 
     def cancel_all(self, timeout: float = 2.0) -> DrainReport:
         """Cancel every queued and running task, wait up to `timeout` s for them to end."""
-        started = time.monotonic()
-        idle = self._cancel_everything(started + timeout)
-        return self._sched.take_report(time.monotonic() - started, timed_out=not idle, give_up=True)
-
-    def _cancel_everything(self, deadline: float) -> bool:
-        """Cancel all tasks and calls; True if none is left by `deadline` (given-up work aside)."""
-        loop, sched = self._loop, self._sched
-        if loop is None or loop.is_closed() or self.in_loop_thread():
-            return sched.is_settled()
-        done = threading.Event()
-
-        def cancel_on_loop() -> None:
-            sched.cancel_everything()
-            done.set()
-
-        try:
-            loop.call_soon_threadsafe(cancel_on_loop)
-        except RuntimeError:  # closed in the meantime
-            return sched.is_settled()
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            return False
-        return sched.wait_idle(max(0.0, deadline - time.monotonic()))
-
-    def _wait_settled(self, deadline: float | None, started: float, what: str) -> bool:
-        """Wait until the scheduler is settled or `deadline`; log what it waits for meanwhile."""
-        sched, every = self._sched, self._progress_every
-        next_log = started + every if every > 0 else None
-        while True:
-            ends = [t for t in (deadline, next_log) if t is not None]
-            if sched.wait_idle(max(0.0, min(ends) - time.monotonic()) if ends else None):
-                return True
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return False
-            if next_log is not None and now >= next_log:
-                next_log = now + every
-                self._log_waiting(what, now - started, deadline, now)
-
-    def _log_waiting(self, what: str, waited: float, deadline: float | None, now: float) -> None:
-        waiting = self._sched.unfinished()
-        running = [f for f in waiting if f.running()]
-        limit = "no deadline" if deadline is None else f"gives up in {deadline - now:.1f} s"
-        logger.warning(
-            "%r: %s still waiting after %.1f s (%s) for %d task(s), %d running: %s",
-            self,
-            what,
-            waited,
-            limit,
-            len(waiting),
-            len(running),
-            _names(running or waiting) or "none",
-        )
+        return cancel_all(self, timeout)
 
     def waiting(self) -> tuple[TaskRecord, ...]:
         """The tasks queued or running now, oldest first (not those a drain gave up on)."""
@@ -653,13 +502,6 @@ class Bridge:
             names,
             report.summary(),
         )
-
-
-def _names(futures: list[TaskFuture[Any]]) -> str:
-    """The first few tasks' names (with keys), for a log line."""
-    shown = ", ".join(str(record_of(f)) for f in futures[:_SHOW_TASKS])
-    more = len(futures) - _SHOW_TASKS
-    return f"{shown} (+{more} more)" if more > 0 else shown
 
 
 def _check_key(key: object) -> None:
