@@ -3,13 +3,8 @@
 Everything here runs on the bridge's event-loop thread, except the few methods that say
 otherwise. Work arrives through `inbox`, a deque that spawning threads append to (atomic
 under the GIL); `pump` moves it into the ready queue or behind a running task of its key,
-and starts what the in-flight limit allows. The ledger records what ended, for the next
-drain report.
-
-Each task is reported exactly once. A task still unfinished when a drain gave up on it
-(a drain that cancelled it, `cancel_all`, `close`) is reported then, as pending, and is "given
-up": no later drain waits for it or reports it again, and if it ends after all, that is
-logged rather than reported a second time.
+and starts what the in-flight limit allows. The ledger (`_ledger.py`) records what ended,
+for the next drain report, each task once.
 """
 
 from __future__ import annotations
@@ -25,7 +20,8 @@ from types import CoroutineType
 from typing import Any, TypeVar
 
 from loopbridge._future import TaskFuture
-from loopbridge._report import DrainReport, Loss, TaskRecord
+from loopbridge._ledger import Ledger, record_of
+from loopbridge._report import DrainReport, Loss
 
 __all__ = ["LoopSelector", "Scheduler", "record_of"]
 
@@ -106,8 +102,7 @@ class Scheduler:
         self._calls: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
 
-        # Totals, written on the loop thread.
-        self.n_completed = 0
+        # Totals, written on the loop thread (completions are counted by the ledger).
         self.n_failed = 0
         self.n_cancelled = 0
         self.n_calls = 0
@@ -115,13 +110,8 @@ class Scheduler:
         # The ledger: what the next drain reports, guarded by idle's lock.
         self.idle = threading.Condition()
         self._idle_waiters = 0
-        self._reported_completed = 0
-        self._failed: list[TaskRecord] = []
-        self._cancelled: list[TaskRecord] = []
-        self._losses: list[Loss] = []
-        self._given_up: set[int] = set()
-        """Tasks already reported as pending by a drain that gave up on them (seqs)."""
-        self._late_completed = 0
+        self.ledger = Ledger(self.idle)
+        self._given_up = self.ledger.given_up
 
     # ------------------------------------------------------------------ queues
 
@@ -221,11 +211,11 @@ class Scheduler:
         except asyncio.CancelledError:
             future._set_cancelled()
             self.n_cancelled += 1
-            self._account(future, self._cancelled, record_of(future), "was cancelled")
+            self.ledger.cancelled(future)
         except BaseException as exc:
             future._set_exception(exc)
             self.n_failed += 1
-            self._account(future, self._failed, record_of(future, exc), "failed")
+            self.ledger.failed(future, exc)
             key = "" if future.key is None else f" (key={future.key!r})"
             logger.error(
                 "background task %r%s failed: %s: %s",
@@ -240,9 +230,9 @@ class Scheduler:
         else:
             future._set_result(result)
             if self._given_up:  # rare: only after a drain gave up on some work
-                self._complete_late(future)
+                self.ledger.completed(future)
             else:
-                self.n_completed += 1
+                self.ledger.n_completed += 1
         finally:
             if not abandoned:
                 self._in_flight -= 1
@@ -270,32 +260,8 @@ class Scheduler:
         if isinstance(work, Coroutine):
             work.close()
         self.n_cancelled += 1
-        self._account(future, self._cancelled, record_of(future), "was cancelled")
+        self.ledger.cancelled(future)
         self._finish(future)
-
-    def _complete_late(self, future: TaskFuture[Any]) -> None:
-        # Both counters move under the lock, so a report never counts this task.
-        with self.idle:
-            self.n_completed += 1
-            late = future.seq in self._given_up
-            if late:
-                self._given_up.discard(future.seq)
-                self._late_completed += 1
-        if late:
-            _log_late(future, "completed")
-
-    def _account(
-        self, future: TaskFuture[Any], ledger: list[TaskRecord], record: TaskRecord, how: str
-    ) -> None:
-        """Put an ended task in the ledger, unless a drain already reported it as pending."""
-        with self.idle:
-            late = future.seq in self._given_up
-            if late:
-                self._given_up.discard(future.seq)
-            else:
-                ledger.append(record)
-        if late:
-            _log_late(future, how)
 
     # ------------------------------------------------------------------ calls
 
@@ -347,7 +313,7 @@ class Scheduler:
             if isinstance(work, Coroutine):
                 work.close()
             self.n_cancelled += 1
-            self._account(future, self._cancelled, record_of(future), "was cancelled")
+            self.ledger.cancelled(future)
             del self.outstanding[future.seq]
         if dropped and self._idle_waiters:
             with self.idle:
@@ -396,16 +362,18 @@ class Scheduler:
         """Tasks running now (a snapshot safe from any thread)."""
         return [f for f in self.outstanding.copy().values() if f.running()]
 
+    @property
+    def n_completed(self) -> int:
+        """Tasks completed so far."""
+        return self.ledger.n_completed
+
     def record_loss(self, loss: Loss) -> None:
         """Add data a callback dropped to the next report."""
-        with self.idle:
-            self._losses.append(loss)
+        self.ledger.record_loss(loss)
 
     def take_losses(self) -> tuple[Loss, ...]:
         """The losses recorded since the last report, forgetting them."""
-        with self.idle:
-            losses, self._losses = tuple(self._losses), []
-        return losses
+        return self.ledger.take_losses()
 
     def take_report(
         self,
@@ -416,37 +384,11 @@ class Scheduler:
         notes: tuple[str, ...] = (),
         give_up: bool = False,
     ) -> DrainReport:
-        """The report of what ended since the last one; `pending` names what had not.
-
-        `pending` is the work unfinished at the deadline (by default: now). Of it, what has
-        since completed or failed is reported as that instead; what was cancelled or still
-        runs stays pending. With `give_up`, the pending work is given up: no later report
-        names it again (see the module docstring).
-        """
+        """The ledger's report; `pending` defaults to what is unfinished now, if timed out."""
         if pending is None:
             pending = self.unfinished() if timed_out else []
-        with self.idle:
-            # Ended with a result or an error: reported by its outcome, not as pending.
-            pending = [f for f in pending if not f.done() or f.cancelled()]
-            pending_seqs = {f.seq for f in pending}
-            completed = self.n_completed - self._late_completed - self._reported_completed
-            self._reported_completed += completed
-            failed, self._failed = tuple(self._failed), []
-            cancelled, self._cancelled = tuple(self._cancelled), []
-            losses, self._losses = tuple(self._losses), []
-            if give_up:
-                ended = {r.seq for r in cancelled}
-                self._given_up.update(seq for seq in pending_seqs if seq not in ended)
-        return DrainReport(
-            completed=completed,
-            failed=failed,
-            # Work pending at the deadline is reported once, as pending.
-            cancelled=tuple(r for r in cancelled if r.seq not in pending_seqs),
-            pending=tuple(record_of(f) for f in pending),
-            losses=losses,
-            elapsed=elapsed,
-            timed_out=timed_out,
-            notes=notes,
+        return self.ledger.take_report(
+            elapsed, timed_out=timed_out, pending=pending, notes=notes, give_up=give_up
         )
 
 
@@ -474,14 +416,3 @@ async def _awaitable_of(future: TaskFuture[T]) -> T:
         )
         raise TypeError(msg)
     return await awaitable
-
-
-def _log_late(future: TaskFuture[Any], how: str) -> None:
-    logger.info(
-        "background task %r, reported pending by an earlier drain, %s after all", future.name, how
-    )
-
-
-def record_of(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
-    """The report's record of a task."""
-    return TaskRecord(future.name, future.key, exc, seq=future.seq)
