@@ -25,6 +25,7 @@ from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
+from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
     EvalResult,
     LogContext,
@@ -73,7 +74,9 @@ class TrainLoop:
         drain_timeout: seconds to wait for background work after `on_train_end`.
         on_drain_failure: "raise" DrainError (after `on_train_end`) or "warn" when the drain
             finds work failed, cancelled or still pending.
-        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C, or after the
+            run failed, before it is cancelled (a second Ctrl-C cancels it at once, a third
+            abandons it; see the README's "Errors").
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
@@ -210,20 +213,22 @@ class TrainLoop:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             return self._run()
-        except KeyboardInterrupt:
-            self._on_interrupt()
+        except KeyboardInterrupt as exc:
+            self._on_interrupt(exc)
             raise
         except BaseException as exc:
             self.callbacks.annotate(exc)
             if self._owns_bridge:
-                report = self._bridge.close(self.drain_timeout)
+                # A failing run stops its work within interrupt_grace, not drain_timeout.
+                report = self._shutdown(exc).run(exc)
                 if not report.ok:
                     logger.error("run %s failed; background work: %s", self.state.run_name, report)
             raise
         finally:
             self.callbacks.release()  # the run is over: its callbacks may join another
             if self._owns_bridge and not self._bridge.closed:
-                self._bridge.close(self.drain_timeout)
+                # The drain at train end has spent the deadline already: close what is left.
+                self._bridge.close(0, cancel_grace=CANCEL_WAIT_S)
 
     def _run(self) -> LoopArtifacts:
         state, cbs = self.state, self.callbacks
@@ -367,15 +372,22 @@ class TrainLoop:
             self.drain_timeout, cancel_pending=True, cancel_grace=self.interrupt_grace
         )
 
-    def _on_interrupt(self) -> None:
-        bridge = self._bridge
-        if bridge is None:
-            return
-        report = bridge.drain(
-            self.interrupt_grace, cancel_pending=True, cancel_grace=self.interrupt_grace
+    def _shutdown(self, exc: BaseException) -> Shutdown:
+        assert self._bridge is not None  # run() sets it
+        return Shutdown.after(
+            exc,
+            self._bridge,
+            owner=f"run {self.state.run_name}",
+            grace=self.interrupt_grace,
+            close=self._owns_bridge,
+            logger=logger,
         )
-        if self._owns_bridge:
-            report = report.merge(bridge.close(self.interrupt_grace))
+
+    def _on_interrupt(self, exc: KeyboardInterrupt) -> None:
+        if self._bridge is None:
+            return
+        # Escalates with every further Ctrl-C: grace, cancel now, abandon (see _shutdown).
+        report = self._shutdown(exc).run(exc)
         logger.warning(
             "run %s interrupted at step %d; background work: %s",
             self.state.run_name,
