@@ -101,6 +101,12 @@ def close_work(bridge: Bridge, timeout: float | None, cancel_grace: float) -> Dr
         notes = ("work still pending at the deadline was cancelled",)
         if not sched.is_settled():
             notes += ("some pending work ignored its cancellation and was abandoned",)
+            # The caller may drop the report: name what is given up in the log too.
+            logger.warning(
+                "%r: closed; work that ignored its cancellation was abandoned: %s",
+                bridge,
+                task_names(sched.unfinished()) or "unknown",
+            )
     report = sched.take_report(
         time.monotonic() - started,
         timed_out=not settled,
