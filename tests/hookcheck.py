@@ -198,7 +198,7 @@ class Probe(RecordingCallback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         super().on_train_end(state, artifacts)
         final = artifacts.final_checkpoint
-        rows = read_jsonl(artifacts.manifest_path)
+        rows = [] if artifacts.manifest_path is None else read_jsonl(artifacts.manifest_path)
         self._fact(
             step=state.step,
             final_exists=final is not None and final.path.exists(),

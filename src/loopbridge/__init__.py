@@ -29,6 +29,7 @@ from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._run_policy import RunPolicy, close_run
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -72,6 +73,7 @@ __all__ = [
     "ManifestRow",
     "MissingExtraError",
     "PermanentStoreError",
+    "RunPolicy",
     "RunResult",
     "RunStatus",
     "StoreError",
@@ -81,5 +83,6 @@ __all__ = [
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "close_run",
     "stores",
 ]

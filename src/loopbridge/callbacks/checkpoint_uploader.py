@@ -56,6 +56,7 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
@@ -134,6 +135,8 @@ class CheckpointUploader(Callback):
         store: an `ObjectStore` to write to instead of opening one from `dest`.
         journal: record each upload in the run's upload journal first, and finish the open
             ones of an earlier process when a run starts again on the same out dir.
+        snapshot: upload from a snapshot (hard links, else a copy) taken in `on_checkpoint`,
+            so a checkpoint the framework rotates away mid-upload is still published.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
 
@@ -154,6 +157,7 @@ class CheckpointUploader(Callback):
         call_timeout: float = 120.0,
         max_attempts: int = 5,
         journal: bool = True,
+        snapshot: bool = True,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
@@ -195,6 +199,7 @@ class CheckpointUploader(Callback):
         self._errors: list[str] = []
         self._retries_at_start = store.retries
         self.journal = journal
+        self.snapshot = snapshot
         self._journals = JournalBook()
         self._journal_errors: set[JournalError] = set()  # already reported (kept, so by identity)
         self._store_options = store_options(store)
@@ -260,6 +265,8 @@ class CheckpointUploader(Callback):
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
         """Record the upload in the journal, then start it; it publishes after earlier ones."""
+        if self.snapshot:
+            row = take_snapshot(row)  # the upload and the journal read the snapshot
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
         entry = None
@@ -423,8 +430,11 @@ class CheckpointUploader(Callback):
             await self._publish(row, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
+            await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
             await self._discard(sent)
+            if entry is None:  # nothing will retry it; an open journal intent keeps it
+                await asyncio.to_thread(release_snapshot, row.path)
             if entry is not None:
                 entry.failed(exc)
             with self._lock:
