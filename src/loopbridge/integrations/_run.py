@@ -41,7 +41,7 @@ class ForeignRun:
             run's end.
         drain_timeout, on_drain_failure, interrupt_grace: the `RunPolicy` at train end.
         experiment_name, run_name: names for `LogContext` and `LoopState`; by default the
-            run is named by the framework's adapter.
+            adapter names them (the framework, and its output directory).
         profile: True, or a shared HookProfiler, to time every hook call.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
     """
@@ -82,12 +82,16 @@ class ForeignRun:
         self,
         *,
         run_name: str,
+        experiment_name: str,
         out_dir: Path,
         max_steps: int | None,
         step: int = 0,
         config: Mapping[str, Any] | None = None,
     ) -> LoopState:
-        """Begin a run: fire `on_run_start`, then `on_train_start`; return its LoopState."""
+        """Begin a run: fire `on_run_start`, then `on_train_start`; return its LoopState.
+
+        `run_name` and `experiment_name` are the adapter's defaults for names not given.
+        """
         if self.state is not None:
             msg = (
                 f"run {self.state.run_name} is still open: a framework run started before the "
@@ -112,7 +116,9 @@ class ForeignRun:
             step=step,
         )
         ctx = LogContext(
-            experiment_name=self.experiment_name or name, run_name=name, run_config=settings
+            experiment_name=self.experiment_name or experiment_name,
+            run_name=name,
+            run_config=settings,
         )
         self.state, self.ctx = state, ctx
         try:
@@ -199,7 +205,7 @@ class ForeignRun:
                 duration_s=time.monotonic() - self._started,
             )
         except Exception as hook_error:
-            logger.error("run %s: on_run_end failed after the run failed: %r", ctx, hook_error)
+            logger.error("run %s: on_run_end failed after the run failed: %r", state.run_name, hook_error)
         grace = self.policy.cancel_grace
         timeout = grace if isinstance(exc, KeyboardInterrupt) else self.policy.drain_timeout
         if self._given_bridge is None:

@@ -53,8 +53,9 @@ class LoopbridgeCallback(pl.Callback):  # type: ignore[misc]  # Lightning's clas
         drain_timeout: seconds to wait for background work after `on_train_end`.
         on_drain_failure: "raise" `DrainError` out of `fit()` (the default) or "warn" when
             the drain finds work failed, cancelled or pending; the same policy as TrainLoop.
-        experiment_name, run_name: names for LogContext and LoopState (default: the name of
-            `trainer.default_root_dir`).
+        experiment_name: the LogContext's experiment (default "lightning"); the uploader's
+            remote layout is `<prefix>/<experiment>/<run>/`.
+        run_name: the run's name (default: the name of `trainer.default_root_dir`).
         profile: True, or a HookProfiler, to time every loopbridge hook call.
         interrupt_grace: seconds in-flight work gets to finish after Ctrl-C or an error.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
@@ -145,6 +146,7 @@ class LoopbridgeCallback(pl.Callback):  # type: ignore[misc]  # Lightning's clas
         max_steps = trainer.max_steps if trainer.max_steps > 0 else None
         self._state = self.run.start(
             run_name=out_dir.resolve().name or "lightning",
+            experiment_name="lightning",
             out_dir=out_dir,
             max_steps=max_steps,
             step=trainer.global_step,

@@ -56,8 +56,10 @@ class LoopbridgeTrainerCallback(TrainerCallback):  # type: ignore[misc]  # untyp
         drain_timeout: seconds to wait for background work after `on_train_end`.
         on_drain_failure: "raise" `DrainError` out of `train()` (the default) or "warn" when
             the drain finds work failed, cancelled or pending; the same policy as TrainLoop.
-        experiment_name, run_name: names for LogContext and LoopState (default: the
-            `run_name` of the TrainingArguments, else the name of `output_dir`).
+        experiment_name: the LogContext's experiment (default "transformers"); the uploader's
+            remote layout is `<prefix>/<experiment>/<run>/`.
+        run_name: the run's name (default: the TrainingArguments' `run_name`, else the name
+            of `output_dir`).
         profile: True, or a HookProfiler, to time every loopbridge hook call.
         interrupt_grace: seconds in-flight work gets to finish after an error.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
@@ -116,6 +118,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):  # type: ignore[misc]  # untyp
         self._pending = False
         self._state = self.run.start(
             run_name=name,
+            experiment_name="transformers",
             out_dir=out_dir,
             max_steps=state.max_steps if state.max_steps > 0 else None,
             step=state.global_step,
