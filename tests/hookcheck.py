@@ -122,9 +122,9 @@ def as_event(call: HookCall) -> Event:
     raise AssertionError(f"unknown hook {hook}")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON rows of a file, or [] when it does not exist."""
-    if not path.exists():
+def read_jsonl(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON rows of a file, or [] when it does not exist (or the loop wrote none)."""
+    if path is None or not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
@@ -198,7 +198,7 @@ class Probe(RecordingCallback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         super().on_train_end(state, artifacts)
         final = artifacts.final_checkpoint
-        rows = [] if artifacts.manifest_path is None else read_jsonl(artifacts.manifest_path)
+        rows = read_jsonl(artifacts.manifest_path)
         self._fact(
             step=state.step,
             final_exists=final is not None and final.path.exists(),

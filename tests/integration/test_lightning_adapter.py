@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status
@@ -24,10 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopbridge as lb
 from loopbridge.callbacks import CheckpointUploader, EarlyStopping, JsonlLogger
+from loopbridge.integrations.lightning import LoopbridgeCallback
 from loopbridge.testing import RecordingCallback
-
-pl = pytest.importorskip("lightning.pytorch")  # installed by the dev extra; never skipped in CI
-from loopbridge.integrations.lightning import LoopbridgeCallback  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -41,7 +40,7 @@ CKPT_EVERY = 4
 VAL_EVERY = 6
 
 
-class TinyModule(pl.LightningModule):  # type: ignore[misc]
+class TinyModule(pl.LightningModule):
     """A linear regression whose checkpoints are about 70 KB."""
 
     def __init__(self) -> None:
@@ -110,7 +109,8 @@ class TestFit:
         events = tmp_path / "events.jsonl"
         adapter = _fit(tmp_path, [witness, _uploader(s3_bucket), JsonlLogger(events), recorder])
 
-        assert adapter.drain_report is not None and adapter.drain_report.ok
+        assert adapter.drain_report is not None
+        assert adapter.drain_report.ok
         saved = set(range(CKPT_EVERY, STEPS + 1, CKPT_EVERY))
         evals = set(range(VAL_EVERY, STEPS + 1, VAL_EVERY))
         assert recorded(recorder) == expected_hooks(
@@ -131,9 +131,11 @@ class TestFit:
         )
         (run_end,) = recorder.calls_to("on_run_end")
         result, arm = run_end.args[1], run_end.args[2]
-        assert result.status is lb.RunStatus.COMPLETED and arm.runs == [result]
+        assert result.status is lb.RunStatus.COMPLETED
+        assert arm.runs == [result]
         artifacts = recorder.calls_to("on_train_end")[0].args[1]
-        assert artifacts.metrics_path is None and artifacts.stop_reason == "max_steps"
+        assert artifacts.metrics_path is None
+        assert artifacts.stop_reason == "max_steps"
         assert artifacts.final_checkpoint == rows[-1]
 
     def test_early_stopping_stops_lightning(self, tmp_path: Path) -> None:
@@ -177,9 +179,11 @@ class TestFailures:
                 max_steps=8,
                 on_drain_failure="warn",
             )
-        assert adapter.drain_report is not None and len(adapter.drain_report.failed) == 2
+        assert adapter.drain_report is not None
+        assert len(adapter.drain_report.failed) == 2
         warnings = [r for r in caplog.records if r.name == "loopbridge.loop"]
-        assert len(warnings) == 1 and "background work not done" in warnings[0].getMessage()
+        assert len(warnings) == 1
+        assert "background work not done" in warnings[0].getMessage()
 
 
 class TestRotation:

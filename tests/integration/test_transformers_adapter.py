@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status
 from tests.integration.adapter_checks import (
     UploadGate,
@@ -23,10 +24,8 @@ from tests.integration.adapter_checks import (
 
 import loopbridge as lb
 from loopbridge.callbacks import CheckpointUploader, EarlyStopping, JsonlLogger
+from loopbridge.integrations.transformers import LoopbridgeTrainerCallback
 from loopbridge.testing import RecordingCallback
-
-transformers = pytest.importorskip("transformers")  # installed by the dev extra; never skipped
-from loopbridge.integrations.transformers import LoopbridgeTrainerCallback  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -65,9 +64,7 @@ def _train(
     **options: Any,
 ) -> LoopbridgeTrainerCallback:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=32
-    )
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=32)
     adapter = LoopbridgeTrainerCallback(callbacks, run_name=RUN, **options)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -110,7 +107,8 @@ class TestTrain:
         events = tmp_path / "events.jsonl"
         adapter = _train(tmp_path, [witness, _uploader(s3_bucket), JsonlLogger(events), recorder])
 
-        assert adapter.drain_report is not None and adapter.drain_report.ok
+        assert adapter.drain_report is not None
+        assert adapter.drain_report.ok
         # transformers also evaluates and saves at max_steps.
         saved = {*range(SAVE_EVERY, STEPS + 1, SAVE_EVERY), STEPS}
         evals = {*range(EVAL_EVERY, STEPS + 1, EVAL_EVERY), STEPS}
@@ -135,7 +133,8 @@ class TestTrain:
         (run_end,) = recorder.calls_to("on_run_end")
         assert run_end.args[1].status is lb.RunStatus.COMPLETED
         artifacts = recorder.calls_to("on_train_end")[0].args[1]
-        assert artifacts.manifest_path is None and artifacts.stop_reason == "max_steps"
+        assert artifacts.manifest_path is None
+        assert artifacts.stop_reason == "max_steps"
         assert artifacts.final_checkpoint == rows[-1]
 
     def test_early_stopping_stops_transformers(self, tmp_path: Path) -> None:
@@ -178,9 +177,11 @@ class TestFailures:
                 max_steps=6,
                 on_drain_failure="warn",
             )
-        assert adapter.drain_report is not None and len(adapter.drain_report.failed) == 2
+        assert adapter.drain_report is not None
+        assert len(adapter.drain_report.failed) == 2
         warnings = [r for r in caplog.records if r.name == "loopbridge.loop"]
-        assert len(warnings) == 1 and "background work not done" in warnings[0].getMessage()
+        assert len(warnings) == 1
+        assert "background work not done" in warnings[0].getMessage()
 
 
 class TestRotation:

@@ -148,7 +148,8 @@ class ForeignRun:
             DrainError: background work failed or was left undone, with policy "raise".
         """
         state, ctx = self._state(), self.ctx
-        assert ctx is not None and self.bridge is not None  # set with the state
+        assert ctx is not None
+        assert self.bridge is not None
         final = self.manifest[-1] if self.manifest else None
         artifacts = LoopArtifacts(
             out_dir=state.out_dir,
@@ -205,7 +206,7 @@ class ForeignRun:
                 duration_s=time.monotonic() - self._started,
             )
         except Exception as hook_error:
-            logger.error("run %s: on_run_end failed after the run failed: %r", state.run_name, hook_error)
+            logger.error("run %s: on_run_end failed too: %r", state.run_name, hook_error)
         grace = self.policy.cancel_grace
         timeout = grace if isinstance(exc, KeyboardInterrupt) else self.policy.drain_timeout
         if self._given_bridge is None:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 EVAL_NAME = "validation"
 
 
-class LoopbridgeCallback(pl.Callback):  # type: ignore[misc]  # Lightning's classes are untyped here
+class LoopbridgeCallback(pl.Callback):
     """Fire loopbridge callbacks from Lightning's `Trainer.fit`, on global rank 0 by default.
 
     Args:
@@ -255,7 +255,7 @@ class LoopbridgeCallback(pl.Callback):  # type: ignore[misc]  # Lightning's clas
             trainer.should_stop = True
 
 
-class _ObservedCheckpointIO(CheckpointIO):  # type: ignore[misc]  # untyped base
+class _ObservedCheckpointIO(CheckpointIO):
     """The user's CheckpointIO, and a call to the adapter once each save has returned."""
 
     def __init__(self, inner: CheckpointIO, adapter: LoopbridgeCallback, trainer: Any) -> None:

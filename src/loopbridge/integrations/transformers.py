@@ -1,4 +1,4 @@
-"""loopbridge callbacks inside transformers: `Trainer(callbacks=[LoopbridgeTrainerCallback([...])])`.
+"""loopbridge callbacks in transformers: `Trainer(callbacks=[LoopbridgeTrainerCallback([...])])`.
 
 transformers logs a step's metrics (`loss`, `grad_norm`, `learning_rate`, `epoch`) after its
 `on_step_end` event, in `on_log`, and only on logging steps. So the adapter fires loopbridge's
@@ -47,7 +47,7 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 _NOT_STEP_LOGS = ("train_runtime",)  # the summary transformers logs once after training
 
 
-class LoopbridgeTrainerCallback(TrainerCallback):  # type: ignore[misc]  # untyped base
+class LoopbridgeTrainerCallback(TrainerCallback):
     """Fire loopbridge callbacks from `transformers.Trainer.train`, on world process zero.
 
     Args:
@@ -113,7 +113,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):  # type: ignore[misc]  # untyp
         """Fire `on_run_start` and `on_train_start`."""
         if not (self.all_ranks or state.is_world_process_zero):
             return
-        out_dir = Path(args.output_dir)
+        out_dir = Path(args.output_dir or ".")
         name = args.run_name or out_dir.resolve().name or "transformers"
         self._pending = False
         self._state = self.run.start(
@@ -193,7 +193,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):  # type: ignore[misc]  # untyp
             return None
         if self._pending:
             self._step_end({})
-        path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+        path = Path(args.output_dir or ".") / f"{CHECKPOINT_PREFIX}-{state.global_step}"
         if not path.is_dir():
             logger.error(
                 "transformers saved step %d, but %s is not a directory (a hyperparameter search "
