@@ -21,11 +21,33 @@ from loopbridge._dispatch import CallbackList
 from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy, RunPolicy, close_run
-from loopbridge._types import LogContext, LoopArtifacts, LoopState, ManifestRow
+from loopbridge._types import LogContext, LoopArtifacts, LoopState, ManifestRow, TrainingBatch
 
-__all__ = ["ForeignRun"]
+__all__ = ["ForeignRun", "step_batch"]
 
 logger = logging.getLogger("loopbridge.integrations")
+
+
+def step_batch(
+    index: int,
+    data: Any,
+    _new: Any = object.__new__,
+    _cls: type[TrainingBatch] = TrainingBatch,
+    _set_index: Any = TrainingBatch.index.__set__,  # type: ignore[attr-defined]
+    _set_data: Any = TrainingBatch.data.__set__,  # type: ignore[attr-defined]
+    _set_size: Any = TrainingBatch.size.__set__,  # type: ignore[attr-defined]
+) -> TrainingBatch:
+    """`TrainingBatch(index, data)`, built for the per-step hot path.
+
+    The frozen dataclass's own `__init__` sets each field with `object.__setattr__`, which
+    measured about 0.5 µs a batch here, as much as half of what a framework's native no-op
+    callback costs it per step; setting the slots directly costs about a third of that.
+    """
+    batch = _new(_cls)
+    _set_index(batch, index)
+    _set_data(batch, data)
+    _set_size(batch, None)
+    return batch  # type: ignore[no-any-return]
 
 
 class ForeignRun:

@@ -26,8 +26,8 @@ from loopbridge._exceptions import MissingExtraError
 from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
-from loopbridge._types import LoopState, TrainingBatch
-from loopbridge.integrations._run import ForeignRun
+from loopbridge._types import LoopState
+from loopbridge.integrations._run import ForeignRun, step_batch
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -96,6 +96,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
         self.all_ranks = all_ranks
         self._state: LoopState | None = None  # set while train() runs on a firing process
         self._pending = False  # a step ended whose on_step_end waits for its logs
+        self._fire_step_end = self.run.callbacks.on_step_end
 
     @property
     def callbacks(self) -> CallbackList:
@@ -124,28 +125,27 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             step=state.global_step,
             config=args.to_sanitized_dict(),
         )
-
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
-    ) -> None:
-        if self._pending:
-            self._step_end({})
+        self._fire_step_end = self.run.callbacks.on_step_end
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
-    ) -> TrainerControl | None:
+    ) -> None:
         """After an optimizer step: fire `on_step_end` now, or at the `on_log` that follows."""
+        # The per-step hot path: kept inline (see benchmarks/bench_adapters.py).
         lb_state = self._state
         if lb_state is None:
-            return None
+            return
         if self._pending:
             self._step_end({})
-        lb_state.step = state.global_step
+        step = lb_state.step = state.global_step
         if control.should_log:
             self._pending = True  # its metrics arrive in on_log
-            return None
-        self._step_end({})
-        return self._control(control)
+            return
+        metrics: dict[str, float] = {}
+        lb_state.metrics = metrics
+        self._fire_step_end(lb_state, step - 1, step_batch(step - 1, None), metrics)
+        if lb_state.stop_reason is not None:
+            control.should_training_stop = True  # the same object transformers holds
 
     def on_log(
         self,
@@ -232,7 +232,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             return
         state.metrics = metrics
         step_idx = state.step - 1
-        self.run.callbacks.on_step_end(state, step_idx, TrainingBatch(step_idx, None), metrics)
+        self._fire_step_end(state, step_idx, step_batch(step_idx, None), metrics)
 
     def _control(self, control: TrainerControl) -> TrainerControl | None:
         """Stop transformers' loop the transformers way when a callback asked to stop."""
