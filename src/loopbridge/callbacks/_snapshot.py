@@ -37,11 +37,12 @@ logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 SNAPSHOT_DIR = ".loopbridge-snapshots"
 
 
-def take_snapshot(row: ManifestRow) -> ManifestRow:
+def take_snapshot(row: ManifestRow, *, link: bool = True) -> ManifestRow:
     """Snapshot the row's checkpoint (hard links, else copies); the row pointing at it.
 
     A checkpoint that cannot be snapshotted (gone already, unreadable) is logged and its row
     returned unchanged: its upload then reads the original and reports what is wrong.
+    `link=False` copies every file (what a filesystem without hard links gets).
     """
     source = row.path
     holder = source.parent / SNAPSHOT_DIR / f"step-{row.step:08d}-{uuid.uuid4().hex[:12]}"
@@ -52,9 +53,9 @@ def take_snapshot(row: ManifestRow) -> ManifestRow:
             for file in shard_files(source):
                 dest = target / file.relative_to(source)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(file, dest)
+                _link_or_copy(file, dest, link)
         else:
-            _link_or_copy(source, target)
+            _link_or_copy(source, target, link)
     except OSError as exc:
         shutil.rmtree(holder, ignore_errors=True)
         logger.warning(
@@ -98,8 +99,11 @@ def _make_dir(holder: Path) -> None:
     holder.mkdir(parents=True)
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
+def _link_or_copy(source: Path, dest: Path, link: bool = True) -> None:
     """Hard-link `source` at `dest`, or copy it where the filesystem refuses the link."""
+    if not link:
+        shutil.copyfile(source, dest)
+        return
     try:
         os.link(source, dest)
     except FileNotFoundError:

@@ -95,6 +95,7 @@ class LoopbridgeCallback(pl.Callback):
         self._fires = False
         self._observer: _ObservedCheckpointIO | None = None
         self._fire_step_end = self.run.callbacks.on_step_end
+        self._listens = True
         self._progress: Any = None  # Lightning's optimizer-step counter, read per batch
         self._results: Any = None  # the training loop's logged values, read per step
 
@@ -156,6 +157,8 @@ class LoopbridgeCallback(pl.Callback):
             config=dict(pl_module.hparams),
         )
         self._fire_step_end = self.run.callbacks.on_step_end
+        # Nobody listens to on_step_end: skip the per-step float conversion (a device sync).
+        self._listens = bool(self.run.callbacks.overriding("on_step_end"))
         self._progress, self._results = _step_sources(trainer, pl_module)
 
     def on_train_batch_end(
@@ -176,6 +179,8 @@ class LoopbridgeCallback(pl.Callback):
         if step == state.step:
             return  # accumulating gradients: no optimizer step in this batch
         state.step = step
+        if not self._listens:
+            return
         results = self._results
         metrics = _step_metrics(trainer) if results is None else _logged(results)
         state.metrics = metrics
@@ -205,6 +210,8 @@ class LoopbridgeCallback(pl.Callback):
         state, self._state = self._state, None
         if state is None:
             return
+        if not self._listens:
+            state.metrics = _step_metrics(trainer)  # for the RunResult's final metrics
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             reason = "max_steps"
         elif trainer.should_stop:

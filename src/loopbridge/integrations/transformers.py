@@ -97,6 +97,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
         self._state: LoopState | None = None  # set while train() runs on a firing process
         self._pending = False  # a step ended whose on_step_end waits for its logs
         self._fire_step_end = self.run.callbacks.on_step_end
+        self._listens = True
 
     @property
     def callbacks(self) -> CallbackList:
@@ -126,6 +127,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             config=args.to_sanitized_dict(),
         )
         self._fire_step_end = self.run.callbacks.on_step_end
+        self._listens = bool(self.run.callbacks.overriding("on_step_end"))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -143,7 +145,8 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             return
         metrics: dict[str, float] = {}
         lb_state.metrics = metrics
-        self._fire_step_end(lb_state, step - 1, step_batch(step - 1, None), metrics)
+        if self._listens:
+            self._fire_step_end(lb_state, step - 1, step_batch(step - 1, None), metrics)
         if lb_state.stop_reason is not None:
             control.should_training_stop = True  # the same object transformers holds
 
