@@ -20,6 +20,7 @@ removes the snapshot once the checkpoint is published.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -86,6 +87,9 @@ def release_snapshot(path: Path) -> None:
         return
     except OSError as exc:
         logger.warning("could not remove the checkpoint snapshot %s: %s", holder, exc)
+        return
+    with contextlib.suppress(OSError):  # only once empty; `_make_dir` retries if we race it
+        holder.parent.rmdir()
 
 
 def _make_dir(holder: Path) -> None:

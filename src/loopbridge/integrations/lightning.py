@@ -24,7 +24,7 @@ from loopbridge._exceptions import MissingExtraError
 from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
-from loopbridge._types import LoopState
+from loopbridge._types import LoopArtifacts, LoopState
 from loopbridge.integrations._run import ForeignRun, step_batch
 
 try:
@@ -103,6 +103,11 @@ class LoopbridgeCallback(pl.Callback):
     def callbacks(self) -> CallbackList:
         """The loopbridge callbacks this adapter fires."""
         return self.run.callbacks
+
+    @property
+    def artifacts(self) -> LoopArtifacts | None:
+        """The last run's LoopArtifacts (manifest rows, steps, stop reason), once it ended."""
+        return self.run.artifacts
 
     @property
     def drain_report(self) -> DrainReport | None:
