@@ -172,3 +172,15 @@ def test_importing_loopbridge_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert json.loads(done.stdout) == []
+
+
+def test_step_batch_is_a_training_batch() -> None:
+    """The hot path's batch equals the dataclass built the usual way, and stays frozen."""
+    from dataclasses import FrozenInstanceError
+
+    from loopbridge.integrations._run import step_batch
+
+    batch = step_batch(3, "data")
+    assert batch == lb.TrainingBatch(3, "data")
+    with pytest.raises(FrozenInstanceError):
+        batch.index = 4  # type: ignore[misc]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from loopbridge import ManifestRow
-from loopbridge.callbacks import _snapshot
 from loopbridge.callbacks._snapshot import (
     SNAPSHOT_DIR,
     release_snapshot,
@@ -79,7 +78,7 @@ class TestTake:
         def refuse(src: object, dst: object) -> None:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-        monkeypatch.setattr(_snapshot.os, "link", refuse)
+        monkeypatch.setattr(os, "link", refuse)
         original = tmp_path / "ckpt"
         original.write_bytes(b"weights")
         snap = take_snapshot(_row(original)).path

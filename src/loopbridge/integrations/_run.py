@@ -33,9 +33,9 @@ def step_batch(
     data: Any,
     _new: Any = object.__new__,
     _cls: type[TrainingBatch] = TrainingBatch,
-    _set_index: Any = TrainingBatch.index.__set__,  # type: ignore[attr-defined]
-    _set_data: Any = TrainingBatch.data.__set__,  # type: ignore[attr-defined]
-    _set_size: Any = TrainingBatch.size.__set__,  # type: ignore[attr-defined]
+    _set_index: Any = TrainingBatch.__dict__["index"].__set__,  # the slots' descriptors
+    _set_data: Any = TrainingBatch.__dict__["data"].__set__,
+    _set_size: Any = TrainingBatch.__dict__["size"].__set__,
 ) -> TrainingBatch:
     """`TrainingBatch(index, data)`, built for the per-step hot path.
 
