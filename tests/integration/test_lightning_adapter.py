@@ -186,6 +186,45 @@ class TestFailures:
         assert "background work not done" in warnings[0].getMessage()
 
 
+class TestErrors:
+    def test_a_failing_step_closes_the_run_as_failed_and_restores_checkpoint_io(
+        self, tmp_path: Path
+    ) -> None:
+        """on_exception: on_run_end gets status FAILED and the error; the plugin is put back."""
+
+        class Diverges(lb.Callback):
+            def on_step_end(
+                self,
+                state: lb.LoopState,
+                step_idx: int,
+                batch: lb.TrainingBatch,
+                metrics: dict[str, float],
+            ) -> None:
+                if state.step == 5:
+                    raise FloatingPointError("loss is NaN")
+
+        recorder = RecordingCallback()
+        adapter = LoopbridgeCallback([recorder, Diverges()])
+        trainer = pl.Trainer(
+            max_steps=STEPS,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            callbacks=[adapter],
+        )
+        original = trainer.strategy.checkpoint_io
+        with pytest.raises(FloatingPointError, match="loss is NaN") as caught:
+            trainer.fit(TinyModule(), _data())
+        assert any("Diverges.on_step_end" in note for note in caught.value.__notes__)
+        (end,) = recorder.calls_to("on_run_end")
+        assert end.args[1].status is lb.RunStatus.FAILED
+        assert end.args[1].error is caught.value
+        assert "on_train_end" not in recorder.hooks
+        assert trainer.strategy.checkpoint_io is original
+
+
 class TestRotation:
     def test_save_top_k_1_with_slow_uploads_loses_no_checkpoint(
         self, s3_bucket: S3Bucket, tmp_path: Path

@@ -61,11 +61,14 @@ def _train(
     *,
     max_steps: int = STEPS,
     save_total_limit: int | None = None,
+    keep: Any = None,
     **options: Any,
 ) -> LoopbridgeTrainerCallback:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=32)
     adapter = LoopbridgeTrainerCallback(callbacks, run_name=RUN, **options)
+    if keep is not None:
+        keep(adapter)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=max_steps,
@@ -182,6 +185,34 @@ class TestFailures:
         warnings = [r for r in caplog.records if r.name == "loopbridge.loop"]
         assert len(warnings) == 1
         assert "background work not done" in warnings[0].getMessage()
+
+
+class TestErrors:
+    def test_close_after_a_failed_train_closes_the_run_as_failed(self, tmp_path: Path) -> None:
+        """transformers has no error event: close() fires on_run_end with status FAILED."""
+
+        class Diverges(lb.Callback):
+            def on_eval(
+                self, state: lb.LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+            ) -> None:
+                raise FloatingPointError("eval_loss is NaN")
+
+        recorder = RecordingCallback()
+        adapter: LoopbridgeTrainerCallback | None = None
+
+        def keep(callback: LoopbridgeTrainerCallback) -> None:
+            nonlocal adapter
+            adapter = callback
+
+        with pytest.raises(FloatingPointError, match="eval_loss is NaN"):
+            _train(tmp_path, [recorder, Diverges()], max_steps=EVAL_EVERY, keep=keep)
+        assert adapter is not None
+        assert "on_run_end" not in recorder.hooks
+        adapter.close()
+        (end,) = recorder.calls_to("on_run_end")
+        assert end.args[1].status is lb.RunStatus.FAILED
+        assert adapter.run.bridge is not None
+        assert adapter.run.bridge.closed
 
 
 class TestRotation:
