@@ -33,6 +33,7 @@ from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
 from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._run_policy import RunPolicy, close_run
 from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
@@ -81,6 +82,7 @@ __all__ = [
     "MissingExtraError",
     "OutDirInUseError",
     "PermanentStoreError",
+    "RunPolicy",
     "RunResult",
     "RunStatus",
     "StoreError",
@@ -91,6 +93,7 @@ __all__ = [
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "close_run",
     "not_a_hook",
     "stores",
     "to_thread",

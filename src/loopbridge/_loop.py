@@ -14,17 +14,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
-from loopbridge._exceptions import DrainError
 from loopbridge._metrics import coerce_metrics
 from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
-from loopbridge._report import DrainReport
+from loopbridge._run_policy import DrainPolicy, RunPolicy
 from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
     EvalResult,
@@ -47,7 +46,6 @@ EvalFn = Callable[[LoopState], Mapping[str, float]]
 """Evaluates the model and returns metrics."""
 BenchmarkFn = Callable[[LoopState], tuple[EvalResult, list[dict[str, Any]]]]
 """Scores a benchmark: its result and the per-task prediction rows."""
-DrainPolicy = Literal["raise", "warn"]
 
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.jsonl"
@@ -290,21 +288,18 @@ class TrainLoop:
             stop_reason=reason,
         )
         self.artifacts = artifacts
-        cbs.on_train_end(state, artifacts)
-        artifacts.drain_report = self._drain()
-        report = artifacts.drain_report
         assert self._bridge is not None  # run() sets it
-        artifacts.bridge_stats = self._bridge.stats
+        # The one run policy, shared with the framework adapters: on_train_end, the drain
+        # (left running, this run's unfinished work would leak into the next run's report),
+        # then raise or warn.
+        policy = RunPolicy(self.drain_timeout, self.on_drain_failure, self.interrupt_grace)
+        report = policy.end_training(cbs, state, artifacts, self._bridge)
         if self.profiler is not None:
             # A profiler shared across an experiment's runs: this run's calls only.
             artifacts.hook_timings = self.profiler.rows(since=self._profile_mark)
             if self.print_profile:
                 self._print_profile(artifacts)
-        if not report.ok:
-            if self.on_drain_failure == "raise":
-                msg = f"run {state.run_name}: background work not done: {report.summary()}"
-                raise DrainError(msg, report)
-            logger.warning("run %s: background work not done: %s", state.run_name, report)
+        policy.enforce(report, state.run_name)
         return artifacts
 
     def _print_profile(self, artifacts: LoopArtifacts) -> None:
@@ -363,14 +358,6 @@ class TrainLoop:
         manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
         return row
-
-    def _drain(self) -> DrainReport:
-        bridge = self._bridge
-        assert bridge is not None  # run() sets it
-        # Left running, this run's unfinished work would leak into the next run's report.
-        return bridge.drain(
-            self.drain_timeout, cancel_pending=True, cancel_grace=self.interrupt_grace
-        )
 
     def _shutdown(self, exc: BaseException) -> Shutdown:
         assert self._bridge is not None  # run() sets it

@@ -138,11 +138,16 @@ class ManifestRow:
 
 @dataclass
 class LoopArtifacts:
-    """What a finished loop leaves behind, and why it stopped."""
+    """What a finished loop leaves behind, and why it stopped.
+
+    `metrics_path` and `manifest_path` are the files TrainLoop writes; they are None for a
+    loop that writes no such file (a framework's, through an adapter): its rows are then
+    only in `manifest` and in the framework's own logs.
+    """
 
     out_dir: Path
-    metrics_path: Path
-    manifest_path: Path
+    metrics_path: Path | None
+    manifest_path: Path | None
     manifest: list[ManifestRow]
     final_checkpoint: ManifestRow | None
     steps_completed: int

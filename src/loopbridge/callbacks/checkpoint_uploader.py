@@ -65,6 +65,7 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
@@ -110,6 +111,8 @@ class CheckpointUploader(Callback):
         preflight: before the first step, prove the destination can be written (a small
             probe object put and deleted under the run's prefix, within `preflight_timeout`
             seconds); a destination that cannot work raises DestinationError then.
+        snapshot: upload from a snapshot (hard links, else a copy) taken in `on_checkpoint`,
+            so a checkpoint the framework rotates away mid-upload is still published.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
         store_options: any other `S3Store` keyword by name, such as `verify_etag`,
@@ -137,6 +140,7 @@ class CheckpointUploader(Callback):
         store_options: Mapping[str, Any] | None = None,
         preflight: bool = True,
         preflight_timeout: float = 10.0,
+        snapshot: bool = True,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
@@ -165,6 +169,7 @@ class CheckpointUploader(Callback):
             preflight_timeout,
             False,
         )
+        self.snapshot = snapshot
         self._journals = JournalBook()
         # What reopening the store needs besides its URL (for `loopbridge resume`).
         self._store_options = journal_options(store, options)
@@ -227,6 +232,8 @@ class CheckpointUploader(Callback):
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
         """Record the upload in the journal, then start it; it publishes after earlier ones."""
+        if self.snapshot:
+            row = take_snapshot(row)  # the upload and the journal read the snapshot
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
         entry = None
@@ -388,8 +395,11 @@ class CheckpointUploader(Callback):
             await self._publisher.publish(row, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
+            await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
             await self._discard(step_prefix, sent, exc)
+            if entry is None:  # nothing will retry it; an open journal intent keeps it
+                await asyncio.to_thread(release_snapshot, row.path)
             if entry is not None:
                 entry.failed(exc)
             self._tally.failed(row.step, exc)
