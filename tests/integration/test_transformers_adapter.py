@@ -156,7 +156,10 @@ class TestFailures:
         self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
     ) -> None:
         """A refused upload ends train() with DrainError naming it (the default policy)."""
-        fault_proxy.add(FaultRule((Status(403, "AccessDenied", "Access Denied"),), method="PUT"))
+        # The checkpoint objects only: the pre-flight probe gets through, the uploads do not.
+        fault_proxy.add(
+            FaultRule((Status(403, "AccessDenied", "Access Denied"),), method="PUT", path="/step-")
+        )
         recorder = RecordingCallback()
         with pytest.raises(lb.DrainError) as caught:
             _train(tmp_path, [_uploader(s3_bucket, fault_proxy.url), recorder], max_steps=6)
@@ -172,7 +175,10 @@ class TestFailures:
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """With on_drain_failure="warn", train() returns and one warning names the failure."""
-        fault_proxy.add(FaultRule((Status(403, "AccessDenied", "Access Denied"),), method="PUT"))
+        # The checkpoint objects only: the pre-flight probe gets through, the uploads do not.
+        fault_proxy.add(
+            FaultRule((Status(403, "AccessDenied", "Access Denied"),), method="PUT", path="/step-")
+        )
         with caplog.at_level(logging.WARNING, logger="loopbridge.loop"):
             adapter = _train(
                 tmp_path,
