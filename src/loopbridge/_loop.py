@@ -23,6 +23,12 @@ from loopbridge._exceptions import DrainError
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
+from loopbridge._row_digest import (
+    digest_in_background,
+    manifest_line,
+    track_in_manifest,
+    wait_for_digests,
+)
 from loopbridge._types import (
     EvalResult,
     LogContext,
@@ -75,7 +81,8 @@ class TrainLoop:
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's sha256 for its manifest row, off the
+            training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
     """
@@ -280,6 +287,8 @@ class TrainLoop:
         cbs.on_train_end(state, artifacts)
         artifacts.drain_report = self._drain()
         report = artifacts.drain_report
+        # Digests hashed in the background are in manifest.jsonl once the run returns.
+        wait_for_digests(manifest, timeout=self.interrupt_grace)
         assert self._bridge is not None  # run() sets it
         artifacts.bridge_stats = self._bridge.stats
         if self.profiler is not None:
@@ -344,9 +353,12 @@ class TrainLoop:
             run_name=state.run_name,
             digest=self.hash_checkpoints,
         )
-        rows.write(row.to_json())
+        rows.write_line(manifest_line(row))
+        track_in_manifest(row, rows.path)
         manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
+        # Hashed off this thread: by an uploader as it reads the file, else in the background.
+        digest_in_background(row)
         return row
 
     def _drain(self) -> DrainReport:

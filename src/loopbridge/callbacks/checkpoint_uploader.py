@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,8 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._loop import MANIFEST_FILE
+from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -260,6 +263,18 @@ class CheckpointUploader(Callback):
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
         """Record the upload in the journal, then start it; it publishes after earlier ones."""
+        # The digest is hashed as the upload reads the file, not on this thread.
+        claim = claim_digest(row)
+        try:
+            self._record_and_spawn(state, row, claim)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+
+    def _record_and_spawn(
+        self, state: LoopState, row: ManifestRow, claim: PendingDigest | None
+    ) -> None:
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
         entry = None
@@ -276,7 +291,7 @@ class CheckpointUploader(Callback):
                     self._report_journal_error(exc)
                 else:
                     entry = self._journals.entry(state.out_dir, journal, intent_id)
-        self._spawn_upload(row, run_prefix, entry)
+        self._spawn_upload(row, run_prefix, entry, claim=claim)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         """Log the summary once this run's uploads are done; then close the run's journal."""
@@ -289,13 +304,21 @@ class CheckpointUploader(Callback):
         self._journals.close(state.out_dir)
 
     def _spawn_upload(
-        self, row: ManifestRow, run_prefix: str, entry: JournalEntry | None, *, resume: bool = False
+        self,
+        row: ManifestRow,
+        run_prefix: str,
+        entry: JournalEntry | None,
+        *,
+        resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> None:
         """Queue one checkpoint's upload on its run's chain."""
         again = "resume " if resume else ""
         self._spawn_in_order(
             run_prefix,
-            lambda previous: self._upload(row, run_prefix, previous, entry, resume=resume),
+            lambda previous: self._upload(
+                row, run_prefix, previous, entry, resume=resume, claim=claim
+            ),
             name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
         )
 
@@ -390,8 +413,12 @@ class CheckpointUploader(Callback):
         entry: JournalEntry | None = None,
         *,
         resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> int:
-        """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
+        """Upload, verify and publish one checkpoint; clean up what it sent if it fails.
+
+        With `claim`, the row's digest is computed here from the bytes read for upload.
+        """
         self._busy(+1)
         step_dir = f"step-{row.step:08d}"
         step_prefix = join_key(run_prefix, step_dir)
@@ -407,10 +434,11 @@ class CheckpointUploader(Callback):
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
                     if await asyncio.to_thread(row.path.is_dir):
-                        shards = await self._upload_dir(row, step_prefix, sent)
+                        shards = await self._upload_dir(row, step_prefix, sent, claim)
                     else:
-                        shards = await self._upload_file(row, step_prefix, sent)
+                        shards = await self._upload_file(row, step_prefix, sent, claim)
                 total = sum(shard.size for shard in shards)
+                row = await self._digest_known(row, shards, entry)
             size = sum(shard.size for shard in shards)
             if size != row.size_bytes:
                 msg = (
@@ -433,6 +461,8 @@ class CheckpointUploader(Callback):
                 del self._errors[:-_MAX_ERRORS_KEPT]
             raise
         finally:
+            if claim is not None:
+                claim.release()  # a no-op once the digest is known
             self._busy(-1)
             if entry is not None:
                 entry.done()
@@ -440,6 +470,30 @@ class CheckpointUploader(Callback):
             self._uploaded += 1
             self._bytes += total
         return total
+
+    async def _digest_known(
+        self, row: ManifestRow, shards: list[_Shard], entry: JournalEntry | None
+    ) -> ManifestRow:
+        """The row with the digest hashed during its upload, recorded for a later resume.
+
+        A row resumed from the journal of a process that died before hashing it gets it here,
+        and so does its waiting line in the run's manifest.jsonl.
+        """
+        if row.digest is None:
+            if await asyncio.to_thread(row.path.is_dir):
+                digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+            else:
+                digest = "sha256:" + shards[0].sha256
+            if entry is not None:
+                manifest = entry.journal.path.parent / MANIFEST_FILE
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(
+                        patch_manifest_digest, manifest, row.step, row.created_at, digest
+                    )
+            row = dataclasses.replace(row, digest=digest)
+        if entry is not None and row.digest is not None:
+            entry.digest_known(row.digest)
+        return row
 
     def _busy(self, delta: int) -> None:
         """Count uploads in progress; `seconds` is the time at least one was."""
@@ -457,18 +511,30 @@ class CheckpointUploader(Callback):
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
     async def _upload_file(
-        self, row: ManifestRow, step_prefix: str, sent: list[str]
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
     ) -> list[_Shard]:
-        """Upload a single-file checkpoint, checked against the row's digest while streamed."""
+        """Upload a single-file checkpoint, checked against the row's digest while streamed.
+
+        With `claim`, the file is checked against its stamp at save time instead, before and
+        after the upload, and the sha256 hashed while streaming becomes the row's digest.
+        """
         key = join_key(step_prefix, row.path.name)
-        result = await self.store.put_file(key, row.path, expected_sha256=_expected_hex(row.digest))
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+        expected = None if claim is not None else _expected_hex(row.digest)
+        result = await self.store.put_file(key, row.path, expected_sha256=expected)
         sent.append(key)
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            claim.set("sha256:" + result.sha256)
         return [_Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
 
     async def _upload_dir(
-        self, row: ManifestRow, step_prefix: str, sent: list[str]
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
     ) -> list[_Shard]:
         """Upload a directory of shards file by file, then check the set and the digest."""
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
         files = await asyncio.to_thread(shard_files, row.path)
         rels = [file.relative_to(row.path).as_posix() for file in files]
         if not files:
@@ -494,6 +560,9 @@ class CheckpointUploader(Callback):
                 f"the saved {row.digest}; a shard changed after it was saved"
             )
             raise IntegrityError(msg, key=step_prefix)
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            claim.set(digest)
         return shards
 
     async def _publish(
