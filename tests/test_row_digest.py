@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import loopbridge as lb
-from loopbridge import _row_digest
+from loopbridge import _digest, _row_digest
 from loopbridge._exceptions import IntegrityError
 from loopbridge._types import LoopState, ManifestRow
 from loopbridge.callbacks import CheckpointUploader
@@ -46,7 +46,7 @@ def _loop(tmp_path: Path, *callbacks: lb.Callback) -> lb.TrainLoop:
 def hashed_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the threads that hash whole checkpoints (spied, not replaced)."""
     threads: list[str] = []
-    real = _row_digest.digest_path
+    real = _digest.digest_path
 
     def spy(path: Path) -> tuple[int, str]:
         threads.append(threading.current_thread().name)
