@@ -9,10 +9,13 @@ standard environment variables and config files (`AWS_ENDPOINT_URL_S3` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
+import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError
@@ -20,7 +23,7 @@ from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
 from loopbridge.stores.keys import join_key, normalize_prefix
 from loopbridge.stores.protocol import ClosingStore, ObjectInfo
 
-__all__ = ["MiB", "S3Connection"]
+__all__ = ["Checksums", "MiB", "S3Connection", "composite_crc32", "crc32_header"]
 
 T = TypeVar("T")
 
@@ -51,6 +54,33 @@ def _crc32_by_default() -> bool:
 def _etag(response: dict[str, Any]) -> str:
     """The ETag of a response without its quotes."""
     return str(response.get("ETag", "")).strip('"')
+
+
+def crc32_header(data: bytes | memoryview) -> str:
+    """The base64 big-endian CRC32 of `data`, as `x-amz-checksum-crc32` carries it."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
+
+
+def composite_crc32(part_crcs: list[str]) -> str:
+    """S3's checksum of a multipart object: the CRC32 of the parts' CRC32s, then `-N`."""
+    raw = b"".join(base64.b64decode(crc) for crc in part_crcs)
+    return f"{crc32_header(raw)}-{len(part_crcs)}"
+
+
+class Checksums(NamedTuple):
+    """What a body is sent with: its MD5 (Content-MD5) and CRC32, each when configured."""
+
+    md5: bytes | None
+    crc32: str | None
+
+    def headers(self) -> dict[str, str]:
+        """botocore parameters for the checksums."""
+        extra: dict[str, str] = {}
+        if self.md5 is not None:
+            extra["ContentMD5"] = base64.b64encode(self.md5).decode("ascii")
+        if self.crc32 is not None:
+            extra["ChecksumCRC32"] = self.crc32
+        return extra
 
 
 class _Counter:
@@ -85,6 +115,7 @@ class S3Connection(ClosingStore):
         verify_etag: bool = True,
         sign_payload: bool = False,
         checksum_crc32: bool | None = None,
+        content_md5: bool | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             msg = f"invalid S3 bucket name {bucket!r}: give the bare bucket name, like 'my-bucket'"
@@ -120,6 +151,8 @@ class S3Connection(ClosingStore):
         self._verify_etag = verify_etag
         self._sign_payload = sign_payload
         self._crc32 = _crc32_by_default() if checksum_crc32 is None else checksum_crc32
+        # MD5 only where no CRC32 is sent (or asked for): one checksum the server checks.
+        self._send_md5 = (not self._crc32) if content_md5 is None else content_md5
         self._retries = 0
         # One client per event loop: aiohttp sessions belong to the loop that made them.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, contextlib.AsyncExitStack]] = {}
@@ -245,6 +278,28 @@ class S3Connection(ClosingStore):
             key=full_key,
             on_retry=on_retry,
         )
+
+    def _checksums(self, data: bytes) -> Checksums:
+        """The checksums this store sends `data` with (CPU work: call it on a worker thread)."""
+        md5 = hashlib.md5(data, usedforsecurity=False).digest() if self._send_md5 else None
+        return Checksums(md5, crc32_header(data) if self._crc32 else None)
+
+    def _check_sent(
+        self, full_key: str, response: dict[str, Any], sums: Checksums, what: str
+    ) -> None:
+        """Check a PutObject or UploadPart reply: ETag against our MD5, CRC32 against ours."""
+        if sums.md5 is not None:
+            self._check_etag(full_key, _etag(response), sums.md5.hex(), what)
+        self._check_crc(full_key, response.get("ChecksumCRC32"), sums.crc32, what)
+
+    def _check_crc(self, full_key: str, got: object, expected: str | None, what: str) -> None:
+        """Raise IntegrityError when the server reports a CRC32 that is not what we sent."""
+        if expected is not None and got is not None and got != expected:
+            msg = (
+                f"{self._what(what, full_key)}: the store's CRC32 {got!r} is not the CRC32 of "
+                f"what was sent ({expected!r}); the object is not trusted"
+            )
+            raise IntegrityError(msg, key=full_key)
 
     def _check_etag(self, full_key: str, got: str, expected: str, what: str) -> None:
         """Raise IntegrityError when an ETag is not the MD5 we computed (if checking)."""

@@ -5,25 +5,29 @@ store-wide bound, aborted on any failure or cancellation, and checked before the
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import hashlib
 import logging
-import zlib
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import anyio
 
 from loopbridge._exceptions import PermanentStoreError
 from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
     _ABORT_TIMEOUT,
     _MAX_PARTS,
+    _MISSING,
+    Checksums,
     S3Connection,
     _Counter,
     _etag,
+    composite_crc32,
 )
-from loopbridge.stores._s3_put import _body, _md5, _md5_header
-from loopbridge.stores._source import SourceFile, hash_thread
+from loopbridge.stores._s3_put import _body
+from loopbridge.stores._source import SourceFile
 from loopbridge.stores.protocol import PutResult
 
 __all__ = ["Multipart"]
@@ -31,10 +35,46 @@ __all__ = ["Multipart"]
 logger = logging.getLogger(__name__)
 
 
-def _part_digests(data: bytes) -> tuple[bytes, str]:
-    """A part's MD5 digest and its base64 CRC32 (`x-amz-checksum-crc32`), in one thread trip."""
-    crc = zlib.crc32(data).to_bytes(4, "big")
-    return _md5(data), base64.b64encode(crc).decode("ascii")
+class _Expected(NamedTuple):
+    """What a completed multipart object must show: its ETag (with MD5s) and CRC32 checksum."""
+
+    etag: str | None
+    crc32: str | None
+
+    def matches(self, etag: str, crc32: str | None) -> bool:
+        """Whether a stored object is this one, by every check we can make (at least one)."""
+        checks = []
+        if self.etag is not None:
+            checks.append(etag == self.etag)
+        if self.crc32 is not None and crc32 is not None:
+            checks.append(crc32 == self.crc32)
+        return bool(checks) and all(checks)
+
+
+def _expected(sums: Iterable[Checksums]) -> _Expected:
+    """The multipart ETag (MD5 of the parts' MD5s, `-N`) and composite CRC32, when known."""
+    md5s, crcs = [], []
+    for part in sums:
+        md5s.append(part.md5)
+        crcs.append(part.crc32)
+    etag = None
+    if md5s and all(md5 is not None for md5 in md5s):
+        joined = b"".join(md5 for md5 in md5s if md5 is not None)
+        etag = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(md5s)}"
+    crc = None
+    if crcs and all(crc is not None for crc in crcs):
+        crc = composite_crc32([c for c in crcs if c is not None])
+    return _Expected(etag, crc)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that failed a task group (the others are the cancellations it caused)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 class Multipart(S3Connection):
@@ -64,7 +104,7 @@ class Multipart(S3Connection):
         upload_id: str | None = None
         completed = False
         try:
-            parts, part_md5s = await self._send_parts(
+            sent = await self._send_parts(
                 client=client,
                 full_key=full_key,
                 created=created,
@@ -72,20 +112,18 @@ class Multipart(S3Connection):
                 part_size=part_size,
                 counter=counter,
             )
+            parts = [part for part, _ in sent]
             # Every part waited for the creation, so it is done.
             upload_id = str(created.result()["UploadId"])
             # Nothing is published until here: a file that changed while read is refused.
             await source.check_unchanged(expected_sha256)
-            expected_etag = (
-                hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
-                + f"-{len(parts)}"
-            )
-            etag = await self._complete(
+            expected = _expected(sums for _, sums in sent)
+            etag, crc = await self._complete(
                 client=client,
                 full_key=full_key,
                 upload_id=upload_id,
                 parts=parts,
-                expected_etag=expected_etag,
+                expected=expected,
                 counter=counter,
             )
             completed = True
@@ -102,7 +140,9 @@ class Multipart(S3Connection):
                         await self._abort_strays(
                             client, full_key, keep=upload_id if completed else None
                         )
-        self._check_etag(full_key, etag, expected_etag, "CompleteMultipartUpload")
+        if expected.etag is not None:
+            self._check_etag(full_key, etag, expected.etag, "CompleteMultipartUpload")
+        self._check_crc(full_key, crc, expected.crc32, "CompleteMultipartUpload")
         await self._verify_stored(full_key, source.size, etag, counter)
         return PutResult(
             key=key,
@@ -137,20 +177,17 @@ class Multipart(S3Connection):
         source: SourceFile,
         part_size: int,
         counter: _Counter,
-    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[bytes]]:
-        """Read parts in order and upload up to `max_concurrency` of them at once."""
+    ) -> builtins.list[tuple[dict[str, Any], Checksums]]:
+        """Read parts in order and upload up to `max_concurrency` of them at once.
+
+        The parts run in a task group: the first failure cancels the others and the reading.
+        """
         loop = asyncio.get_running_loop()
         slots = self._part_slots.setdefault(loop, asyncio.Semaphore(self._max_concurrency))
-        tasks: builtins.list[asyncio.Task[dict[str, Any]]] = []
-        md5s: dict[int, bytes] = {}
-        failed = asyncio.Event()
+        sent: dict[int, tuple[dict[str, Any], Checksums]] = {}
 
-        async def send(number: int, data: bytes) -> dict[str, Any]:
+        async def send(number: int, data: bytes, sums: Checksums) -> None:
             try:
-                # Hashed here, not by the reader, so parts hash in parallel with reading.
-                md5, crc = await hash_thread(_part_digests, data)
-                md5s[number] = md5
-                extra = {"ChecksumCRC32": crc} if self._crc32 else {}
                 # Shielded: a part cancelled here must not cancel the creation it waits for.
                 upload_id = str((await asyncio.shield(created))["UploadId"])
 
@@ -162,48 +199,41 @@ class Multipart(S3Connection):
                         PartNumber=number,
                         Body=_body(data),
                         ContentLength=len(data),
-                        ContentMD5=_md5_header(md5),
-                        **extra,
+                        **sums.headers(),
                     )
                     return result
 
                 response = await self._call("UploadPart", full_key, upload, counter)
-                etag = _etag(response)
-                self._check_etag(full_key, etag, md5.hex(), f"UploadPart #{number}")
-                return {"PartNumber": number, "ETag": response["ETag"], **extra}
-            except BaseException:
-                failed.set()
-                raise
+                self._check_sent(full_key, response, sums, f"UploadPart #{number}")
+                part = {"PartNumber": number, "ETag": response["ETag"]}
+                if sums.crc32 is not None:
+                    part["ChecksumCRC32"] = sums.crc32
+                sent[number] = (part, sums)
             finally:
                 slots.release()
 
         try:
-            number = 0
-            while True:
-                # The slot is taken before the read, so at most max_concurrency parts are held.
-                await slots.acquire()
-                if failed.is_set():
-                    slots.release()
-                    break
-                data = await source.read_part(part_size)
-                if not data and number > 0:
-                    slots.release()
-                    break
-                number += 1
-                tasks.append(asyncio.create_task(send(number, data)))
-                if len(data) < part_size:
-                    break
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
-        parts = [r for r in results if not isinstance(r, BaseException)]
-        return parts, [md5s[number] for number in sorted(md5s)]
+            async with anyio.create_task_group() as parts:
+                number = 0
+                while True:
+                    # The slot is taken before the read: at most max_concurrency parts are held.
+                    await slots.acquire()
+                    try:
+                        # One pass: read, sha256 of the file, and the part's checksums.
+                        data, sums = await source.read_part(part_size, self._checksums)
+                    except BaseException:
+                        slots.release()
+                        raise
+                    if not data and number > 0:
+                        slots.release()
+                        break
+                    number += 1
+                    parts.start_soon(send, number, data, sums)
+                    if len(data) < part_size:
+                        break
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        return [sent[number] for number in sorted(sent)]
 
     async def _complete(
         self,
@@ -212,10 +242,13 @@ class Multipart(S3Connection):
         full_key: str,
         upload_id: str,
         parts: builtins.list[dict[str, Any]],
-        expected_etag: str,
+        expected: _Expected,
         counter: _Counter,
-    ) -> str:
-        """CompleteMultipartUpload, accepting a lost reply when the object is already there."""
+    ) -> tuple[str, str | None]:
+        """CompleteMultipartUpload, accepting a lost reply when the object is already there.
+
+        Returns the ETag and the object's CRC32 checksum when the store reports one.
+        """
 
         async def complete() -> dict[str, Any]:
             result: dict[str, Any] = await client.complete_multipart_upload(
@@ -234,11 +267,34 @@ class Multipart(S3Connection):
             if code != "NoSuchUpload" or counter.retries == retries_before:
                 raise
             # An earlier attempt completed but its reply was lost; trust it only if it matches.
-            info = await self._head(full_key, counter)
-            if info is None or info.etag != expected_etag:
+            found = await self._stored(client, full_key, counter)
+            if found is None or not expected.matches(*found):
                 raise
-            return expected_etag
-        return _etag(response)
+            return found
+        crc = response.get("ChecksumCRC32")
+        return _etag(response), None if crc is None else str(crc)
+
+    async def _stored(
+        self, client: Any, full_key: str, counter: _Counter
+    ) -> tuple[str, str | None] | None:
+        """ETag and CRC32 checksum of the object at `full_key`, or None when there is none."""
+
+        async def head() -> dict[str, Any] | None:
+            try:
+                result: dict[str, Any] = await client.head_object(
+                    Bucket=self._bucket, Key=full_key, ChecksumMode="ENABLED"
+                )
+            except Exception as exc:
+                if error_code(exc)[0] in _MISSING:
+                    return None
+                raise
+            return result
+
+        response = await self._call("HeadObject", full_key, head, counter)
+        if response is None:
+            return None
+        crc = response.get("ChecksumCRC32")
+        return _etag(response), None if crc is None else str(crc)
 
     async def _abort(self, client: Any, full_key: str, upload_id: str) -> None:
         """Abort a multipart upload so no parts are left behind; bounded even when cancelled."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from typing import Any
 
-from loopbridge.stores._s3_client import S3Connection, _Counter, _etag
-from loopbridge.stores._source import SourceFile, hash_thread
+from loopbridge.stores._s3_client import Checksums, S3Connection, _Counter, _etag
+from loopbridge.stores._source import SourceFile
 from loopbridge.stores.protocol import PutResult
 
 __all__ = ["SinglePut"]
@@ -20,16 +19,6 @@ def _body(data: bytes) -> Any:
     return PartBody(data)
 
 
-def _md5(data: bytes) -> bytes:
-    """The MD5 digest S3 checks bodies and builds ETags with."""
-    return hashlib.md5(data, usedforsecurity=False).digest()
-
-
-def _md5_header(digest: bytes) -> str:
-    """The base64 `Content-MD5` header value of an MD5 digest."""
-    return base64.b64encode(digest).decode("ascii")
-
-
 class SinglePut(S3Connection):
     """PutObject of bytes or of a small file, checked against what was sent."""
 
@@ -39,14 +28,14 @@ class SinglePut(S3Connection):
         """Store `data` at `key` in one verified request."""
         full_key = self._full_key(key)
         counter = _Counter()
-        etag = await self._put_object(full_key, data, _md5(data), counter, content_type)
+        etag = await self._put_object(full_key, data, self._checksums(data), counter, content_type)
         sha = hashlib.sha256(data).hexdigest()
         return PutResult(key=key, size=len(data), sha256=sha, etag=etag, retries=counter.retries)
 
     async def _put_object(
-        self, full_key: str, data: bytes, md5: bytes, counter: _Counter, content_type: str
+        self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str
     ) -> str:
-        """PutObject with Content-MD5, returning the checked ETag."""
+        """PutObject with the store's checksums, returning the checked ETag."""
         client = await self._client()
 
         async def put() -> dict[str, Any]:
@@ -56,27 +45,26 @@ class SinglePut(S3Connection):
                 Key=full_key,
                 Body=_body(data),
                 ContentLength=len(data),
-                ContentMD5=_md5_header(md5),
                 ContentType=content_type,
+                **sums.headers(),
             )
             return result
 
         response = await self._call("PutObject", full_key, put, counter)
-        etag = _etag(response)
-        self._check_etag(full_key, etag, md5.hex(), "PutObject")
-        return etag
+        self._check_sent(full_key, response, sums, "PutObject")
+        return _etag(response)
 
     async def _put_small(
         self, key: str, full_key: str, source: SourceFile, expected_sha256: str | None
     ) -> PutResult:
         """Read the whole (small) file, check it, then PutObject and HEAD it."""
         counter = _Counter()
-        data = await source.read_part(self._threshold + 1)
-        md5 = await hash_thread(_md5, data)
+        # One pass over the bytes: read, sha256 and the request's checksums together.
+        data, sums = await source.read_part(self._threshold + 1, self._checksums)
         # Checked before sending: a changed file never reaches the key.
         await source.check_unchanged(expected_sha256)
         etag = await self._put_object(
-            full_key, data, md5, counter, content_type="application/octet-stream"
+            full_key, data, sums, counter, content_type="application/octet-stream"
         )
         await self._verify_stored(full_key, len(data), etag, counter)
         return PutResult(

@@ -115,16 +115,17 @@ class SourceFile:
         """Hex sha256 of the bytes read so far."""
         return self._sha.hexdigest()
 
-    def _read_part(self, size: int) -> bytes:
-        """Read and hash up to `size` bytes; runs in a worker thread (hashing frees the GIL)."""
+    def _read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
+        """Read up to `size` bytes and hash them (sha256 and `checksums`), in one worker thread
+        trip, while they are fresh in the cache; hashing frees the GIL."""
         data = self._handle.read(size)
         self._sha.update(data)
         self._read += len(data)
-        return data
+        return data, checksums(data)
 
-    async def read_part(self, size: int) -> bytes:
-        """The next `size` bytes (fewer at the end)."""
-        return await hash_thread(self._read_part, size)
+    async def read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
+        """The next `size` bytes (fewer at the end), with `checksums(data)` computed as read."""
+        return await hash_thread(self._read_part, size, checksums)
 
     def _problem(self, expected_sha256: str | None) -> str | None:
         """What changed since the file was opened, or None."""

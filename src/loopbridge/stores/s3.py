@@ -8,19 +8,21 @@ The store opens one client per running event loop, on first use, and reuses it; 
 closes the client of the loop it runs on. Files larger than `multipart_threshold` go up in
 parts of `part_size`, read from disk in order (hashing as they go) and sent up to
 `max_concurrency` at a time across all the store's uploads on a loop, so memory stays within
-`part_size * max_concurrency` however many files upload at once. A failed
-or cancelled multipart upload is aborted. Every request carries `Content-MD5`, and each ETag
-is checked against the MD5 of what was sent (disable with `verify_etag=False` for buckets
-whose ETags are not MD5s, such as SSE-KMS ones); a put of a file ends with a HEAD that
-checks the stored size. Because the server checks every body against its Content-MD5, the
-body's SHA-256 is not also signed (botocore makes the same choice over HTTPS); over plain
-HTTP botocore would otherwise hash every body again on the event loop. Pass
-`sign_payload=True` to sign bodies anyway.
+`part_size * max_concurrency` however many files upload at once. A failed or cancelled
+multipart upload is aborted.
 
-Multipart uploads also carry a CRC32 per part (`x-amz-checksum-crc32`, as boto3 sends by
-default), which S3 checks against each body and combines at completion; the ETag checks are
-unchanged. For S3-compatible servers that reject checksum headers, pass `checksum_crc32=False`
-or set `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`, as for any AWS tool.
+Each byte of a file is read once and hashed once per algorithm, in the same worker-thread
+pass: SHA-256 of the whole file (the checkpoint digest) and the checksum the server checks
+each body against. By default that is a CRC32 (`x-amz-checksum-crc32`, what boto3 sends),
+per part for multipart uploads, whose composite S3 reports at completion; where the server
+reports CRC32s they must equal ours. With the CRC32 turned off (`checksum_crc32=False`, or
+`AWS_REQUEST_CHECKSUM_CALCULATION=when_required` as for any AWS tool, for servers that reject
+checksum headers) bodies carry `Content-MD5` instead, and each ETag is checked against the MD5
+of what was sent (`verify_etag=False` for buckets whose ETags are not MD5s, such as SSE-KMS
+ones). `content_md5=True` sends both, for servers that check only Content-MD5 (rclone). A put
+of a file ends with a HEAD that checks the stored size and ETag. Because the server checks
+every body against its checksum, the body's SHA-256 is not also signed (botocore makes the
+same choice over HTTPS); pass `sign_payload=True` to sign bodies anyway.
 """
 
 from __future__ import annotations
