@@ -136,7 +136,7 @@ class Multipart(S3Connection):
             if create_retries and create_retries[0] > 0:
                 # A retried create may have started uploads whose replies were lost.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_ABORT_TIMEOUT * 2):
+                    with anyio.fail_after(_ABORT_TIMEOUT * 2):
                         await self._abort_strays(
                             client, full_key, keep=upload_id if completed else None
                         )
@@ -159,7 +159,7 @@ class Multipart(S3Connection):
             if not created.done():
                 # Bounded: this runs while a failed or cancelled upload unwinds.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_ABORT_TIMEOUT):
+                    with anyio.fail_after(_ABORT_TIMEOUT):
                         await asyncio.wait([created])
         finally:
             if not created.done():
@@ -307,7 +307,7 @@ class Multipart(S3Connection):
         try:
             # Bounded tightly: this also runs while a cancelled upload unwinds, and the
             # bridge gives cancelled work only a short grace period.
-            async with asyncio.timeout(min(self._policy.call_timeout, _ABORT_TIMEOUT)):
+            with anyio.fail_after(min(self._policy.call_timeout, _ABORT_TIMEOUT)):
                 await self._call("AbortMultipartUpload", full_key, abort)
         except Exception as exc:
             logger.warning(
