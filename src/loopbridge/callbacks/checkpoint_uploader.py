@@ -43,7 +43,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
@@ -66,7 +66,8 @@ from loopbridge.callbacks._upload_journal import (
     store_options,
 )
 from loopbridge.journal import UploadIntent, UploadJournal
-from loopbridge.stores import ObjectStore, open_store
+from loopbridge.stores import ObjectStore, S3Store, open_store
+from loopbridge.stores._process import ProcessStore
 from loopbridge.stores.keys import escape_segment, join_key, normalize_prefix
 from loopbridge.stores.s3 import MiB
 
@@ -139,6 +140,9 @@ class CheckpointUploader(Callback):
             ones of an earlier process when a run starts again on the same out dir.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
+        upload_in: for an `s3://` dest, where checkpoint files are read, hashed and sent:
+            "process" (default), one worker process started on first use, so the bytes never
+            hold the training process's GIL; or "thread", the bridge's threads in this process.
 
     Raises:
         ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
@@ -157,11 +161,19 @@ class CheckpointUploader(Callback):
         call_timeout: float = 120.0,
         max_attempts: int = 5,
         journal: bool = True,
+        upload_in: Literal["process", "thread"] = "process",
     ) -> None:
+        if upload_in not in ("process", "thread"):
+            msg = (
+                f"upload_in={upload_in!r}: give 'process' (a worker process sends the bytes) "
+                f"or 'thread' (the bridge's threads in this process do)"
+            )
+            raise ValueError(msg)
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
         self.keep_last = keep_last
+        user_store = store
         if store is None:
             text = os.fspath(dest)
             if text.startswith("s3://"):
@@ -201,6 +213,9 @@ class CheckpointUploader(Callback):
         self._journals = JournalBook()
         self._journal_errors: set[JournalError] = set()  # already reported (kept, so by identity)
         self._store_options = store_options(store)
+        if upload_in == "process" and isinstance(store, S3Store) and store is not user_store:
+            # The bytes are read, hashed and sent under the worker's GIL, not training's.
+            self.store = ProcessStore(store)
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"

@@ -130,6 +130,29 @@ class S3Connection(ClosingStore):
         if threshold < 1:
             msg = f"multipart_threshold must be positive, got {threshold}"
             raise ValueError(msg)
+        # What it takes to build this store again (in an upload worker process).
+        self.options: dict[str, Any] = {
+            "bucket": bucket,
+            "prefix": prefix,
+            "endpoint_url": endpoint_url,
+            "region": region,
+            "profile": profile,
+            "addressing_style": addressing_style,
+            "part_size": part_size,
+            "multipart_threshold": multipart_threshold,
+            "max_concurrency": max_concurrency,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "call_timeout": call_timeout,
+            "max_attempts": max_attempts,
+            "retry_base_delay": retry_base_delay,
+            "retry_max_delay": retry_max_delay,
+            "retry_slowdown_delay": retry_slowdown_delay,
+            "verify_etag": verify_etag,
+            "sign_payload": sign_payload,
+            "checksum_crc32": checksum_crc32,
+            "content_md5": content_md5,
+        }
         self._bucket = bucket
         self._prefix = normalize_prefix(prefix)
         self._endpoint_url = endpoint_url
