@@ -24,10 +24,12 @@ import builtins
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -44,6 +46,17 @@ logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
 _CANCEL_TIMEOUT = 15.0  # the worker's abort of a multipart upload is bounded well within this
+
+_stores: weakref.WeakSet[ProcessStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._forget_worker()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _Pending = tuple[asyncio.AbstractEventLoop, "asyncio.Future[tuple[Any, ...]]", str]
 
@@ -142,6 +155,7 @@ class ProcessStore(ClosingStore):
         self._ids = itertools.count(1)
         self._worker_retries = 0
         atexit.register(self._stop_worker)
+        _stores.add(self)
 
     def __repr__(self) -> str:
         return f"ProcessStore({self.inner!r})"
@@ -163,11 +177,19 @@ class ProcessStore(ClosingStore):
                 worker = self._worker = _Worker(self._options)
             return worker
 
+    def _forget_worker(self) -> None:
+        """In a forked child: the worker and its socket are the parent's; start afresh."""
+        self._lock = threading.Lock()
+        self._worker = None
+
     async def put_file(
         self, key: str, path: Path, *, expected_sha256: str | None = None
     ) -> PutResult:
         """Upload `path` to `key` in the worker process, as `S3Store.put_file` does."""
-        worker = self._started()
+        worker = self._worker
+        if worker is None or worker.dead is not None:
+            # Starting a process blocks for a moment: not on the event loop.
+            worker = await asyncio.to_thread(self._started)
         ident = next(self._ids)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[tuple[Any, ...]] = loop.create_future()
