@@ -95,6 +95,16 @@ def _worker_pids(uploader: CheckpointUploader | None, boto: object) -> list[int]
     return pids() if pids is not None else []
 
 
+async def _warm_up(uploader: CheckpointUploader, path: Path) -> None:
+    """Every request kind the uploader makes, once: botocore loads models on first use."""
+    store = uploader.store
+    await store.put_file("warm/file", path)
+    await store.put_bytes("warm/small", b"{}")
+    await store.get_bytes("warm/small")
+    await store.list("warm/")
+    await store.delete(["warm/file", "warm/small"])
+
+
 def run_way(
     way: str, step_fn: Callable[[], None], *, endpoint: str, payload: bytes, tmp: Path, tag: str
 ) -> Result:
@@ -116,8 +126,8 @@ def run_way(
             endpoint_url=endpoint,
             upload_in=mode,  # type: ignore[arg-type]
         )
-        # Started before training, as a long job's would be: the client, and the worker.
-        bridge.call(uploader.store.put_file("warm", warm))
+        # Started before training, as a long job's would be: the worker, and both clients.
+        bridge.call(_warm_up(uploader, warm))
     elif way == "inline":
         boto = InlineBoto3(client, tag)
         client.upload_file(str(warm), BUCKET, f"{tag}/warm")
@@ -219,8 +229,7 @@ def loopbridge_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> tu
     with lb.Bridge(name="bench-alone") as bridge:
         uploader = CheckpointUploader(f"s3://{BUCKET}/alone", endpoint_url=endpoint)
         callbacks = lb.CallbackList([uploader], bridge=bridge)
-        warm = _files(tmp, b"w" * WARM_BYTES, 1, "lb-warm")[0]
-        bridge.call(uploader.store.put_file("warm", warm))
+        bridge.call(_warm_up(uploader, _files(tmp, b"w" * WARM_BYTES, 1, "lb-warm")[0]))
         pids = _worker_pids(uploader, None)
         paths = _files(tmp, payload, count, "lb-alone")
         workers = sum(proc_cpu(pid) for pid in pids)

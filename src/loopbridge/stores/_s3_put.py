@@ -28,14 +28,17 @@ class SinglePut(S3Connection):
         """Store `data` at `key` in one verified request."""
         full_key = self._full_key(key)
         counter = _Counter()
-        etag = await self._put_object(full_key, data, self._checksums(data), counter, content_type)
+        etag, _ = await self._put_object(
+            full_key, data, self._checksums(data), counter, content_type
+        )
         sha = hashlib.sha256(data).hexdigest()
         return PutResult(key=key, size=len(data), sha256=sha, etag=etag, retries=counter.retries)
 
     async def _put_object(
         self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str
-    ) -> str:
-        """PutObject with the store's checksums, returning the checked ETag."""
+    ) -> tuple[str, bool]:
+        """PutObject with the store's checksums: the checked ETag, and whether the store
+        confirmed the body's CRC32 (then the stored object needs no HEAD to be trusted)."""
         client = await self._client()
 
         async def put() -> dict[str, Any]:
@@ -52,7 +55,8 @@ class SinglePut(S3Connection):
 
         response = await self._call("PutObject", full_key, put, counter)
         self._check_sent(full_key, response, sums, "PutObject")
-        return _etag(response)
+        confirmed = sums.crc32 is not None and response.get("ChecksumCRC32") == sums.crc32
+        return _etag(response), confirmed
 
     async def _put_small(
         self, key: str, full_key: str, source: SourceFile, expected_sha256: str | None
@@ -63,10 +67,11 @@ class SinglePut(S3Connection):
         data, sums = await source.read_part(self._threshold + 1, self._checksums)
         # Checked before sending: a changed file never reaches the key.
         await source.check_unchanged(expected_sha256)
-        etag = await self._put_object(
+        etag, confirmed = await self._put_object(
             full_key, data, sums, counter, content_type="application/octet-stream"
         )
-        await self._verify_stored(full_key, len(data), etag, counter)
+        if not confirmed:
+            await self._verify_stored(full_key, len(data), etag, counter)
         return PutResult(
             key=key, size=len(data), sha256=source.sha256, etag=etag, retries=counter.retries
         )

@@ -20,9 +20,11 @@ reports CRC32s they must equal ours. With the CRC32 turned off (`checksum_crc32=
 checksum headers) bodies carry `Content-MD5` instead, and each ETag is checked against the MD5
 of what was sent (`verify_etag=False` for buckets whose ETags are not MD5s, such as SSE-KMS
 ones). `content_md5=True` sends both, for servers that check only Content-MD5 (rclone). A put
-of a file ends with a HEAD that checks the stored size and ETag. Because the server checks
-every body against its checksum, the body's SHA-256 is not also signed (botocore makes the
-same choice over HTTPS); pass `sign_payload=True` to sign bodies anyway.
+of a file ends with a HEAD that checks the stored size and ETag, unless the store's reply
+already confirmed the CRC32 of the whole object (then that HEAD would prove nothing more).
+Because the server checks every body against its checksum, the body's SHA-256 is not also
+signed (botocore makes the same choice over HTTPS); pass `sign_payload=True` to sign bodies
+anyway.
 """
 
 from __future__ import annotations
