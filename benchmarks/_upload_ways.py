@@ -65,8 +65,8 @@ def moto_server() -> Iterator[tuple[str, str]]:
             f"moto S3 server in its own process (pid {proc.pid}), "
             + (f"pinned to CPU {SERVER_CPU}, " if pinned else "")
             + "at nice 19; the training thread pinned to CPU "
-            + f"{TRAIN_CPU} while it trains (client threads and workers on any core); "
-            + "the same for every way"
+            + f"{TRAIN_CPU} while it trains, the clients' background threads and worker "
+            + f"processes to CPU {SERVER_CPU}; the same for every way"
         )
         yield f"http://127.0.0.1:{line}", how
     finally:
@@ -87,6 +87,12 @@ def pin_training_thread(pin: bool) -> None:
     """
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {TRAIN_CPU} if pin else set(range(os.cpu_count() or 1)))
+
+
+def pin_to_client_core() -> None:
+    """Pin the calling thread (and what it starts later) to the clients' core, the server's."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {SERVER_CPU})
 
 
 def s3_client(endpoint: str) -> Any:
@@ -261,6 +267,7 @@ class PoolBoto3(lb.Callback):
 
     def warm(self, path: Path) -> None:
         """Start the pool's worker and its client before training, as a long job would."""
+        self.pool.submit(pin_to_client_core).result()
         self.pool.submit(_upload_file, self.endpoint, str(path), f"{self.prefix}/warm").result()
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:

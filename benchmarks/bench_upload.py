@@ -20,10 +20,11 @@ instead), and the training thread's wall and CPU time added per checkpoint (from
 of save() to the next step). With no training, boto3 upload_file alone and loopbridge alone
 give the throughput and client CPU per GiB baselines. Medians over repeats, ways interleaved.
 
-The S3 server (moto) runs in its own process, pinned to the other core and at nice 19, and
-the training thread is pinned to its own core while it trains (the clients' threads and
-worker processes may run on either): identically for every way. `none` still hashes each
-checkpoint (the library's default) on loopbridge's background thread.
+The S3 server (moto) runs in its own process, pinned to the other core and at nice 19; the
+training thread is pinned to its own core while it trains, and each client's background
+threads and worker processes to the server's core: identically for every way (the "alone"
+runs are not pinned). `none` still hashes each checkpoint (the library's default) on
+loopbridge's background thread.
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 3] [--quick]
 Exit status 1 when a target fails.
@@ -51,6 +52,7 @@ from benchmarks._upload_ways import (
     Timer,
     empty_bucket,
     moto_server,
+    pin_to_client_core,
     proc_cpu,
     python_step,
     s3_client,
@@ -95,6 +97,10 @@ def _worker_pids(uploader: CheckpointUploader | None, boto: object) -> list[int]
     return pids() if pids is not None else []
 
 
+async def _pinned() -> None:
+    pin_to_client_core()
+
+
 async def _warm_up(uploader: CheckpointUploader, path: Path) -> None:
     """Every request kind the uploader makes, once: botocore loads models on first use."""
     store = uploader.store
@@ -119,6 +125,8 @@ def run_way(
     boto: InlineBoto3 | PoolBoto3 | None = None
     client = s3_client(endpoint)
     bridge = lb.Bridge(name=f"bench-{tag}")
+    # The bridge thread, and the threads and worker it starts, on the clients' core.
+    bridge.call(_pinned())
     if way.startswith("loopbridge"):
         mode = "thread" if way.endswith("thread") else "process"
         uploader = CheckpointUploader(

@@ -541,7 +541,7 @@ class CheckpointUploader(Callback):
         sent.append(key)
         if claim is not None:
             await asyncio.to_thread(claim.check_unchanged, step_prefix)
-            claim.set("sha256:" + result.sha256)
+            await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
         return [_Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
 
     async def _upload_dir(
@@ -577,7 +577,7 @@ class CheckpointUploader(Callback):
             raise IntegrityError(msg, key=step_prefix)
         if claim is not None:
             await asyncio.to_thread(claim.check_unchanged, step_prefix)
-            claim.set(digest)
+            await asyncio.to_thread(claim.set, digest)  # writes the manifest line
         return shards
 
     async def _publish(
