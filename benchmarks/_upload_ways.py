@@ -108,6 +108,14 @@ def empty_bucket(client: Any) -> None:
             client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
 
+def run_queue_wait() -> float:
+    """Seconds the calling thread has been runnable but waiting for a core (Linux schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) of another process, from /proc."""
     try:
@@ -187,11 +195,13 @@ class Timer(lb.Callback):
         self.added_wall: list[float] = []
         self.train_wall = 0.0
         self.train_cpu = 0.0
+        self.train_queued = 0.0  # runnable but waiting for a core (other tenants' load)
 
     def on_train_start(self, state: LoopState) -> None:
         pin_training_thread(True)
         self.train_wall = -time.perf_counter()
         self.train_cpu = -time.thread_time()
+        self.train_queued = -run_queue_wait()
 
     def step_began(self) -> None:
         """Called first thing in each step: closes the checkpoint's added time, if any."""
@@ -205,6 +215,7 @@ class Timer(lb.Callback):
         # Registered first, so this runs before a pool's wait at train end.
         self.train_wall += time.perf_counter()
         self.train_cpu += time.thread_time()
+        self.train_queued += run_queue_wait()
         pin_training_thread(False)
 
     def step_times(self) -> list[float]:

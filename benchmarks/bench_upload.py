@@ -13,7 +13,9 @@ when torch is installed, a real torch MLP step on one CPU thread.
 
 Step times include everything the library does on the training thread (only the user's own
 save() is taken out, which every way pays alike). Per way: wall time, p99 and max step,
-the training thread's off-CPU share while it trains (1 - its CPU time / wall time), upload
+the training thread's off-CPU share while it trains (1 - its CPU time / wall time) and its
+blocked share (the same minus the time it was runnable but waiting for a core, from Linux
+schedstat: the part other tenants' load does not explain; the GIL and I/O), upload
 MiB/s, client CPU seconds per GiB uploaded (this process's CPU minus the training thread's,
 plus its worker processes'; for `inline` the upload's CPU is on the training thread
 instead), and the training thread's wall and CPU time added per checkpoint (from the end
@@ -78,6 +80,7 @@ class Result:
     p99: float
     max_step: float
     off_cpu: float
+    blocked: float
     mb_s: float
     cpu_gib: float
     added_ms: float
@@ -198,6 +201,7 @@ def run_way(
         p99=_percentile(gaps, 0.99) * 1e3,
         max_step=max(gaps) * 1e3,
         off_cpu=(1 - timer.train_cpu / timer.train_wall) * 100,
+        blocked=(1 - (timer.train_cpu + timer.train_queued) / timer.train_wall) * 100,
         mb_s=mb_s,
         cpu_gib=client_cpu / (uploaded / GiB) if way != "none" else float("nan"),
         added_ms=statistics.median(timer.added_wall) * 1e3,
@@ -329,6 +333,7 @@ def report(
     rows: dict[tuple[str, str], dict[str, float]] = {}
     header = (
         f"{'kind':<7} {'way':<18} {'wall s':>7} {'p99 ms':>7} {'max ms':>7} {'off-CPU%':>8} "
+        f"{'blocked%':>8} "
         f"{'MiB/s':>7} {'CPU s/GiB':>9} {'ckpt +ms':>8} {'ckpt +CPU ms':>12}"
     )
     print()
@@ -338,14 +343,14 @@ def report(
         rows[(kind, way)] = row
         print(
             f"{kind:<7} {way:<18} {row['wall']:7.2f} {row['p99']:7.1f} {row['max_step']:7.1f} "
-            f"{row['off_cpu']:8.1f} {row['mb_s']:7.1f} {row['cpu_gib']:9.2f} "
+            f"{row['off_cpu']:8.1f} {row['blocked']:8.1f} {row['mb_s']:7.1f} {row['cpu_gib']:9.2f} "
             f"{row['added_ms']:8.2f} {row['added_cpu_ms']:12.2f}"
         )
     boto_mbs, boto_cpu = med([a[0] for a in alone["boto3"]]), med([a[1] for a in alone["boto3"]])
     lb_mbs = med([a[0] for a in alone["loopbridge"]])
     lb_cpu = med([a[1] for a in alone["loopbridge"]])
-    print(f"{'alone':<7} {'boto3 upload_file':<18} {'':>40} {boto_mbs:7.1f} {boto_cpu:9.2f}")
-    print(f"{'alone':<7} {'loopbridge':<18} {'':>40} {lb_mbs:7.1f} {lb_cpu:9.2f}")
+    print(f"{'alone':<7} {'boto3 upload_file':<18} {'':>49} {boto_mbs:7.1f} {boto_cpu:9.2f}")
+    print(f"{'alone':<7} {'loopbridge':<18} {'':>49} {lb_mbs:7.1f} {lb_cpu:9.2f}")
     print(f"load average at the end: {load_after[0]:.2f}")
     checks: list[tuple[str, float, str, float]] = [
         ("client CPU per GiB vs boto3 upload_file (no training)", lb_cpu / boto_cpu, "<=", 1.0),
@@ -365,6 +370,13 @@ def report(
         ok = value <= bound if op == "<=" else value >= bound
         failed += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.3f} (target {op} {bound})")
+    for kind in kinds:
+        lbr, pool = rows[(kind, "loopbridge")], rows[(kind, "thread pool")]
+        ratio = lbr["blocked"] / pool["blocked"] if pool["blocked"] > 0 else float("nan")
+        print(
+            f"INFO  {kind}: blocked share (off-CPU minus run-queue wait: the GIL, I/O) vs "
+            f"thread pool: {lbr['blocked']:.1f}% vs {pool['blocked']:.1f}% ({ratio:.3f}x)"
+        )
     return 1 if failed else 0
 
 
