@@ -51,6 +51,10 @@ def _random_file(path: Path, size: int) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+
 def _worker_pid(store: ProcessStore) -> int:
     worker = store._worker
     assert worker is not None
@@ -146,3 +150,16 @@ def test_the_uploader_uses_a_worker_for_s3_unless_told_otherwise() -> None:
     assert isinstance(CheckpointUploader("s3://b/x", upload_in="thread").store, S3Store)
     with pytest.raises(ValueError, match="upload_in='gpu'"):
         CheckpointUploader("s3://b/x", upload_in="gpu")  # type: ignore[arg-type]
+
+
+async def test_settings_reach_the_worker_over_its_socket_not_its_command_line(
+    make_store: Factory, tmp_path: Path
+) -> None:
+    """The worker's argv is the module and a descriptor: no endpoint, bucket or option."""
+    store = make_store()
+    _random_file(tmp_path / "f", 100)
+    await store.put_file("k/f", tmp_path / "f")
+    argv = _cmdline(_worker_pid(store)).split("\0")[:-1]
+    assert argv[1:3] == ["-m", "loopbridge.stores._upload_worker"]
+    assert len(argv) == 4
+    assert argv[3].isdigit()
