@@ -288,7 +288,7 @@ class TrainLoop:
         artifacts.drain_report = self._drain()
         report = artifacts.drain_report
         # Digests hashed in the background are in manifest.jsonl once the run returns.
-        wait_for_digests(manifest, timeout=self.interrupt_grace)
+        wait_for_digests(manifest, timeout=self.drain_timeout)
         assert self._bridge is not None  # run() sets it
         artifacts.bridge_stats = self._bridge.stats
         if self.profiler is not None:

@@ -254,15 +254,16 @@ def patch_manifest_digest(manifest: Path, step: int, created_at: float, digest: 
     return False
 
 
-def wait_for_digests(rows: Iterable[ManifestRow], timeout: float) -> None:
-    """Wait, within `timeout` in all, for the rows' background digests (and their lines)."""
-    deadline = time.monotonic() + timeout
+def wait_for_digests(rows: Iterable[ManifestRow], timeout: float | None) -> None:
+    """Wait, within `timeout` in all (None: as long as it takes), for the rows' digests."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     for row in rows:
         pending = row._pending
         if pending is None:
             continue
         try:
-            pending.future.result(max(0.0, deadline - time.monotonic()))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            pending.future.result(left)
         except Exception as exc:
             # Whoever computed it reported why; the row keeps a null digest.
             logger.warning("manifest row of step %d has no digest: %r", row.step, exc)
