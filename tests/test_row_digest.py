@@ -131,3 +131,20 @@ class TestWithUploader:
         assert [line["digest"] for line in lines] == [_sha(Path(line["path"])) for line in lines]
         marker = json.loads((remote / "r" / "step-00000004" / "_COMPLETE").read_text())
         assert marker["digest"] == lines[-1]["digest"]
+
+
+def test_rows_with_a_pending_digest_copy_and_pickle(tmp_path: Path) -> None:
+    """asdict, deepcopy and pickle work on a fresh row; a pickled row carries what is known."""
+    import copy
+    import dataclasses
+    import pickle
+
+    path = tmp_path / "ckpt"
+    path.write_bytes(b"abc")
+    row = ManifestRow.for_checkpoint(path, step=1)
+    assert dataclasses.asdict(row)["digest"] is None
+    assert copy.deepcopy(row) == row
+    assert pickle.loads(pickle.dumps(row)).wait_digest() is None
+    digest = row.wait_digest(timeout=10)
+    assert digest == _sha(path)
+    assert pickle.loads(pickle.dumps(row)).digest == digest

@@ -82,6 +82,10 @@ class PendingDigest:
         self._claimed = False
         self.manifest: Path | None = None
 
+    def __deepcopy__(self, memo: dict[int, object]) -> PendingDigest:
+        """A handle, not a value: copies of a row (`dataclasses.asdict`) share it."""
+        return self
+
     def claim(self) -> bool:
         """Become the one who computes the digest; False if someone already is."""
         with self._lock:

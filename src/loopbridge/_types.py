@@ -96,6 +96,15 @@ class ManifestRow:
             "run_name": self.run_name,
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its pending digest (a handle to this process's threads)."""
+        state = dict(self.__dict__)
+        state["_pending"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def wait_digest(self, timeout: float | None = None) -> str | None:
         """The digest, waiting up to `timeout` seconds while it is computed in the background.
 
