@@ -23,6 +23,7 @@ from loopbridge._metrics import coerce_metrics
 from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
+from loopbridge._row_digest import digest_in_background, manifest_line, track_in_manifest
 from loopbridge._run_policy import DrainPolicy, RunPolicy
 from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
@@ -78,7 +79,8 @@ class TrainLoop:
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's sha256 for its manifest row, off the
+            training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
     """
@@ -354,9 +356,12 @@ class TrainLoop:
             run_name=state.run_name,
             digest=self.hash_checkpoints,
         )
-        rows.write(row.to_json())
+        rows.write_line(manifest_line(row))
+        track_in_manifest(row, rows.path)
         manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
+        # Hashed off this thread: by an uploader as it reads the file, else in the background.
+        digest_in_background(row)
         return row
 
     def _shutdown(self, exc: BaseException) -> Shutdown:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from loopbridge._exceptions import DrainError
+from loopbridge._row_digest import wait_for_digests
 from loopbridge._types import ArmResult, LogContext, LoopArtifacts, LoopState, RunResult, RunStatus
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ class RunPolicy:
         report = bridge.drain(
             self.drain_timeout, cancel_pending=True, cancel_grace=self.cancel_grace
         )
+        # Digests hashed in the background (by an uploader or on their own) are known, and in
+        # manifest.jsonl where the loop writes one, once the run returns.
+        wait_for_digests(artifacts.manifest, timeout=self.drain_timeout)
         artifacts.drain_report = report
         artifacts.bridge_stats = bridge.stats
         return report

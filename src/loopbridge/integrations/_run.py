@@ -20,6 +20,7 @@ from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
+from loopbridge._row_digest import digest_in_background
 from loopbridge._run_policy import DrainPolicy, RunPolicy, close_run
 from loopbridge._types import LogContext, LoopArtifacts, LoopState, ManifestRow, TrainingBatch
 
@@ -159,6 +160,8 @@ class ForeignRun:
         )
         self.manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
+        # No uploader claimed the hashing: do it off the training thread (each byte once).
+        digest_in_background(row)
         return row
 
     def end(self, stop_reason: str) -> DrainReport:
