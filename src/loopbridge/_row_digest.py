@@ -83,7 +83,6 @@ class PendingDigest:
         self.manifest: Path | None = None
         self.path = row.path  # what is read: the checkpoint, or a snapshot of it
 
-
     def __deepcopy__(self, memo: dict[int, object]) -> PendingDigest:
         """A handle, not a value: copies of a row (`dataclasses.asdict`) share it."""
         return self
@@ -103,9 +102,14 @@ class PendingDigest:
         are taken here. A checkpoint that changed before its snapshot keeps being checked
         where it lies, so its upload reports the change.
         """
-        if self.changed() is None:
-            self.stamps = stamp_path(snapshot)
-            self.path = snapshot
+        if snapshot == self.path:
+            return
+        try:
+            if self.changed() is None:
+                self.stamps = stamp_path(snapshot)
+                self.path = snapshot
+        except OSError:
+            return  # unreadable now (a broken link): the upload names what it cannot read
 
     def changed(self) -> str | None:
         """How the checkpoint differs from what was saved, or None when it does not."""

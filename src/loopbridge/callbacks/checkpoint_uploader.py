@@ -56,6 +56,7 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError, StoreError
+from loopbridge._loop import MANIFEST_FILE
 from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
 from loopbridge._types import (
     ArmResult,
@@ -65,7 +66,6 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
-from loopbridge._loop import MANIFEST_FILE
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot

@@ -17,7 +17,6 @@ import anyio
 from loopbridge._exceptions import PermanentStoreError
 from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
-    comparable_etag,
     _ABORT_TIMEOUT,
     _MAX_PARTS,
     _MISSING,
@@ -25,6 +24,7 @@ from loopbridge.stores._s3_client import (
     S3Connection,
     _Counter,
     _etag,
+    comparable_etag,
     composite_crc32,
 )
 from loopbridge.stores._s3_put import _body
