@@ -11,7 +11,10 @@ small calls (manifests, markers, listings, deletes) stay in-process on the wrapp
   has aborted its multipart upload.
 - A worker that dies fails the puts it had with a `StoreError` naming each key and the exit
   status; the next put starts a new worker.
-- `aclose()` stops the worker within `_STOP_TIMEOUT` seconds (then kills it); so does exit.
+- `aclose()` stops the worker within `_STOP_TIMEOUT` seconds (then kills it); the bridge
+  runs it at close, and its exit handler closes unclosed bridges. A process that exits
+  without that (work abandoned by a third Ctrl-C, a crash) leaves the worker to see its
+  socket close and exit at once; the journal's resume clears what it left half-sent.
 - The store's options reach the worker over an inherited socket, never on a command line or
   in a log; credentials come from the environment it inherits, as for the parent.
 """
@@ -19,7 +22,6 @@ small calls (manifests, markers, listings, deletes) stay in-process on the wrapp
 from __future__ import annotations
 
 import asyncio
-import atexit
 import builtins
 import contextlib
 import itertools
@@ -154,7 +156,6 @@ class ProcessStore(ClosingStore):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._worker_retries = 0
-        atexit.register(self._stop_worker)
         _stores.add(self)
 
     def __repr__(self) -> str:
