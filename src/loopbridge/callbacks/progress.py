@@ -104,6 +104,9 @@ class ConsoleProgress(Callback):
         self._close_bar()
         stream = self.stream
         self._bar_class = self._widget_class()
+        # Imported here, before the first step, not at the first draw inside one (~10 ms).
+        import tqdm  # noqa: F401
+
         if self._bar_class is not None:
             self._tty = True
         elif self._tty_setting is None:
