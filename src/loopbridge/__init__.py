@@ -21,7 +21,9 @@ from loopbridge._exceptions import (
     JournalError,
     LoopbridgeError,
     MissingExtraError,
+    ObjectNotFoundError,
     PermanentStoreError,
+    RestoreError,
     StoreError,
 )
 from loopbridge._experiment import Experiment
@@ -41,6 +43,7 @@ from loopbridge._types import (
     RunStatus,
     TrainingBatch,
 )
+from loopbridge.restore import Restored, arestore, restore
 
 __version__ = "0.1.0"
 
@@ -71,7 +74,10 @@ __all__ = [
     "Loss",
     "ManifestRow",
     "MissingExtraError",
+    "ObjectNotFoundError",
     "PermanentStoreError",
+    "RestoreError",
+    "Restored",
     "RunResult",
     "RunStatus",
     "StoreError",
@@ -80,6 +86,8 @@ __all__ = [
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
+    "arestore",
     "callbacks",
+    "restore",
     "stores",
 ]

@@ -9,7 +9,9 @@ LoopbridgeError
 ├── DrainError                                 background work of a run failed or was left undone
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
-│   └── IntegrityError                         what was uploaded is not what was saved
+│   │   └── ObjectNotFoundError                no object at the key that was read
+│   └── IntegrityError                         stored or read bytes are not what was saved
+├── RestoreError                               no published checkpoint to restore (run, step)
 └── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
 
@@ -31,7 +33,9 @@ __all__ = [
     "JournalError",
     "LoopbridgeError",
     "MissingExtraError",
+    "ObjectNotFoundError",
     "PermanentStoreError",
+    "RestoreError",
     "StoreError",
 ]
 
@@ -92,8 +96,16 @@ class PermanentStoreError(StoreError):
     """A store error that retrying cannot fix, such as access denied or a missing bucket."""
 
 
+class ObjectNotFoundError(PermanentStoreError):
+    """A read found no object at its key."""
+
+
+class RestoreError(LoopbridgeError):
+    """There is no published checkpoint to restore: the run, the step, or its files are missing."""
+
+
 class IntegrityError(StoreError):
-    """The stored object does not match the local file: size, digest or ETag differ."""
+    """Stored or downloaded bytes do not match what was saved: size, digest or ETag differ."""
 
 
 class MissingExtraError(LoopbridgeError, ImportError):

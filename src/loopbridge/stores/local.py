@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from loopbridge._digest import CHUNK_BYTES
-from loopbridge._exceptions import IntegrityError, StoreError
+from loopbridge._exceptions import IntegrityError, ObjectNotFoundError, StoreError
+from loopbridge.stores._sink import FileSink
 from loopbridge.stores.keys import join_key
-from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, GetResult, ObjectInfo, PutResult
 
 __all__ = ["LocalStore"]
 
@@ -81,6 +82,52 @@ class LocalStore(ClosingStore):
             return await asyncio.to_thread(target.read_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Copy the file for `key` to `path` through a temporary name, hashing as it goes."""
+        source = self._path(key)
+        return await asyncio.to_thread(
+            self._copy_out, key, source, Path(path), expected_sha256, expected_size
+        )
+
+    def _copy_out(
+        self,
+        key: str,
+        source: Path,
+        path: Path,
+        expected_sha256: str | None,
+        expected_size: int | None,
+    ) -> GetResult:
+        """Stream `source` into a FileSink for `path`; runs in a worker thread."""
+        try:
+            src = source.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            msg = f"no object {key!r} in {self.url} (no file {str(source)!r})"
+            raise ObjectNotFoundError(msg, key=key) from exc
+        with src:
+            size = os.fstat(src.fileno()).st_size
+            if expected_size is not None and size != expected_size:
+                msg = (
+                    f"object {key!r} in {self.url} has {size} bytes, not the published "
+                    f"{expected_size}; it was changed or truncated after it was published"
+                )
+                raise IntegrityError(msg, key=key)
+            sink = FileSink.open(path, key)
+            try:
+                while chunk := src.read(CHUNK_BYTES):
+                    sink.write_next(chunk)
+                _, sha = sink.commit(size, expected_sha256)
+            except BaseException:
+                sink.discard()
+                raise
+        return GetResult(key=key, path=path, size=sink.hashed, sha256=sha)
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and modification time of the file for `key`, or None when there is none."""

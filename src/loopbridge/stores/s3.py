@@ -42,7 +42,7 @@ from loopbridge._exceptions import IntegrityError, MissingExtraError, PermanentS
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
 from loopbridge.stores._source import SourceFile, hash_thread
 from loopbridge.stores.keys import join_key, normalize_prefix
-from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, GetResult, ObjectInfo, PutResult
 
 __all__ = ["S3Store"]
 
@@ -715,6 +715,21 @@ class S3Store(ClosingStore):
             return data
 
         return await self._call("GetObject", full_key, get)
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Stream `key` into the file `path` (parallel ranged GETs when large), verified."""
+        from loopbridge.stores._s3_download import download
+
+        return await download(
+            self, key, path, expected_sha256=expected_sha256, expected_size=expected_size
+        )
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every object whose key starts with `prefix`, sorted by key."""
