@@ -242,7 +242,8 @@ class TrainLoop:
         """Load the newest checkpoint of this run, if any, and carry on from its step."""
         from loopbridge._loop_restore import find_restore_point
 
-        assert self._bridge is not None and self.load is not None  # run() and __init__ check
+        assert self._bridge is not None  # run() sets it
+        assert self.load is not None  # __init__ checks it
         found = find_restore_point(
             resume_from,
             state=self.state,

@@ -101,7 +101,10 @@ def find_restore_point(
             if remote is None and text != AUTO and local is None:
                 # Lists the runs that are there, or says the run published nothing.
                 bridge.call(resolve_run(store, key))
-                msg = f"{store.url}/{key} has no published checkpoint to resume run {state.run_name} from"
+                msg = (
+                    f"{store.url}/{key} has no published checkpoint to resume run "
+                    f"{state.run_name} from"
+                )
                 raise RestoreError(msg)
         if local is not None and (remote is None or local.step >= remote.step):
             logger.info(

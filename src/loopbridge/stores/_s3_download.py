@@ -76,7 +76,7 @@ async def download(
         raise IntegrityError(msg, key=full_key)
     sink = await asyncio.to_thread(FileSink.open, Path(path), full_key)
     try:
-        parts = await _fetch(store, full_key, info.size, info.etag, sink, counter)
+        parts = await _fetch(store, full_key, info.size, info.etag, sink=sink, counter=counter)
         size, sha = await hash_thread(sink.commit, info.size, expected_sha256)
     except BaseException:
         sink.discard()
@@ -87,7 +87,7 @@ async def download(
 
 
 async def _fetch(
-    store: S3Store, full_key: str, size: int, etag: str | None, sink: FileSink, counter: Any
+    store: S3Store, full_key: str, size: int, etag: str | None, *, sink: FileSink, counter: Any
 ) -> int:
     """GET the object into `sink`, in ranges when larger than the threshold; returns the parts."""
     client = await store._client()
