@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import loopbridge as lb
 from loopbridge.callbacks import CheckpointUploader
@@ -127,3 +134,65 @@ def wipe(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         os.unlink(path)
+
+
+WAIT = 60.0
+
+
+class ScriptWorker:
+    """A Python script in a subprocess, its stdout read line by line on a thread."""
+
+    def __init__(self, script: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("<eof>")
+
+    def wait_for(self, wanted: Callable[[str], bool], what: str) -> str:
+        """Block until the script prints a line `wanted` accepts; fail if it never does."""
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                pytest.fail(f"the worker did not print {what} within {WAIT}s")
+            self.seen.append(line)
+            if wanted(line):
+                return line
+            if line == "<eof>":
+                self.proc.wait(WAIT)
+                stderr = self.proc.stderr.read() if self.proc.stderr is not None else ""
+                pytest.fail(f"the worker ended before printing {what}: {self.seen}\n{stderr}")
+
+    def kill(self) -> None:
+        """SIGKILL the script and reap it."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(WAIT)
+        assert self.proc.returncode == -signal.SIGKILL
+        self.close()
+
+    def finish(self) -> str:
+        """Wait for the script to exit 0; return its stderr."""
+        self.proc.wait(WAIT)
+        stderr = self.proc.stderr.read() if self.proc.stderr is not None else ""
+        self.close()
+        assert self.proc.returncode == 0, f"{self.seen}\n{stderr}"
+        return stderr
+
+    def close(self) -> None:
+        self._reader.join(WAIT)  # the pipe is at EOF; close it only once nobody reads it
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -11,11 +11,20 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status
-from tests.restore_helpers import Dest, checkpoint_bytes, publish, shard_saver, tree
+from tests.fixtures.s3 import FaultProxy, FaultRule, Hang, S3Bucket, Status
+from tests.restore_helpers import (
+    Dest,
+    ScriptWorker,
+    checkpoint_bytes,
+    publish,
+    shard_saver,
+    tree,
+)
 
 import loopbridge as lb
 from loopbridge._digest import digest_path
+
+WORKER = Path(__file__).with_name("restore_worker.py")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -208,3 +217,46 @@ def _big_saver(size: int):  # type: ignore[no-untyped-def]
         path.write_bytes(checkpoint_bytes(state.step, size))
 
     return save
+
+
+class TestInterrupted:
+    def test_killed_restore_leaves_nothing_that_looks_complete(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """SIGKILL mid-download: no partial file under a final name; the next restore finishes."""
+        direct = Dest(
+            url=f"s3://{s3_bucket.name}/ckpts",
+            options={"endpoint_url": s3_bucket.endpoint},
+            bucket=s3_bucket,
+        )
+        size = 11 * (1 << 20)
+
+        def save(state: lb.LoopState, path: Path) -> None:
+            shard_saver(state, path)
+            (path / "big.bin").write_bytes(checkpoint_bytes(state.step, size))
+
+        artifacts = publish(direct, tmp_path / "out", steps=2, save=save)
+        saved = tree(artifacts.manifest[-1].path)
+        # Every second GET of the big shard never answers: its first part lands, the next hangs.
+        fault_proxy.add(FaultRule((Hang(),), method="GET", path=r"big\.bin", every=2))
+        back = tmp_path / "back"
+        worker = ScriptWorker(WORKER, [direct.url, fault_proxy.url, str(back)])
+        try:
+            worker.wait_for(lambda line: line == f"wrote big.bin {5 << 20}", "a first part")
+        finally:
+            worker.kill()
+        step_dir = back / "step-00000002"
+        assert not (back / "step-00000002.complete.json").exists()
+        assert not (step_dir / "big.bin").exists()
+        partial = list(step_dir.glob(".lb-tmp-*big.bin"))
+        assert [p.stat().st_size for p in partial] == [5 << 20]
+        for rel, data in tree(step_dir).items():
+            if not Path(rel).name.startswith(".lb-tmp-"):
+                assert data == saved[rel], f"{rel} is under its final name but not complete"
+
+        fault_proxy.clear()
+        restored = lb.restore(direct.url, to=back, endpoint_url=s3_bucket.endpoint)
+        assert tree(restored.path) == saved
+        assert restored.downloaded_bytes >= size
+        assert list(back.rglob(".lb-tmp-*")) == []
+        assert (back / "step-00000002.complete.json").is_file()
