@@ -228,8 +228,9 @@ class TestExperiment:
         second = experiment(tmp_path / "m2", fail_at=None)
         assert second.ok
         stage0, stage1 = second.runs
-        assert stage0.artifacts is not None and stage1.artifacts is not None
-        assert stage0.artifacts.steps_completed == 6 and stage0.artifacts.manifest == []
+        assert stage0.artifacts is not None
+        assert stage0.artifacts.steps_completed == 6
+        assert stage0.artifacts.manifest == []
         handed = seen["arm-s1"]
         assert handed is not None
         assert handed.step == 6

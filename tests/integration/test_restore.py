@@ -205,8 +205,13 @@ class TestS3Refusals:
         fault_proxy.add(
             FaultRule((Status(503),), method="GET", path=r"step-00000002/step-0+2", times=2)
         )
-        options = {"endpoint_url": fault_proxy.url, "part_size": 5 << 20, "retry_base_delay": 0}
-        restored = lb.restore(direct.url, to=tmp_path / "back", **options)
+        restored = lb.restore(
+            direct.url,
+            to=tmp_path / "back",
+            endpoint_url=fault_proxy.url,
+            part_size=5 << 20,
+            retry_base_delay=0,
+        )
         assert restored.path.read_bytes() == checkpoint_bytes(2, size)
         gets = fault_proxy.requests("GET", r"step-00000002/step-00000002")
         assert len(gets) == 3 + 2  # three ranged parts, two of them answered 503 first
