@@ -80,12 +80,15 @@ class TestRestore:
         uploader = dest.uploader()
 
         def build(ctx: lb.LogContext) -> lb.TrainLoop:
+            def save(state: lb.LoopState, path: Path) -> None:
+                path.write_bytes(str(ctx.run_name).encode())
+
             return lb.TrainLoop(
                 lambda state, batch: None,
                 range(2),
                 max_steps=2,
                 out_dir=tmp_path / "exp" / str(ctx.run_name),
-                save=lambda state, path: path.write_bytes(str(ctx.run_name).encode()),
+                save=save,
             )
 
         result = lb.Experiment(
