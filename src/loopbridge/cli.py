@@ -1,4 +1,4 @@
-"""The `loopbridge` command: `loopbridge demo`, `loopbridge bench` and `loopbridge resume`."""
+"""The `loopbridge` command: `demo`, `bench`, `resume` (uploads), `ls` and `download` (restore)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,18 @@ def _resume(argv: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def _ls(argv: list[str]) -> int:
+    from loopbridge._cli_restore import ls_main
+
+    return ls_main(argv)
+
+
+def _download(argv: list[str]) -> int:
+    from loopbridge._cli_restore import download_main
+
+    return download_main(argv)
+
+
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "run a small experiment with background uploads and a summary"),
     "bench": (
@@ -67,6 +79,11 @@ _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         _resume,
         "finish checkpoint uploads a killed run left open: OUT_DIR [--store URL] "
         "[--endpoint-url URL] [--timeout S]",
+    ),
+    "ls": (_ls, "list the runs and published checkpoints in a store: DEST [--run RUN]"),
+    "download": (
+        _download,
+        "restore a published checkpoint, verified: DEST --run RUN [--step N] OUT",
     ),
 }
 
