@@ -1,4 +1,4 @@
-"""A restore for the interruption test: prints `wrote <bytes>` after each piece written to disk.
+"""A restore for the interruption test: prints `wrote <file> <bytes>` as its verified prefix grows.
 
 Run as `python restore_worker.py DEST ENDPOINT TO`; the test SIGKILLs it mid-download.
 """
@@ -10,17 +10,17 @@ import sys
 import loopbridge as lb
 from loopbridge.stores._sink import FileSink
 
-_write_next = FileSink.write_next
+_hash_written = FileSink.hash_written
 
 
-def _announce(self: FileSink, data: bytes) -> None:
-    _write_next(self, data)
+def _announce(self: FileSink, length: int) -> None:
+    _hash_written(self, length)
     print(f"wrote {self.path.name} {self.hashed}", flush=True)
 
 
 def main(argv: list[str]) -> int:
     dest, endpoint, to = argv
-    FileSink.write_next = _announce  # type: ignore[method-assign]
+    FileSink.hash_written = _announce  # type: ignore[method-assign]
     lb.restore(dest, to=to, endpoint_url=endpoint, part_size=5 << 20)
     print("finished", flush=True)
     return 0

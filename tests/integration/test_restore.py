@@ -256,8 +256,8 @@ class TestInterrupted:
         step_dir = back / "step-00000002"
         assert not (back / "step-00000002.complete.json").exists()
         assert not (step_dir / "big.bin").exists()
-        partial = list(step_dir.glob(".lb-tmp-*big.bin"))
-        assert [p.stat().st_size for p in partial] == [5 << 20]
+        # Its first part is in a temporary file (maybe the last too: parts land at their offsets).
+        assert len(list(step_dir.glob(".lb-tmp-*big.bin"))) == 1
         for rel, data in tree(step_dir).items():
             if not Path(rel).name.startswith(".lb-tmp-"):
                 assert data == saved[rel], f"{rel} is under its final name but not complete"

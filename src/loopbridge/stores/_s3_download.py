@@ -3,10 +3,11 @@
 A HEAD gives the size and ETag. An object up to the store's multipart threshold comes in one
 GET; a larger one in `part_size` ranges, up to `max_concurrency` at once across every download
 of the store on a loop. Each range carries `If-Match` with the ETag, so an object replaced
-mid-download fails (412) instead of mixing two versions. Parts are written and hashed in
-order: a part holds its slot until its bytes are on disk and hashed, so memory stays within
-`part_size * max_concurrency` and the sha256 is computed while streaming, never by reading
-the file again. Every GET runs under the store's retry and timeout policy (a short body is
+mid-download fails (412) instead of mixing two versions. A part is written at its offset as
+soon as it arrives and then frees its slot, so memory stays within `part_size *
+max_concurrency` and a slow part never stalls the others; one hasher follows the written
+prefix in order (reading it back from the page cache), so the sha256 is ready when the last
+byte lands. Every GET runs under the store's retry and timeout policy (a short body is
 retried like a reset connection). The file appears at its path only once complete and checked.
 """
 
@@ -95,14 +96,16 @@ async def _fetch(
     ranged = size > store._threshold
     count = max(1, -(-size // part_size)) if ranged else 1
     slots = _loop_slots(store, store._max_concurrency)
-    turn = asyncio.Condition()
-    next_part = 0
+    written: set[int] = set()
+    progress = asyncio.Event()
+
+    def bounds(number: int) -> tuple[int, int]:
+        start = number * part_size
+        return start, (min(size, start + part_size) if ranged else size) - 1
 
     async def fetch(number: int) -> None:
-        nonlocal next_part
         try:
-            start = number * part_size
-            end = min(size, start + part_size) - 1 if ranged else size - 1
+            start, end = bounds(number)
             extra: dict[str, str] = {}
             if ranged:
                 extra["Range"] = f"bytes={start}-{end}"
@@ -111,8 +114,14 @@ async def _fetch(
 
             async def get() -> bytes:
                 response = await client.get_object(Bucket=store.bucket, Key=full_key, **extra)
-                async with response["Body"] as body:
+                body = response["Body"]
+                try:
                     data: bytes = await body.read()
+                except BaseException:
+                    body.close()  # a half-read connection cannot go back to the pool
+                    raise
+                # Read to the end, the connection returns to the pool by itself; closing it
+                # (as `async with body` does) would make every part open a new connection.
                 if len(data) != end - start + 1:
                     # Retried like a reset: the connection ended before the range did.
                     msg = f"got {len(data)} of {end - start + 1} bytes"
@@ -121,24 +130,26 @@ async def _fetch(
 
             what = f"GetObject bytes={start}-{end}" if ranged else "GetObject"
             data = await store._call(what, full_key, get, counter)
-            async with turn:
-                await turn.wait_for(lambda: next_part == number)
-            try:
-                await hash_thread(sink.write_next, data)
-            finally:
-                async with turn:
-                    next_part += 1
-                    turn.notify_all()
+            await hash_thread(sink.write_at, start, data)
         finally:
             slots.release()
+        written.add(number)
+        progress.set()
 
-    tasks: list[asyncio.Task[None]] = []
+    async def hash_in_order() -> None:
+        for number in range(count):
+            while number not in written:
+                progress.clear()
+                await progress.wait()
+            start, end = bounds(number)
+            await hash_thread(sink.hash_written, end - start + 1)
+
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(hash_in_order())]
     try:
         for number in range(count):
-            # The slot is taken before the GET and released once its bytes are hashed.
+            # A slot is taken before each GET and given back once its bytes are on disk.
             await slots.acquire()
-            task = asyncio.create_task(fetch(number))
-            tasks.append(task)
+            tasks.append(asyncio.create_task(fetch(number)))
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
                 break
         await asyncio.gather(*tasks)

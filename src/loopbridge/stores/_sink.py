@@ -1,8 +1,10 @@
 """Where a download lands: a temporary file beside the target, renamed only once verified.
 
-Bytes may arrive out of order (parallel ranged GETs) and are written at their offsets, but
-they are hashed in order, so the sha256 is of the file as it will be. `commit` checks the
-size and digest, fsyncs, and renames onto the target; `discard` removes the temporary file.
+Bytes may arrive out of order (parallel ranged GETs): they are written at their offsets as
+they come, and hashed in order as the written prefix grows (read back from the page cache),
+so the sha256 is of the file as it will be and no part waits in memory for its turn. `commit`
+checks the size and digest, fsyncs, and renames onto the target; `discard` removes the
+temporary file.
 A process killed before `commit` leaves only a `.lb-tmp-` name, which no reader takes for the
 object (and `remove_stale` clears).
 """
@@ -15,6 +17,7 @@ import os
 import uuid
 from pathlib import Path
 
+from loopbridge._digest import CHUNK_BYTES
 from loopbridge._exceptions import IntegrityError, StoreError
 
 __all__ = ["TMP_MARK", "FileSink", "remove_stale"]
@@ -43,7 +46,7 @@ class FileSink:
         tmp = path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{path.name}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             msg = f"cannot write the download of {key!r} to {str(path)!r}: {exc}"
             raise StoreError(msg, key=key) from exc
@@ -61,6 +64,17 @@ class FileSink:
             written = os.pwrite(self._fd, view, offset)
             view = view[written:]
             offset += written
+
+    def hash_written(self, length: int) -> None:
+        """Hash the next `length` bytes, already written, reading them back; blocking."""
+        end = self._hashed + length
+        while self._hashed < end:
+            chunk = os.pread(self._fd, min(CHUNK_BYTES, end - self._hashed), self._hashed)
+            if not chunk:
+                msg = f"download of {self.key!r}: {self.tmp} is shorter than what was written"
+                raise StoreError(msg, key=self.key)
+            self._sha.update(chunk)
+            self._hashed += len(chunk)
 
     def write_next(self, data: bytes) -> None:
         """Write `data` right after what was hashed so far, and hash it (the in-order path)."""
