@@ -245,18 +245,18 @@ class TestInterrupted:
 
         artifacts = publish(direct, tmp_path / "out", steps=2, save=save)
         saved = tree(artifacts.manifest[-1].path)
-        # Every second GET of the big shard never answers: its first part lands, the next hangs.
+        # Every second GET of the big shard never answers: its first range lands, the next hangs.
         fault_proxy.add(FaultRule((Hang(),), method="GET", path=r"big\.bin", every=2))
         back = tmp_path / "back"
         worker = ScriptWorker(WORKER, [direct.url, fault_proxy.url, str(back)])
         try:
-            worker.wait_for(lambda line: line == f"wrote big.bin {5 << 20}", "a first part")
+            worker.wait_for(lambda line: line.startswith("wrote big.bin "), "a first piece")
         finally:
             worker.kill()
         step_dir = back / "step-00000002"
         assert not (back / "step-00000002.complete.json").exists()
         assert not (step_dir / "big.bin").exists()
-        # Its first part is in a temporary file (maybe the last too: parts land at their offsets).
+        # What arrived is in a temporary file (ranges land at their offsets, in any order).
         assert len(list(step_dir.glob(".lb-tmp-*big.bin"))) == 1
         for rel, data in tree(step_dir).items():
             if not Path(rel).name.startswith(".lb-tmp-"):

@@ -1,14 +1,16 @@
 """`S3Store.get_file`: stream an object to a local file, in parallel ranged GETs when large.
 
 A HEAD gives the size and ETag. An object up to the store's multipart threshold comes in one
-GET; a larger one in `part_size` ranges, up to `max_concurrency` at once across every download
-of the store on a loop. Each range carries `If-Match` with the ETag, so an object replaced
-mid-download fails (412) instead of mixing two versions. A part is written at its offset as
-soon as it arrives and then frees its slot, so memory stays within `part_size *
-max_concurrency` and a slow part never stalls the others; one hasher follows the written
+GET; a larger one in byte ranges (`plan_ranges`: at least `part_size`, about two per slot),
+up to `max_concurrency` at once across every download of the store on a loop. Every GET
+carries `If-Match` with the ETag, so an object replaced mid-download fails (412) instead of
+mixing two versions. Each range is streamed: its bytes are written at their offset every
+1 MiB, so memory stays within `max_concurrency` x 1 MiB (plus aiohttp's read buffer) however
+large the ranges, well under `part_size * max_concurrency`. One hasher follows the written
 prefix in order (reading it back from the page cache), so the sha256 is ready when the last
-byte lands. Every GET runs under the store's retry and timeout policy (a short body is
-retried like a reset connection). The file appears at its path only once complete and checked.
+byte lands. Every GET runs under the store's retry and timeout policy, and a retried range
+asks only for the bytes it still lacks. The file appears at its path only once complete and
+checked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from loopbridge.stores.protocol import GetResult
 if TYPE_CHECKING:
     from loopbridge.stores.s3 import S3Store
 
-__all__ = ["download"]
+__all__ = ["CHUNK", "download", "plan_ranges"]
+
+CHUNK = 1 << 20
+"""Bytes a range gathers before writing them: per range in flight, the memory it holds."""
 
 # Parts in flight per store and loop, across all of the store's downloads: the memory bound.
 _slots: weakref.WeakKeyDictionary[S3Store, dict[asyncio.AbstractEventLoop, asyncio.Semaphore]]
@@ -87,67 +92,90 @@ async def download(
     )
 
 
+def plan_ranges(
+    size: int, part_size: int, concurrency: int, threshold: int
+) -> list[tuple[int, int]]:
+    """The byte ranges (inclusive) to GET: one for a small object, else about 2 per slot.
+
+    A range is at least `part_size` and at most 8 of them: few enough requests that each
+    is worth its round trip (and its fee), enough that a slow one does not hold up the end.
+    """
+    if size <= threshold:
+        return [(0, size - 1)]
+    span = min(max(part_size, -(-size // (2 * concurrency))), 8 * part_size)
+    span = -(-span // CHUNK) * CHUNK
+    return [(start, min(size, start + span) - 1) for start in range(0, size, span)]
+
+
 async def _fetch(
     store: S3Store, full_key: str, size: int, etag: str | None, *, sink: FileSink, counter: Any
 ) -> int:
-    """GET the object into `sink`, in ranges when larger than the threshold; returns the parts."""
+    """GET the object into `sink`, in streamed ranges when large; returns the requests planned."""
     client = await store._client()
-    part_size = store._part_size
-    ranged = size > store._threshold
-    count = max(1, -(-size // part_size)) if ranged else 1
+    ranges = plan_ranges(size, store._part_size, store._max_concurrency, store._threshold)
+    ranged = len(ranges) > 1
     slots = _loop_slots(store, store._max_concurrency)
-    written: set[int] = set()
+    written = [0] * len(ranges)
     progress = asyncio.Event()
 
-    def bounds(number: int) -> tuple[int, int]:
-        start = number * part_size
-        return start, (min(size, start + part_size) if ranged else size) - 1
-
     async def fetch(number: int) -> None:
-        try:
-            start, end = bounds(number)
+        start, end = ranges[number]
+
+        async def attempt() -> None:
+            # A retry asks only for what the failed attempt did not deliver.
+            first = start + written[number]
             extra: dict[str, str] = {}
-            if ranged:
-                extra["Range"] = f"bytes={start}-{end}"
-                if etag:
-                    extra["IfMatch"] = f'"{etag}"'
+            if ranged or first > start:
+                extra["Range"] = f"bytes={first}-{end}"
+            if etag:
+                extra["IfMatch"] = f'"{etag}"'
+            response = await client.get_object(Bucket=store.bucket, Key=full_key, **extra)
+            body = response["Body"]
+            buffer = bytearray()
+            try:
+                while chunk := await body.read(CHUNK):
+                    buffer += chunk
+                    if len(buffer) >= CHUNK:
+                        buffer = await flush(buffer)
+                buffer = await flush(buffer)
+            except BaseException:
+                body.close()  # a half-read connection cannot go back to the pool
+                raise
+            # Read to the end, the connection returns to the pool by itself.
+            if start + written[number] != end + 1:
+                # Retried like a reset: the connection ended before the range did.
+                msg = f"got {written[number]} of {end - start + 1} bytes"
+                raise ConnectionError(msg)
 
-            async def get() -> bytes:
-                response = await client.get_object(Bucket=store.bucket, Key=full_key, **extra)
-                body = response["Body"]
-                try:
-                    data: bytes = await body.read()
-                except BaseException:
-                    body.close()  # a half-read connection cannot go back to the pool
-                    raise
-                # Read to the end, the connection returns to the pool by itself; closing it
-                # (as `async with body` does) would make every part open a new connection.
-                if len(data) != end - start + 1:
-                    # Retried like a reset: the connection ended before the range did.
-                    msg = f"got {len(data)} of {end - start + 1} bytes"
-                    raise ConnectionError(msg)
-                return data
+        async def flush(buffer: bytearray) -> bytearray:
+            if buffer:
+                await hash_thread(sink.write_at, start + written[number], buffer)
+                written[number] += len(buffer)
+                progress.set()
+            return bytearray()
 
-            what = f"GetObject bytes={start}-{end}" if ranged else "GetObject"
-            data = await store._call(what, full_key, get, counter)
-            await hash_thread(sink.write_at, start, data)
+        what = f"GetObject bytes={start}-{end}" if ranged else "GetObject"
+        try:
+            await store._call(what, full_key, attempt, counter)
         finally:
             slots.release()
-        written.add(number)
-        progress.set()
 
     async def hash_in_order() -> None:
-        for number in range(count):
-            while number not in written:
-                progress.clear()
-                await progress.wait()
-            start, end = bounds(number)
-            await hash_thread(sink.hash_written, end - start + 1)
+        for number, (start, end) in enumerate(ranges):
+            hashed = 0
+            while hashed < end - start + 1:
+                ready = written[number] - hashed
+                if ready <= 0:
+                    progress.clear()
+                    await progress.wait()
+                    continue
+                await hash_thread(sink.hash_written, ready)
+                hashed += ready
 
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(hash_in_order())]
     try:
-        for number in range(count):
-            # A slot is taken before each GET and given back once its bytes are on disk.
+        for number in range(len(ranges)):
+            # A slot is taken before each range's GET and given back when it is on disk.
             await slots.acquire()
             tasks.append(asyncio.create_task(fetch(number)))
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
@@ -158,4 +186,4 @@ async def _fetch(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    return count
+    return len(ranges)
