@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class TestPlanRanges:
             ranges = plan_ranges(size, 8 * MiB, 8, 8 * MiB)
             assert ranges[0][0] == 0
             assert ranges[-1][1] == size - 1
-            assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:], strict=False))
+            assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges))
 
     def test_range_size_between_one_and_eight_parts(self) -> None:
         """About two ranges per slot, never under part_size nor over 8 parts."""
