@@ -8,17 +8,20 @@ same run and interleaved within each repeat:
                8 MiB ranged GETs on 10 threads, no digest check), the usual way to fetch it
   boto3 tuned  the same, tuned to the range size and concurrency loopbridge picks for this
                object (16 MiB x 8 for 256 MiB): not a target; it shows how much of the
-               difference is loopbridge making fewer, larger requests
+               difference is loopbridge making fewer, larger requests (moto reads the whole
+               object for every ranged GET, so on moto the request count weighs more than
+               it would on S3)
   get_file     `S3Store.get_file` of the same object with S3Store's defaults (ranges of at
                least 8 MiB, 8 at once, streamed to disk), hashing sha256 while streaming
   lb.restore   the whole restore: `latest`, manifest and marker, the file, every check
 
-Throughput is MiB/s (medians over repeats; ratios to boto3). Peak memory is measured in
-separate passes (tracing slows allocation): Python's peak allocation during the download
-(tracemalloc), and the process's peak resident set grown during it (VmHWM, reset through
-/proc/self/clear_refs where Linux allows). Targets: `lb.restore` at least 1.0x boto3's
-throughput, and its traced peak within part_size x max_concurrency (the store streams each
-range to disk 1 MiB at a time, so it needs far less).
+Throughput is MiB/s (medians over repeats; ratios to boto3). Peak memory is measured in a
+separate pass (tracing slows allocation): Python's peak allocation during the download
+(tracemalloc; response bodies and buffers are Python objects, so this is where an
+implementation that held parts or the whole object would show). The resident set is not
+used: after the first runs the heap is warm and its growth says nothing. Targets:
+`lb.restore` at least 1.0x boto3's throughput, and its traced peak within part_size x
+max_concurrency (the store streams each range to disk 1 MiB at a time, so it needs less).
 
 Run: .venv/bin/python benchmarks/bench_restore.py [--repeats 5] [--size-mb 256] [--quick]
 """
@@ -38,7 +41,6 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -151,24 +153,6 @@ def _restore(endpoint: str) -> Callable[[Path], None]:
     return run
 
 
-def _reset_hwm() -> bool:
-    """Reset the process's peak RSS (VmHWM) to its current RSS, where Linux allows it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _clean(out: Path) -> None:
     for path in sorted(out.rglob("*"), reverse=True):
         if path.is_dir():
@@ -177,8 +161,10 @@ def _clean(out: Path) -> None:
             path.unlink()
 
 
-def measure(ways: dict[str, Callable[[Path], None]], out: Path, repeats: int, size: int) -> Any:
-    """MiB/s per way per repeat (interleaved), then one traced pass per way for memory."""
+def measure(
+    ways: dict[str, Callable[[Path], None]], out: Path, repeats: int, size: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """MiB/s per way per repeat (interleaved, order alternating), then a traced pass each."""
     speed: dict[str, list[float]] = {name: [] for name in ways}
     for repeat in range(repeats):
         order = list(ways) if repeat % 2 == 0 else list(reversed(ways))
@@ -189,21 +175,13 @@ def measure(ways: dict[str, Callable[[Path], None]], out: Path, repeats: int, si
             _clean(out)
         print(f"  repeat {repeat + 1}/{repeats} done", file=sys.stderr)
     traced: dict[str, float] = {}
-    rss: dict[str, float | None] = {}
     for name, way in ways.items():
         tracemalloc.start()
         way(out)
         traced[name] = tracemalloc.get_traced_memory()[1] / MiB
         tracemalloc.stop()
         _clean(out)
-        if _reset_hwm():
-            before = _rss_kib("VmRSS")
-            way(out)
-            rss[name] = (_rss_kib("VmHWM") - before) / 1024
-            _clean(out)
-        else:
-            rss[name] = None
-    return speed, traced, rss
+    return speed, traced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,24 +222,17 @@ def main(argv: list[str] | None = None) -> int:
             "get_file": _get_file(endpoint),
             "lb.restore": _restore(endpoint),
         }
-        speed, traced, rss = measure(ways, out, repeats, size)
-    return report(speed, traced, rss)
+        speed, traced = measure(ways, out, repeats, size)
+    return report(speed, traced)
 
 
-def report(
-    speed: dict[str, list[float]], traced: dict[str, float], rss: dict[str, float | None]
-) -> int:
+def report(speed: dict[str, list[float]], traced: dict[str, float]) -> int:
     base = statistics.median(speed["boto3"])
-    print(f"\n{'way':<12} {'MiB/s':>8} {'x boto3':>8} {'runs MiB/s':<30} {'traced':>9} {'RSS+':>9}")
+    print(f"\n{'way':<12} {'MiB/s':>8} {'x boto3':>8} {'runs MiB/s':<30} {'peak traced':>12}")
     for name, runs in speed.items():
         med = statistics.median(runs)
-        grown = rss[name]
-        rss_text = f"{grown:7.1f} MiB" if grown is not None else "      n/a"
         runs_text = " ".join(f"{r:.0f}" for r in runs)
-        print(
-            f"{name:<12} {med:8.1f} {med / base:8.2f} {runs_text:<30} "
-            f"{traced[name]:5.1f} MiB {rss_text}"
-        )
+        print(f"{name:<12} {med:8.1f} {med / base:8.2f} {runs_text:<30} {traced[name]:8.1f} MiB")
     ratio = statistics.median(speed["lb.restore"]) / base
     bound = PART * CONCURRENCY / MiB
     checks = [

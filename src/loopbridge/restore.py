@@ -264,7 +264,7 @@ async def fetch_checkpoint(
         raise IntegrityError(msg, key=marker_key)
     local_dir = to / entry.prefix
     complete = to / f"{entry.prefix}{COMPLETE_SUFFIX}"
-    await asyncio.to_thread(_prepare, local_dir, complete)
+    await asyncio.to_thread(_prepare, local_dir, complete, {f.path for f in entry.files})
     gate = asyncio.Semaphore(_FILES_AT_ONCE)
     downloaded = reused = 0
 
@@ -319,12 +319,22 @@ async def fetch_checkpoint(
     )
 
 
-def _prepare(local_dir: Path, complete: Path) -> None:
-    """Forget an earlier restore's completion note and its half-written files."""
+def _prepare(local_dir: Path, complete: Path, wanted: set[str]) -> None:
+    """Forget an earlier restore's completion note, its half-written files, and strays.
+
+    The step directory must hold exactly the checkpoint's files: a file that is not one of
+    them (left by another checkpoint restored here) would look like a shard to `load`.
+    """
     complete.unlink(missing_ok=True)
     removed = remove_stale(local_dir)
     if removed:
         logger.info("removed %d unfinished downloads under %s", removed, local_dir)
+    if not local_dir.is_dir():
+        return
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_file() and path.relative_to(local_dir).as_posix() not in wanted:
+            logger.warning("removing %s: it is not a file of the checkpoint restored there", path)
+            path.unlink()
 
 
 def _intact(path: Path, size: int, sha256: str) -> bool:

@@ -73,6 +73,16 @@ class TestRestore:
         again = _restore(dest, tmp_path / "back")
         assert (again.downloaded_bytes, again.reused_files) == (0, 3)
 
+    def test_stray_files_in_the_step_directory_are_removed(
+        self, dest: Dest, tmp_path: Path
+    ) -> None:
+        """The restored directory holds exactly the checkpoint's files, nothing left over."""
+        artifacts = publish(dest, tmp_path / "out", save=shard_saver)
+        (tmp_path / "back" / "step-00000006").mkdir(parents=True)
+        (tmp_path / "back" / "step-00000006" / "extra.bin").write_bytes(b"not a shard")
+        restored = _restore(dest, tmp_path / "back")
+        assert tree(restored.path) == tree(artifacts.manifest[-1].path)
+
     def test_run_named_by_trailing_part_inside_an_experiment(
         self, dest: Dest, tmp_path: Path
     ) -> None:
