@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,17 +95,38 @@ class LocalStore(ClosingStore):
     ) -> GetResult:
         """Copy the file for `key` to `path` through a temporary name, hashing as it goes."""
         source = self._path(key)
-        return await asyncio.to_thread(
-            self._copy_out, key, source, Path(path), expected_sha256, expected_size
+        stop = threading.Event()
+        copy = asyncio.ensure_future(
+            asyncio.to_thread(
+                functools.partial(
+                    self._copy_out,
+                    key,
+                    source,
+                    Path(path),
+                    expected_sha256=expected_sha256,
+                    expected_size=expected_size,
+                    stop=stop,
+                )
+            )
         )
+        try:
+            return await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            # The thread cannot be cancelled: tell it to stop, and wait until it cleaned up.
+            stop.set()
+            with contextlib.suppress(Exception):
+                await copy
+            raise
 
     def _copy_out(
         self,
         key: str,
         source: Path,
         path: Path,
+        *,
         expected_sha256: str | None,
         expected_size: int | None,
+        stop: threading.Event,
     ) -> GetResult:
         """Stream `source` into a FileSink for `path`; runs in a worker thread."""
         try:
@@ -122,6 +145,9 @@ class LocalStore(ClosingStore):
             sink = FileSink.open(path, key)
             try:
                 while chunk := src.read(CHUNK_BYTES):
+                    if stop.is_set():
+                        msg = f"download of {key!r} cancelled"
+                        raise StoreError(msg, key=key)
                     sink.write_next(chunk)
                 _, sha = sink.commit(size, expected_sha256)
             except BaseException:
