@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,9 @@ class FileSink:
         self._fd = fd
         self._sha = hashlib.sha256()
         self._hashed = 0
+        # Worker threads write and read through the descriptor; `discard` (after a
+        # cancellation, while one may still be running) must not close it under them.
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: Path, key: str) -> FileSink:
@@ -57,19 +61,28 @@ class FileSink:
         """Bytes hashed (and written) so far, in order from the start."""
         return self._hashed
 
-    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            msg = f"download of {self.key!r} was abandoned; {self.tmp} is gone"
+            raise StoreError(msg, key=self.key)
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset`; blocking, for a worker thread."""
         view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        with self._lock:
+            self._check_open()
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
 
     def hash_written(self, length: int) -> None:
         """Hash the next `length` bytes, already written, reading them back; blocking."""
         end = self._hashed + length
         while self._hashed < end:
-            chunk = os.pread(self._fd, min(CHUNK_BYTES, end - self._hashed), self._hashed)
+            with self._lock:
+                self._check_open()
+                chunk = os.pread(self._fd, min(CHUNK_BYTES, end - self._hashed), self._hashed)
             if not chunk:
                 msg = f"download of {self.key!r}: {self.tmp} is shorter than what was written"
                 raise StoreError(msg, key=self.key)
@@ -99,23 +112,29 @@ class FileSink:
         if problem is not None:
             msg = f"download of {self.key!r} refused: {problem}; nothing was written to {self.path}"
             raise IntegrityError(msg, key=self.key)
-        if fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.tmp, self.path)
+        with self._lock:
+            self._check_open()
+            if fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.tmp, self.path)
         if fsync:
             _fsync_dir(self.path.parent)
         return size, sha
 
     def discard(self) -> None:
-        """Close and remove the temporary file (after a failure or cancellation)."""
-        if self._fd >= 0:
+        """Close and remove the temporary file (after a failure or cancellation).
+
+        Waits for a write or read still running in a worker thread (at most one chunk).
+        """
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = -1
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
+                self.tmp.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
