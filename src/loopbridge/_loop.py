@@ -87,7 +87,8 @@ class TrainLoop:
         resume_from: continue from the newest checkpoint of this run, before the first step:
             `"auto"` (the out dir, then the attached CheckpointUploader's store; fresh if
             none), or the uploader's destination (`s3://bucket/prefix` or a directory).
-            The loop calls `load(state, path)` and carries on from that step.
+            The loop calls `load(state, path)` and carries on from that step; `loop.restored`
+            says what it started from (None for a fresh start). See docs/restore.md.
         load: `load(state, path)` reads a checkpoint back; needed with `resume_from`.
     """
 

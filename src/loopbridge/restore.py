@@ -28,7 +28,7 @@ from typing import Any
 
 from loopbridge._digest import sha256_file
 from loopbridge._exceptions import IntegrityError, ObjectNotFoundError, RestoreError
-from loopbridge._remote_runs import describe_run, display_name, list_runs
+from loopbridge._remote_runs import display_name, list_runs
 from loopbridge._types import ManifestRow
 from loopbridge.callbacks._layout import (
     LATEST,
@@ -360,9 +360,3 @@ def _write_complete(complete: Path, entry: PublishedCheckpoint) -> None:
     tmp = complete.with_name(f".lb-tmp-{complete.name}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, complete)
-
-
-async def describe(store: ObjectStore, prefix: str = "") -> list[Any]:
-    """Every run under `prefix` with its steps (for `loopbridge ls`)."""
-    runs = await list_runs(store, prefix)
-    return [await describe_run(store, key, objects) for key, objects in runs.items()]
