@@ -237,6 +237,27 @@ class TestExperiment:
         assert handed.path.is_relative_to(tmp_path / "m2" / "arm-s0" / RESTORED_DIR)
         assert stage1.final_metrics["total"] == 2 * _sum_to(6)
 
+    def test_explicit_destination_finds_each_run_by_experiment_and_arm(
+        self, tmp_path: Path, dest: Dest
+    ) -> None:
+        """Without an uploader, each run is found under <experiment>/<arm>/<run>."""
+        models: dict[str, Counter] = {}
+
+        def experiment(root: Path, steps: int, **kwargs: Any) -> lb.ExperimentResult:
+            def build(ctx: lb.LogContext) -> lb.TrainLoop:
+                model = models[str(ctx.run_name)] = Counter()
+                return _loop(model, root / str(ctx.run_name), steps, [])
+
+            return lb.Experiment("exp", {"a": {}, "b": {}}, build, n_repeats=2, **kwargs).run()
+
+        assert experiment(tmp_path / "m1", 3, callbacks=[dest.uploader()]).ok
+        assert experiment(tmp_path / "m2", 5, resume_from=dest.url).ok
+        assert sorted(models) == ["a-r0", "a-r1", "b-r0", "b-r1"]
+        for name, model in models.items():
+            assert model.loaded[0].parent.parent == tmp_path / "m2" / name / RESTORED_DIR
+            assert model.total == _sum_to(5)
+        assert dest.keys("exp/b/b-r1/step-00000003/")
+
     def test_loop_without_load_is_a_failed_run(self, tmp_path: Path) -> None:
         """Experiment(resume_from=...) refuses a loop that cannot load, naming the run."""
         result = lb.Experiment(

@@ -7,11 +7,12 @@ store's API (boto3 or the filesystem), as a bad disk, a bug or another tool woul
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from tests.fixtures.s3 import FaultProxy, FaultRule, Hang, S3Bucket, Status
+from tests.fixtures.s3 import Delay, FaultProxy, FaultRule, Hang, S3Bucket, Status
 from tests.restore_helpers import (
     Dest,
     ScriptWorker,
@@ -228,6 +229,27 @@ class TestS3Refusals:
         assert restored.path.read_bytes() == checkpoint_bytes(2, size)
         gets = fault_proxy.requests("GET", r"step-00000002/step-00000002")
         assert len(gets) == 3 + 2  # three ranged parts, two of them answered 503 first
+
+    def test_object_replaced_mid_download_is_refused(
+        self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """A GET that reaches an object replaced since the HEAD fails (If-Match), no mixing."""
+        key = "ckpts/obj"
+        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=key, Body=b"old" * 1000)
+        arrived = fault_proxy.arrived("GET", r"/ckpts/obj")
+        fault_proxy.add(FaultRule((Delay(2.0),), method="GET", path=r"/ckpts/obj", times=1))
+
+        async def get() -> None:
+            store = lb.stores.S3Store(s3_bucket.name, "ckpts", endpoint_url=fault_proxy.url)
+            async with store:
+                task = asyncio.create_task(store.get_file("obj", tmp_path / "obj"))
+                assert await asyncio.to_thread(arrived.wait, 30)
+                s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=key, Body=b"new" * 1000)
+                await task
+
+        with pytest.raises(lb.PermanentStoreError, match=r"ckpts/obj.*PreconditionFailed"):
+            asyncio.run(get())
+        assert list(tmp_path.iterdir()) == []
 
 
 def _big_saver(size: int):  # type: ignore[no-untyped-def]
