@@ -147,6 +147,12 @@ class TestAuto:
         _loop(model, tmp_path / "out", 5, [], resume_from="auto").run()
         assert model.total == _sum_to(5)
 
+    def test_used_out_dir_with_nothing_to_resume_is_refused(self, tmp_path: Path) -> None:
+        """A fresh start in an out dir an earlier run wrote to is refused, as without resume."""
+        lb.TrainLoop(lambda s, b: None, range(2), max_steps=2, out_dir=tmp_path / "out").run()
+        with pytest.raises(lb.OutDirInUseError, match="already holds an earlier run"):
+            _loop(Counter(), tmp_path / "out", 4, [], resume_from="auto").run()
+
     def test_resumed_at_max_steps_takes_no_step(self, tmp_path: Path, dest: Dest) -> None:
         """A run that had finished restores its final checkpoint and reports it as final."""
         _loop(Counter(), tmp_path / "one", 6, [dest.uploader()]).run()

@@ -266,6 +266,26 @@ class TestRetries:
         assert len(fault_proxy.requests("PUT")) == 1
         assert store.retries == 0
 
+    async def test_answered_faults_are_counted_exactly(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """Each answered 503 or 500 costs exactly one retry and one more request."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 11 * MiB)
+        rule = fault_proxy.add(FaultRule((SLOWDOWN, INTERNAL), every=2))
+        store = make_store(max_attempts=4)
+        result = await store.put_file("ckpt/big.bin", source, expected_sha256=sha)
+        assert rule.fired > 0
+        assert store.retries == rule.fired
+        assert result.retries == rule.fired
+        # create + 3 parts + complete + HEAD, each sent once more per fault it met.
+        assert len(fault_proxy.requests()) == 6 + rule.fired
+        assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
+
     async def test_exhausted_retries_name_the_key(
         self, make_store: StoreFactory, fault_proxy: FaultProxy
     ) -> None:
@@ -279,16 +299,16 @@ class TestRetries:
     async def test_missing_bucket_is_permanent(
         self, make_store: StoreFactory, fault_proxy: FaultProxy
     ) -> None:
-        """NoSuchBucket says to fix the bucket name and is tried once."""
-        store = make_store()
+        """NoSuchBucket says to fix the bucket name and is tried once, with no retry counted."""
         store_elsewhere = S3Store("no-such-bucket-here", endpoint_url=fault_proxy.url)
         try:
             with pytest.raises(PermanentStoreError, match=r"NoSuchBucket.*fix the bucket name"):
                 await store_elsewhere.put_bytes("k", b"x")
+            # The store that was refused, not one never used: it retried nothing.
+            assert store_elsewhere.retries == 0
         finally:
             await store_elsewhere.aclose()
         assert len(fault_proxy.requests("PUT", "no-such-bucket-here")) == 1
-        assert store.retries == 0
 
 
 class TestMultipartSafety:

@@ -16,12 +16,15 @@ from loopbridge._exceptions import (
     BridgeLoopThreadError,
     CallbackNotAttachedError,
     CallbackValidationError,
+    CheckpointFilesError,
+    DestinationError,
     DrainError,
     IntegrityError,
     JournalError,
     LoopbridgeError,
     MissingExtraError,
     ObjectNotFoundError,
+    OutDirInUseError,
     PermanentStoreError,
     RestoreError,
     StoreError,
@@ -30,7 +33,9 @@ from loopbridge._experiment import Experiment
 from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -43,6 +48,7 @@ from loopbridge._types import (
     RunStatus,
     TrainingBatch,
 )
+from loopbridge._work import to_thread
 from loopbridge.restore import Restored, arestore, restore
 
 __version__ = "0.1.0"
@@ -58,6 +64,8 @@ __all__ = [
     "CallbackList",
     "CallbackNotAttachedError",
     "CallbackValidationError",
+    "CheckpointFilesError",
+    "DestinationError",
     "DrainError",
     "DrainReport",
     "EvalResult",
@@ -75,6 +83,7 @@ __all__ = [
     "ManifestRow",
     "MissingExtraError",
     "ObjectNotFoundError",
+    "OutDirInUseError",
     "PermanentStoreError",
     "RestoreError",
     "Restored",
@@ -82,12 +91,15 @@ __all__ = [
     "RunStatus",
     "StoreError",
     "TaskFuture",
+    "TaskKey",
     "TaskRecord",
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
     "arestore",
     "callbacks",
+    "not_a_hook",
     "restore",
     "stores",
+    "to_thread",
 ]

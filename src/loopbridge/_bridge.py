@@ -27,6 +27,7 @@ from loopbridge._future import BRIDGE_LOOPS, TaskFuture
 from loopbridge._report import BridgeStats, DrainReport, Loss
 from loopbridge._scheduler import LoopSelector, Scheduler, record_of
 from loopbridge._waker import Waker
+from loopbridge._work import check_work
 
 __all__ = ["Bridge"]
 
@@ -183,6 +184,12 @@ class Bridge:
                     task.cancel()
                 if leftovers:
                     loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+                for task in leftovers:
+                    if not task.done():
+                        # It ignored its cancellation and dies with the loop; close() has
+                        # reported it as abandoned, so asyncio need not print "Task was
+                        # destroyed but it is pending!" when it is collected.
+                        task._log_destroy_pending = False  # type: ignore[attr-defined]
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 if self._waker is not None:
@@ -286,12 +293,8 @@ class Bridge:
         started = _perf_ns()
         if self._state is not _RUNNING:
             self._check_can_spawn(work)
-        if type(work) is not CoroutineType and not callable(work):
-            msg = (
-                f"spawn() takes a coroutine or an async callable, not {type(work).__name__}; "
-                f"pass `fn()` for an async def fn, or `fn` itself"
-            )
-            raise TypeError(msg)
+        if type(work) is not CoroutineType:
+            check_work(work)  # before anything runs: a plain function would block the loop
         if key is not None:
             _check_key(key)
         seq = next(self._seq)
@@ -361,6 +364,8 @@ class Bridge:
                 "deadlock; `await` the work directly, or use spawn() and don't wait"
             )
             raise BridgeLoopThreadError(msg)
+        if type(work) is not CoroutineType:
+            check_work(work, "call")
         if self._state is not _State.RUNNING:
             self._check_can_spawn(work)
         future: TaskFuture[T] = TaskFuture(work, None, None, 0)

@@ -146,6 +146,7 @@ class Experiment:
                 self.name,
                 result.drain_report.summary(),
             )
+        self.callbacks.release()
         return result
 
     def _run_arm(self, exp_ctx: LogContext, arm: str, config: dict[str, Any]) -> ArmResult:

@@ -21,6 +21,8 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
+from loopbridge._metrics import coerce_metrics
+from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
@@ -145,9 +147,11 @@ class TrainLoop:
         if not callable(step):
             raise TypeError(f"step must be callable as step(state, batch), got {step!r}")
         self.step_fn = step
+        self._step_label = f"step function {_label(step)}"
         self.batches = batches
         self.max_steps = max_steps
         self.out_dir = Path(out_dir)
+        _check_out_dir(self.out_dir)
         self.save = save
         self.checkpoint_every = checkpoint_every
         self.evaluators = dict(evaluators or {})
@@ -202,6 +206,7 @@ class TrainLoop:
         """Join an Experiment: its callbacks first, its bridge, its context and profiler."""
         self._bridge = bridge
         self._owns_bridge = False
+        self.callbacks.release()
         profile: bool | HookProfiler = (
             profiler if profiler is not None else (self.callbacks.profiler or False)
         )
@@ -217,6 +222,9 @@ class TrainLoop:
         if self._ran:
             raise RuntimeError("this TrainLoop has already run; build a new one for another run")
         self._ran = True
+        # Before any hook: a used out dir is continued explicitly (start_step) or refused.
+        if self.resume_from is None:
+            claim_out_dir(self.out_dir, self._start_step)
         if self._bridge is None:
             self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
         self.callbacks.bridge = self._bridge
@@ -224,6 +232,8 @@ class TrainLoop:
         try:
             if self.resume_from is not None:
                 self._restore(self.resume_from)
+                # The step resume_from found is the one this run continues (0: none found).
+                claim_out_dir(self.out_dir, self._start_step)
             return self._run()
         except KeyboardInterrupt:
             self._on_interrupt()
@@ -236,6 +246,7 @@ class TrainLoop:
                     logger.error("run %s failed; background work: %s", self.state.run_name, report)
             raise
         finally:
+            self.callbacks.release()  # the run is over: its callbacks may join another
             if self._owns_bridge and not self._bridge.closed:
                 self._bridge.close(self.drain_timeout)
 
@@ -272,7 +283,7 @@ class TrainLoop:
             )
             batch = None if done else next(batches, None)
             while batch is not None:
-                metrics = dict(self.step_fn(state, batch) or {})
+                metrics = coerce_metrics(self.step_fn(state, batch), self._step_label)
                 step_idx = state.step
                 state.step += 1
                 state.metrics = metrics
@@ -357,7 +368,7 @@ class TrainLoop:
     def _evaluate(self, step_idx: int, metrics_out: JsonLinesWriter) -> None:
         state, cbs = self.state, self.callbacks
         for name, evaluate in self.evaluators.items():
-            metrics = dict(evaluate(state))
+            metrics = coerce_metrics(evaluate(state), f"evaluator {name!r} ({_label(evaluate)})")
             row = {"step": state.step, "time": time.time(), "eval": name, "metrics": metrics}
             metrics_out.write(row)
             cbs.on_eval(state, step_idx, name, metrics)
@@ -373,6 +384,8 @@ class TrainLoop:
         assert self.save is not None  # callers check
         path = self.out_dir / CHECKPOINT_DIR / f"step-{state.step:08d}"
         path.parent.mkdir(parents=True, exist_ok=True)
+        # An earlier run's file there would pass the existence check below as this run's.
+        clear_stale_checkpoint(path)
         self.save(state, path)
         if not path.exists():
             msg = (
@@ -429,6 +442,31 @@ def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         msg = f"TrainLoop({name}={value!r}): give a whole number of at least 1, or None"
         raise ValueError(msg)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an out dir that is a file, or lies under one, before anything is written."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():
+        return
+    if existing == out_dir:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) is a regular file, not a directory: give a "
+            f"directory for the run's metrics, manifest and checkpoints (created if missing)"
+        )
+    else:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) cannot be created: {existing} is a regular "
+            f"file, not a directory; give a path whose parents are directories"
+        )
+    raise NotADirectoryError(msg)
+
+
+def _label(fn: object) -> str:
+    """A function's name for messages: its qualified name, else its repr."""
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
 def check_benchmark(name: str, result: object) -> None:

@@ -1,4 +1,4 @@
-"""`loopbridge ls` and `loopbridge download` against moto S3 and a directory."""
+"""`loopbridge ls` and `loopbridge download` against moto S3, rclone and a directory."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from tests.restore_helpers import Dest, checkpoint_bytes, publish, shard_saver
 from loopbridge.cli import main
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "rclone"])
 def dest(request: pytest.FixtureRequest, tmp_path: Path) -> Dest:
     if request.param == "local":
         root = tmp_path / "store"
         return Dest(url=str(root), root=root)
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    fixture = "s3_bucket" if request.param == "s3" else "rclone_bucket"
+    bucket: S3Bucket = request.getfixturevalue(fixture)
     return Dest(
         url=f"s3://{bucket.name}/ckpts", options={"endpoint_url": bucket.endpoint}, bucket=bucket
     )

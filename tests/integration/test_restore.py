@@ -1,4 +1,4 @@
-"""`lb.restore`: published checkpoints come back verified, from moto S3 and from a directory.
+"""`lb.restore`: published checkpoints come back verified, from moto, rclone and a directory.
 
 Checkpoints are published by a real `CheckpointUploader` under a real `TrainLoop`, so the
 reader is tested against the layout the writer actually makes. Damage is done underneath the
@@ -28,13 +28,14 @@ from loopbridge._digest import digest_path
 WORKER = Path(__file__).with_name("restore_worker.py")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "rclone"])
 def dest(request: pytest.FixtureRequest, tmp_path: Path) -> Dest:
-    """A destination to publish to: a directory, or a prefix of a fresh moto bucket."""
+    """A destination to publish to: a directory, or a prefix of a fresh moto or rclone bucket."""
     if request.param == "local":
         root = tmp_path / "store"
         return Dest(url=str(root), root=root)
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    fixture = "s3_bucket" if request.param == "s3" else "rclone_bucket"
+    bucket: S3Bucket = request.getfixturevalue(fixture)
     return Dest(
         url=f"s3://{bucket.name}/ckpts", options={"endpoint_url": bucket.endpoint}, bucket=bucket
     )

@@ -33,12 +33,22 @@ def _non_negative(text: str) -> float:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None, or an off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command-line options."""
     from loopbridge._demo.experiment import ARMS
 
     parser = argparse.ArgumentParser(
         prog="loopbridge demo",
+        formatter_class=_DefaultsFormatter,
         description=(
             "Train 2 arms x 2 repeats of a small model with checkpoints uploaded in the "
             "background, JSON-lines logs, a progress bar and early stopping, then print what "
@@ -61,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-mb", type=_non_negative, default=64.0, help="size of each checkpoint, MiB"
     )
     parser.add_argument(
-        "--checkpoint-every", type=_positive_int, help="steps between checkpoints (steps/3)"
+        "--checkpoint-every",
+        type=_positive_int,
+        help="steps between checkpoints (default: steps/3)",
     )
     parser.add_argument("--eval-every", type=_positive_int, default=10, help="steps between evals")
     parser.add_argument(

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loopbridge._callback import Callback
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -312,7 +313,8 @@ class HttpDashboard(Callback):
 
     def _open(self, run: dict[str, Any]) -> RunStream:
         self._run_counter += 1
-        stream = RunStream(run, (_SOURCE, id(self), self._run_counter))
+        label = f"{_SOURCE} run {run.get('run_name') or self._run_counter}"
+        stream = RunStream(run, TaskKey(label, (id(self), self._run_counter)))
         self._stream = stream
         return stream
 

@@ -12,10 +12,13 @@ parts of `part_size`, read from disk in order (hashing as they go) and sent up t
 or cancelled multipart upload is aborted. Every request carries `Content-MD5`, and each ETag
 is checked against the MD5 of what was sent (disable with `verify_etag=False` for buckets
 whose ETags are not MD5s, such as SSE-KMS ones); a put of a file ends with a HEAD that
-checks the stored size. Because the server checks every body against its Content-MD5, the
-body's SHA-256 is not also signed (botocore makes the same choice over HTTPS); over plain
-HTTP botocore would otherwise hash every body again on the event loop. Pass
-`sign_payload=True` to sign bodies anyway.
+checks the stored size. An ETag is compared only where it has the form of what was sent (an
+MD5, or an MD5 of the part MD5s with the part count): after a multipart upload some stores
+(rclone) answer HEAD with the whole object's MD5, which confirms nothing more than the size;
+what guards the bytes there is the server's Content-MD5 check of every part. Because the
+server checks every body against its Content-MD5, the body's SHA-256 is not also signed
+(botocore makes the same choice over HTTPS); over plain HTTP botocore would otherwise hash
+every body again on the event loop. Pass `sign_payload=True` to sign bodies anyway.
 
 Multipart uploads also carry a CRC32 per part (`x-amz-checksum-crc32`, as boto3 sends by
 default), which S3 checks against each body and combines at completion; the ETag checks are
@@ -32,6 +35,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -100,6 +104,22 @@ def _crc32_by_default() -> bool:
 def _etag(response: dict[str, Any]) -> str:
     """The ETag of a response without its quotes."""
     return str(response.get("ETag", "")).strip('"')
+
+
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-([0-9]+)")
+
+
+def _comparable(got: str, expected: str) -> bool:
+    """Whether `got` has the form of `expected` (an MD5, or an MD5 of MD5s with a part count).
+
+    Only an ETag of the same form can be compared: a whole-object MD5 answered for a
+    multipart object (rclone's HEAD), an empty or an opaque ETag carry no multipart digest.
+    """
+    multipart = _MULTIPART_ETAG.fullmatch(expected)
+    if multipart is None:
+        return _MD5_ETAG.fullmatch(got) is not None
+    return _MULTIPART_ETAG.fullmatch(got) is not None
 
 
 class _Counter:
@@ -296,14 +316,24 @@ class S3Store(ClosingStore):
         )
 
     def _check_etag(self, full_key: str, got: str, expected: str, what: str) -> None:
-        """Raise IntegrityError when an ETag is not the MD5 we computed (if checking)."""
-        if self._verify_etag and got != expected:
-            msg = (
-                f"{self._what(what, full_key)}: the store's ETag {got!r} is not the MD5 of what "
-                f"was sent ({expected!r}); the object is not trusted. For buckets with SSE-KMS, "
-                f"pass verify_etag=False"
-            )
-            raise IntegrityError(msg, key=full_key)
+        """Raise IntegrityError when a comparable ETag is not the MD5 we computed (if checking).
+
+        An ETag is compared only when it has the form S3 gives it for what was sent: 32 hex
+        digits for one body, `<32 hex>-<parts>` for a multipart object. Any other form (an
+        empty ETag, an opaque one) says nothing about the bytes, so it is not held against
+        a correct upload; the size check still applies.
+        """
+        if not self._verify_etag or got == expected:
+            return
+        if not _comparable(got, expected):
+            logger.debug("%s: ETag %r is not comparable; size checked only", what, got)
+            return
+        msg = (
+            f"{self._what(what, full_key)}: the store's ETag {got!r} is not the MD5 of what "
+            f"was sent ({expected!r}); the object is not trusted. For buckets with SSE-KMS, "
+            f"pass verify_etag=False"
+        )
+        raise IntegrityError(msg, key=full_key)
 
     # -- ObjectStore -----------------------------------------------------------------------
 
@@ -371,7 +401,12 @@ class S3Store(ClosingStore):
         )
 
     async def _verify_stored(self, full_key: str, size: int, etag: str, counter: _Counter) -> None:
-        """HEAD the object and check its size and ETag against what was sent."""
+        """HEAD the object and check its size, and its ETag where the store keeps it comparable.
+
+        After a multipart upload some stores (rclone) answer HEAD with the MD5 of the whole
+        object rather than the multipart ETag they returned at completion: that ETag was
+        already checked, so such a HEAD confirms the size only.
+        """
         info = await self._head(full_key, counter)
         if info is None or info.size != size:
             found = "nothing" if info is None else f"{info.size} bytes"
@@ -575,7 +610,9 @@ class S3Store(ClosingStore):
                 raise
             # An earlier attempt completed but its reply was lost; trust it only if it matches.
             info = await self._head(full_key, counter)
-            if info is None or info.etag != expected_etag:
+            if info is None or (
+                info.etag != expected_etag and _comparable(info.etag or "", expected_etag)
+            ):
                 raise
             return expected_etag
         return _etag(response)
@@ -637,9 +674,16 @@ class S3Store(ClosingStore):
         while True:
 
             async def page(markers: dict[str, str] = markers) -> dict[str, Any]:
-                result: dict[str, Any] = await client.list_multipart_uploads(
-                    Bucket=self._bucket, Prefix=full_prefix, **markers
-                )
+                try:
+                    result: dict[str, Any] = await client.list_multipart_uploads(
+                        Bucket=self._bucket, Prefix=full_prefix, **markers
+                    )
+                except Exception as exc:
+                    # rclone answers 404 NoSuchUpload when it has seen no multipart upload
+                    # since it started, where AWS lists none: there is nothing to abort.
+                    if error_code(exc)[0] == "NoSuchUpload":
+                        return {}
+                    raise
                 return result
 
             listing = await self._call("ListMultipartUploads", full_prefix, page)
