@@ -83,6 +83,7 @@ class TestStepMetrics:
             metrics = call.args[3]
             assert type(metrics["m"]) is float
             assert metrics["m"] == expected or (math.isnan(expected) and math.isnan(metrics["m"]))
+        assert artifacts.metrics_path is not None  # TrainLoop writes it
         rows = [json.loads(line) for line in artifacts.metrics_path.read_text().splitlines()]
         assert len(rows) == 2
 

@@ -260,14 +260,19 @@ class TestOneInstanceOneList:
         cb = Counter()
         _loop(tmp_path / "l1", [cb]).run()
         _loop(tmp_path / "l2", [cb]).run()
+        attempt = iter(range(2))
+        root = tmp_path / "e"
         experiment = lb.Experiment(
             "e",
             {"a": {}, "b": {}},
-            lambda ctx: _loop(tmp_path / "e" / str(ctx.run_name), []),
+            # Each run of the experiment in out dirs of its own (a used out dir is refused).
+            lambda ctx: _loop(root / str(ctx.run_name), []),
             n_repeats=2,
             callbacks=[cb],
         )
+        root = tmp_path / "e" / str(next(attempt))
         assert experiment.run().ok
+        root = tmp_path / "e" / str(next(attempt))
         assert experiment.run().ok  # the same experiment again
         other = lb.Experiment(
             "f", {"a": {}}, lambda ctx: _loop(tmp_path / "f" / str(ctx.run_name), [cb])

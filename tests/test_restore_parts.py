@@ -175,7 +175,7 @@ class TestRangeRetry:
 
         store._client = fake_client  # type: ignore[method-assign]
         sink = FileSink.open(tmp_path / "f", "key")
-        from loopbridge.stores.s3 import _Counter
+        from loopbridge.stores._s3_client import _Counter
 
         counter = _Counter()
         await _fetch(store, "key", len(data), None, sink=sink, counter=counter)

@@ -35,6 +35,7 @@ from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
 from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._run_policy import RunPolicy, close_run
 from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
@@ -87,6 +88,7 @@ __all__ = [
     "PermanentStoreError",
     "RestoreError",
     "Restored",
+    "RunPolicy",
     "RunResult",
     "RunStatus",
     "StoreError",
@@ -98,6 +100,7 @@ __all__ = [
     "TrainingBatch",
     "arestore",
     "callbacks",
+    "close_run",
     "not_a_hook",
     "restore",
     "stores",

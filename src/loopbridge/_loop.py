@@ -15,17 +15,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
-from loopbridge._exceptions import DrainError
 from loopbridge._metrics import coerce_metrics
 from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
 from loopbridge._records import JsonLinesWriter
-from loopbridge._report import DrainReport
+from loopbridge._row_digest import digest_in_background, manifest_line, track_in_manifest
+from loopbridge._run_policy import DrainPolicy, RunPolicy
+from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
     EvalResult,
     LogContext,
@@ -52,7 +53,6 @@ EvalFn = Callable[[LoopState], Mapping[str, float]]
 """Evaluates the model and returns metrics."""
 BenchmarkFn = Callable[[LoopState], tuple[EvalResult, list[dict[str, Any]]]]
 """Scores a benchmark: its result and the per-task prediction rows."""
-DrainPolicy = Literal["raise", "warn"]
 
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.jsonl"
@@ -79,11 +79,14 @@ class TrainLoop:
         drain_timeout: seconds to wait for background work after `on_train_end`.
         on_drain_failure: "raise" DrainError (after `on_train_end`) or "warn" when the drain
             finds work failed, cancelled or still pending.
-        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C, or after the
+            run failed, before it is cancelled (a second Ctrl-C cancels it at once, a third
+            abandons it; see the README's "Errors").
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's sha256 for its manifest row, off the
+            training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
         resume_from: continue from the newest checkpoint of this run, before the first step:
@@ -235,20 +238,22 @@ class TrainLoop:
                 # The step resume_from found is the one this run continues (0: none found).
                 claim_out_dir(self.out_dir, self._start_step)
             return self._run()
-        except KeyboardInterrupt:
-            self._on_interrupt()
+        except KeyboardInterrupt as exc:
+            self._on_interrupt(exc)
             raise
         except BaseException as exc:
             self.callbacks.annotate(exc)
             if self._owns_bridge:
-                report = self._bridge.close(self.drain_timeout)
+                # A failing run stops its work within interrupt_grace, not drain_timeout.
+                report = self._shutdown(exc).run(exc)
                 if not report.ok:
                     logger.error("run %s failed; background work: %s", self.state.run_name, report)
             raise
         finally:
             self.callbacks.release()  # the run is over: its callbacks may join another
             if self._owns_bridge and not self._bridge.closed:
-                self._bridge.close(self.drain_timeout)
+                # The drain at train end has spent the deadline already: close what is left.
+                self._bridge.close(0, cancel_grace=CANCEL_WAIT_S)
 
     def _restore(self, resume_from: str | os.PathLike[str]) -> None:
         """Load the newest checkpoint of this run, if any, and carry on from its step."""
@@ -331,21 +336,18 @@ class TrainLoop:
             stop_reason=reason,
         )
         self.artifacts = artifacts
-        cbs.on_train_end(state, artifacts)
-        artifacts.drain_report = self._drain()
-        report = artifacts.drain_report
         assert self._bridge is not None  # run() sets it
-        artifacts.bridge_stats = self._bridge.stats
+        # The one run policy, shared with the framework adapters: on_train_end, the drain
+        # (left running, this run's unfinished work would leak into the next run's report),
+        # then raise or warn.
+        policy = RunPolicy(self.drain_timeout, self.on_drain_failure, self.interrupt_grace)
+        report = policy.end_training(cbs, state, artifacts, self._bridge)
         if self.profiler is not None:
             # A profiler shared across an experiment's runs: this run's calls only.
             artifacts.hook_timings = self.profiler.rows(since=self._profile_mark)
             if self.print_profile:
                 self._print_profile(artifacts)
-        if not report.ok:
-            if self.on_drain_failure == "raise":
-                msg = f"run {state.run_name}: background work not done: {report.summary()}"
-                raise DrainError(msg, report)
-            logger.warning("run %s: background work not done: %s", state.run_name, report)
+        policy.enforce(report, state.run_name)
         return artifacts
 
     def _print_profile(self, artifacts: LoopArtifacts) -> None:
@@ -400,28 +402,30 @@ class TrainLoop:
             run_name=state.run_name,
             digest=self.hash_checkpoints,
         )
-        rows.write(row.to_json())
+        rows.write_line(manifest_line(row))
+        track_in_manifest(row, rows.path)
         manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
+        # Hashed off this thread: by an uploader as it reads the file, else in the background.
+        digest_in_background(row)
         return row
 
-    def _drain(self) -> DrainReport:
-        bridge = self._bridge
-        assert bridge is not None  # run() sets it
-        # Left running, this run's unfinished work would leak into the next run's report.
-        return bridge.drain(
-            self.drain_timeout, cancel_pending=True, cancel_grace=self.interrupt_grace
+    def _shutdown(self, exc: BaseException) -> Shutdown:
+        assert self._bridge is not None  # run() sets it
+        return Shutdown.after(
+            exc,
+            self._bridge,
+            owner=f"run {self.state.run_name}",
+            grace=self.interrupt_grace,
+            close=self._owns_bridge,
+            logger=logger,
         )
 
-    def _on_interrupt(self) -> None:
-        bridge = self._bridge
-        if bridge is None:
+    def _on_interrupt(self, exc: KeyboardInterrupt) -> None:
+        if self._bridge is None:
             return
-        report = bridge.drain(
-            self.interrupt_grace, cancel_pending=True, cancel_grace=self.interrupt_grace
-        )
-        if self._owns_bridge:
-            report = report.merge(bridge.close(self.interrupt_grace))
+        # Escalates with every further Ctrl-C: grace, cancel now, abandon (see _shutdown).
+        report = self._shutdown(exc).run(exc)
         logger.warning(
             "run %s interrupted at step %d; background work: %s",
             self.state.run_name,

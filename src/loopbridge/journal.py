@@ -245,6 +245,14 @@ class UploadJournal:
             (intent_id,),
         )
 
+    def set_digest(self, intent_id: int, digest: str) -> None:
+        """Record an intent's digest, known only once its upload had read the checkpoint."""
+        self._execute(
+            "record a checkpoint digest",
+            "UPDATE intents SET digest = ? WHERE id = ? AND digest IS NULL",
+            (digest, intent_id),
+        )
+
     def mark_published(self, intent_id: int) -> None:
         """Record that the intent's checkpoint is published and verified."""
         self._execute(

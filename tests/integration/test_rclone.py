@@ -25,7 +25,7 @@ from tests.fixtures.rclone import (
 from tests.fixtures.s3 import FaultProxy, FaultRule, Throttle
 
 import loopbridge as lb
-from loopbridge._exceptions import PermanentStoreError
+from loopbridge._exceptions import DestinationError, PermanentStoreError
 from loopbridge._types import LoopState, TrainingBatch
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.journal import JOURNAL_FILE, UploadJournal
@@ -67,12 +67,15 @@ def _train(out_dir: Path, uploader: CheckpointUploader, steps: int = 2) -> lb.Lo
     return loop.run()
 
 
-def _uploader(bucket: RcloneBucket, endpoint: str, **options: object) -> CheckpointUploader:
+def _uploader(
+    bucket: RcloneBucket, endpoint: str, *, preflight: bool = True, **options: object
+) -> CheckpointUploader:
     return CheckpointUploader(
         f"s3://{bucket.name}/ckpts",
         endpoint_url=endpoint,
         part_size=PART,
         store_options={"retry_base_delay": 0.01, "retry_max_delay": 0.05, **options},
+        preflight=preflight,
     )
 
 
@@ -161,11 +164,14 @@ class TestRcloneRefusals:
         monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        """SignatureDoesNotMatch is permanent: one request, the key named, no secret logged."""
+        """SignatureDoesNotMatch is permanent: one request, the key named, no secret logged.
+
+        The pre-flight check is off here, so the refusal meets the upload itself.
+        """
         wrong = "wrong-secret-" + RCLONE_SECRET[::-1]
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         caplog.set_level(logging.DEBUG)
-        uploader = _uploader(rclone_bucket, rclone_proxy.url)
+        uploader = _uploader(rclone_bucket, rclone_proxy.url, preflight=False)
         artifacts = _train(tmp_path / "out", uploader, steps=1)
         report = artifacts.drain_report
         assert report is not None
@@ -187,12 +193,58 @@ class TestRcloneRefusals:
         assert wrong not in str(error)
         assert wrong not in report.summary()
 
+    def test_a_wrong_secret_is_caught_before_the_first_step(
+        self,
+        rclone_bucket: RcloneBucket,
+        rclone_proxy: FaultProxy,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """The pre-flight probe meets the refusal: one request, before training, no secret."""
+        wrong = "wrong-secret-" + RCLONE_SECRET[::-1]
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        caplog.set_level(logging.DEBUG)
+        steps: list[int] = []
+
+        def step(state: lb.LoopState, batch: lb.TrainingBatch) -> dict[str, float]:
+            steps.append(state.step)
+            return {}
+
+        loop = lb.TrainLoop(
+            step,
+            range(1),
+            out_dir=tmp_path / "out",
+            save=_save,
+            callbacks=[_uploader(rclone_bucket, rclone_proxy.url)],
+            run_name=RUN,
+        )
+        with pytest.raises(DestinationError) as caught:
+            loop.run()
+        assert steps == []
+        assert f"s3://{rclone_bucket.name}/ckpts/{RUN}/" in str(caught.value)
+        assert len(rclone_proxy.requests("PUT", ".loopbridge-preflight")) == 1
+        assert rclone_bucket.list_keys() == []
+        logged = caplog.text + "\n".join(record.getMessage() for record in caplog.records)
+        assert caplog.records
+        assert wrong not in logged
+        assert RCLONE_SECRET not in logged
+        assert wrong not in str(caught.value)
+
     def test_a_missing_bucket_is_named(
         self, rclone_server: RcloneServer, rclone_env: None, tmp_path: Path
     ) -> None:
-        """NoSuchBucket is permanent and names the bucket; nothing is created."""
-        uploader = CheckpointUploader(
+        """NoSuchBucket is permanent and names the bucket; nothing is created.
+
+        Pre-flight catches it before training; with it off, the upload meets it.
+        """
+        checked = CheckpointUploader(
             "s3://no-such-bucket-here/ckpts", endpoint_url=rclone_server.endpoint
+        )
+        with pytest.raises(DestinationError, match=r"s3://no-such-bucket-here/.*NoSuchBucket"):
+            _train(tmp_path / "checked", checked, steps=1)
+        uploader = CheckpointUploader(
+            "s3://no-such-bucket-here/ckpts", endpoint_url=rclone_server.endpoint, preflight=False
         )
         artifacts = _train(tmp_path / "out", uploader, steps=1)
         report = artifacts.drain_report

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line (the summary still prints)"
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the messages on stderr (URLs show their origin only)",
+    )
     return parser
 
 
@@ -105,10 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return 0 if every run, drain and upload is ok, else 1."""
     from loopbridge._demo.experiment import DemoOptions, run_demo
     from loopbridge._demo.report import losses, summary
+    from loopbridge._redact import redact_text
 
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     options = DemoOptions(
         out=args.out,
@@ -141,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("loopbridge demo interrupted; see the log above for unfinished work", file=sys.stderr)
         return 130
     except Exception as exc:
-        print(f"loopbridge demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"loopbridge demo failed: {type(exc).__name__}: {redact_text(str(exc))}",
+            file=sys.stderr,
+        )
         return 1
     print(summary(options, outcome), flush=True)
     return 1 if losses(outcome) else 0

@@ -69,6 +69,10 @@ class JournalEntry:
         """Mark the checkpoint published (bridge loop)."""
         self._safely(self.journal.mark_published, self.intent_id)
 
+    def digest_known(self, digest: str) -> None:
+        """Record the digest hashed during the upload, for a later resume (bridge loop)."""
+        self._safely(self.journal.set_digest, self.intent_id, digest)
+
     def failed(self, error: BaseException) -> None:
         """Mark the attempt failed; the intent stays open for the next resume (bridge loop)."""
         self._safely(self.journal.mark_failed, self.intent_id, f"{type(error).__name__}: {error}")

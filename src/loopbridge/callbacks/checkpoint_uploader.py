@@ -45,16 +45,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from typing import Any, Literal
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError, StoreError
+from loopbridge._loop import MANIFEST_FILE
+from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -65,6 +68,7 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
@@ -74,7 +78,8 @@ from loopbridge.callbacks._upload_journal import (
 )
 from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
 from loopbridge.journal import UploadIntent, UploadJournal
-from loopbridge.stores import ObjectStore
+from loopbridge.stores import ObjectStore, S3Store
+from loopbridge.stores._process import ProcessStore
 from loopbridge.stores.keys import escape_segment, join_key
 from loopbridge.stores.s3 import MiB
 
@@ -110,12 +115,17 @@ class CheckpointUploader(Callback):
         preflight: before the first step, prove the destination can be written (a small
             probe object put and deleted under the run's prefix, within `preflight_timeout`
             seconds); a destination that cannot work raises DestinationError then.
+        snapshot: upload from a snapshot (hard links, else a copy) taken in `on_checkpoint`,
+            so a checkpoint the framework rotates away mid-upload is still published.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
         store_options: any other `S3Store` keyword by name, such as `verify_etag`,
             `multipart_threshold`, `addressing_style` or `checksum_crc32` (they win over the
             keywords above). Recorded in the journal, so `loopbridge resume` reopens the
             store the same way; never credentials.
+        upload_in: for an `s3://` dest, where checkpoint files are read, hashed and sent:
+            "process" (default), one worker process started on first use, so the bytes never
+            hold the training process's GIL; or "thread", the bridge's threads in this process.
 
     Raises:
         ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
@@ -137,7 +147,15 @@ class CheckpointUploader(Callback):
         store_options: Mapping[str, Any] | None = None,
         preflight: bool = True,
         preflight_timeout: float = 10.0,
+        snapshot: bool = True,
+        upload_in: Literal["process", "thread"] = "process",
     ) -> None:
+        if upload_in not in ("process", "thread"):
+            msg = (
+                f"upload_in={upload_in!r}: give 'process' (a worker process sends the bytes) "
+                f"or 'thread' (the bridge's threads in this process do)"
+            )
+            raise ValueError(msg)
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
@@ -149,7 +167,11 @@ class CheckpointUploader(Callback):
             "call_timeout": call_timeout,
             "max_attempts": max_attempts,
         }
+        user_store = store
         store, self._prefix, options = open_upload_store(dest, store, explicit, store_options)
+        if upload_in == "process" and isinstance(store, S3Store) and store is not user_store:
+            # The bytes are read, hashed and sent under the worker's GIL, not training's.
+            store = ProcessStore(store)
         self.store: ObjectStore = store
         self._publisher = Publisher(store, keep_last)
         self._ctx: LogContext | None = None
@@ -165,6 +187,7 @@ class CheckpointUploader(Callback):
             preflight_timeout,
             False,
         )
+        self.snapshot = snapshot
         self._journals = JournalBook()
         # What reopening the store needs besides its URL (for `loopbridge resume`).
         self._store_options = journal_options(store, options)
@@ -227,6 +250,22 @@ class CheckpointUploader(Callback):
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
         """Record the upload in the journal, then start it; it publishes after earlier ones."""
+        # The digest is hashed as the upload reads the file, not on this thread.
+        claim = claim_digest(row)
+        try:
+            if self.snapshot:
+                row = take_snapshot(row)  # the upload and the journal read the snapshot
+                if claim is not None:
+                    claim.follow(row.path)
+            self._record_and_spawn(state, row, claim)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+
+    def _record_and_spawn(
+        self, state: LoopState, row: ManifestRow, claim: PendingDigest | None
+    ) -> None:
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
         entry = None
@@ -239,7 +278,7 @@ class CheckpointUploader(Callback):
                 self._report_journal_error(recorded)
             else:
                 entry = recorded
-        self._spawn_upload(row, run_prefix, entry)
+        self._spawn_upload(row, run_prefix, entry, claim=claim)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         """Log the summary once this run's uploads are done; then close the run's journal."""
@@ -252,13 +291,21 @@ class CheckpointUploader(Callback):
         self._journals.close(state.out_dir)
 
     def _spawn_upload(
-        self, row: ManifestRow, run_prefix: str, entry: JournalEntry | None, *, resume: bool = False
+        self,
+        row: ManifestRow,
+        run_prefix: str,
+        entry: JournalEntry | None,
+        *,
+        resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> None:
         """Queue one checkpoint's upload on its run's chain."""
         again = "resume " if resume else ""
         self._spawn_in_order(
             run_prefix,
-            lambda previous: self._upload(row, run_prefix, previous, entry, resume=resume),
+            lambda previous: self._upload(
+                row, run_prefix, previous, entry, resume=resume, claim=claim
+            ),
             name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
         )
 
@@ -355,8 +402,12 @@ class CheckpointUploader(Callback):
         entry: JournalEntry | None = None,
         *,
         resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> int:
-        """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
+        """Upload, verify and publish one checkpoint; clean up what it sent if it fails.
+
+        With `claim`, the row's digest is computed here from the bytes read for upload.
+        """
         self._tally.busy(+1)
         step_dir = f"step-{row.step:08d}"
         step_prefix = join_key(run_prefix, step_dir)
@@ -372,10 +423,11 @@ class CheckpointUploader(Callback):
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
                     if await asyncio.to_thread(row.path.is_dir):
-                        shards = await self._upload_dir(row, step_prefix, sent)
+                        shards = await self._upload_dir(row, step_prefix, sent, claim)
                     else:
-                        shards = await self._upload_file(row, step_prefix, sent)
+                        shards = await self._upload_file(row, step_prefix, sent, claim)
                 total = sum(shard.size for shard in shards)
+                row = await self._digest_known(row, shards, entry)
             size = sum(shard.size for shard in shards)
             if size != row.size_bytes:
                 msg = (
@@ -388,8 +440,11 @@ class CheckpointUploader(Callback):
             await self._publisher.publish(row, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
+            await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
             await self._discard(step_prefix, sent, exc)
+            if entry is None:  # nothing will retry it; an open journal intent keeps it
+                await asyncio.to_thread(release_snapshot, row.path)
             if entry is not None:
                 entry.failed(exc)
             self._tally.failed(row.step, exc)
@@ -399,6 +454,8 @@ class CheckpointUploader(Callback):
             await self._discard(step_prefix, sent, exc)
             raise
         finally:
+            if claim is not None:
+                claim.release()  # a no-op once the digest is known
             self._tally.busy(-1)
             if entry is not None:
                 entry.done()
@@ -414,22 +471,60 @@ class CheckpointUploader(Callback):
             # Its type kept, so callers still tell a refusal from an integrity failure.
             error.args = (f"{error}; and {exc}",)
 
+    async def _digest_known(
+        self, row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
+    ) -> ManifestRow:
+        """The row with the digest hashed during its upload, recorded for a later resume.
+
+        A row resumed from the journal of a process that died before hashing it gets it here,
+        and so does its waiting line in the run's manifest.jsonl.
+        """
+        if row.digest is None:
+            if await asyncio.to_thread(row.path.is_dir):
+                digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+            else:
+                digest = "sha256:" + shards[0].sha256
+            if entry is not None:
+                manifest = entry.journal.path.parent / MANIFEST_FILE
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(
+                        patch_manifest_digest, manifest, row.step, row.created_at, digest
+                    )
+            row = dataclasses.replace(row, digest=digest)
+        if entry is not None and row.digest is not None:
+            entry.digest_known(row.digest)
+        return row
+
     def _slots(self) -> asyncio.Semaphore:
         """The running loop's limit on checkpoints sending bytes at once."""
         loop = asyncio.get_running_loop()
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
     async def _upload_file(
-        self, row: ManifestRow, step_prefix: str, sent: list[str]
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
     ) -> list[Shard]:
-        """Upload a single-file checkpoint, checked against the row's digest while streamed."""
+        """Upload a single-file checkpoint, checked against the row's digest while streamed.
+
+        With `claim`, the file is checked against its stamp at save time instead, before and
+        after the upload, and the sha256 hashed while streaming becomes the row's digest.
+        """
         key = join_key(step_prefix, row.path.name)
-        result = await self.store.put_file(key, row.path, expected_sha256=_expected_hex(row.digest))
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+        expected = None if claim is not None else _expected_hex(row.digest)
+        result = await self.store.put_file(key, row.path, expected_sha256=expected)
         sent.append(key)
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
         return [Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
 
-    async def _upload_dir(self, row: ManifestRow, step_prefix: str, sent: list[str]) -> list[Shard]:
+    async def _upload_dir(
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
+    ) -> list[Shard]:
         """Upload a directory of shards file by file, then check the set and the digest."""
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
         files = await asyncio.to_thread(shard_files, row.path)
         rels = [file.relative_to(row.path).as_posix() for file in files]
         if not files:
@@ -455,6 +550,9 @@ class CheckpointUploader(Callback):
                 f"the saved {row.digest}; a shard changed after it was saved"
             )
             raise IntegrityError(msg, key=step_prefix)
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            await asyncio.to_thread(claim.set, digest)  # writes the manifest line
         return shards
 
     async def _log_summary(self, run_prefix: str, previous: Future[None] | None) -> None:

@@ -72,7 +72,7 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
 )
-from loopbridge.callbacks._redact import Redactor, redact_url
+from loopbridge.callbacks._redact import Redactor, safe_url
 from loopbridge.stores.local import LocalStore
 from loopbridge.stores.protocol import ObjectStore
 from loopbridge.stores.s3 import S3Store
@@ -124,6 +124,8 @@ class MLflowLogger(Callback):
         retry: the retry policy for 5xx, 429, connection errors and timeouts.
         artifact_store_options: keyword arguments for the `S3Store` that writes artifacts
             when the run's artifact root is `s3://` (e.g. `endpoint_url`, `region`).
+        log_full_urls: show whole URLs in logs and errors; by default only the server's
+            origin (scheme, host, port) is shown, userinfo never.
     """
 
     def __init__(
@@ -138,19 +140,20 @@ class MLflowLogger(Callback):
         call_timeout: float = 120.0,
         retry: HttpRetryPolicy | None = None,
         artifact_store_options: Mapping[str, Any] | None = None,
+        log_full_urls: bool = False,
     ) -> None:
         scheme = urlsplit(tracking_uri).scheme
         if scheme not in ("http", "https"):
             msg = (
-                f"MLflowLogger({redact_url(tracking_uri)!r}): the tracking URI must be an "
+                f"MLflowLogger({safe_url(tracking_uri)!r}): the tracking URI must be an "
                 f"http(s) URL of an MLflow server, e.g. http://127.0.0.1:5000"
             )
             raise ValueError(msg)
         self._base = tracking_uri.rstrip("/")
-        self._safe_base = redact_url(self._base)
+        self._safe_base = safe_url(self._base, full=log_full_urls)
         self._experiment_name = experiment_name
         self._headers = dict(headers or {})
-        self._redactor = Redactor(tracking_uri, self._headers)
+        self._redactor = Redactor(tracking_uri, self._headers, full=log_full_urls)
         self._flush_points = max(1, flush_points)
         self._flush_interval_s = flush_interval_s
         self._timeout = timeout

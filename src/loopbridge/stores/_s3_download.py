@@ -26,7 +26,7 @@ from loopbridge.stores._source import hash_thread
 from loopbridge.stores.protocol import GetResult
 
 if TYPE_CHECKING:
-    from loopbridge.stores.s3 import S3Store
+    from loopbridge.stores._s3_client import S3Connection as S3Store
 
 __all__ = ["CHUNK", "download", "plan_ranges"]
 
@@ -66,7 +66,7 @@ async def download(
         IntegrityError: the size or sha256 differ from what was expected.
         StoreError, PermanentStoreError: the store failed or refused (403...), naming the key.
     """
-    from loopbridge.stores.s3 import _Counter
+    from loopbridge.stores._s3_client import _Counter
 
     full_key = store._full_key(key)
     counter = _Counter()
