@@ -31,6 +31,7 @@ def test_options_round_trip_through_the_journal_form() -> None:
         "verify_etag": False,
         "sign_payload": True,
         "checksum_crc32": False,
+        "content_md5": True,
         "part_size": 16 << 20,
         "multipart_threshold": 1 << 30,
         "max_concurrency": 3,

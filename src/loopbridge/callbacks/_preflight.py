@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from loopbridge._exceptions import DestinationError, MissingExtraError, StoreError
 from loopbridge.stores import LocalStore, S3Store
+from loopbridge.stores._process import ProcessStore
 from loopbridge.stores.keys import join_key
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ def check_destination(
     """Raise DestinationError, with the fix, unless a probe put and delete under `run_prefix`
     succeed within `timeout` seconds. Runs the remote part on `bridge`'s loop."""
     where = f"{store.url}/{run_prefix}".rstrip("/")
-    if isinstance(store, S3Store) and importlib.util.find_spec("aioboto3") is None:
+    if isinstance(store, (S3Store, ProcessStore)) and importlib.util.find_spec("aioboto3") is None:
         msg = (
             f"checkpoint destination {where} is on S3, but the `s3` extra is not installed: "
             f"pip install 'loopbridge[s3]', or give a local directory as the destination"

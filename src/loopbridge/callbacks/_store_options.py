@@ -22,7 +22,7 @@ __all__ = [
     "open_upload_store",
 ]
 
-_BOOL = frozenset({"verify_etag", "sign_payload", "checksum_crc32"})
+_BOOL = frozenset({"verify_etag", "sign_payload", "checksum_crc32", "content_md5"})
 _INT = frozenset({"part_size", "multipart_threshold", "max_concurrency", "max_attempts"})
 _FLOAT = frozenset(
     {

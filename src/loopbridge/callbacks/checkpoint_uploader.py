@@ -169,6 +169,8 @@ class CheckpointUploader(Callback):
         }
         user_store = store
         store, self._prefix, options = open_upload_store(dest, store, explicit, store_options)
+        # What reopening the store needs besides its URL (for `loopbridge resume`).
+        self._store_options = journal_options(store, options)
         if upload_in == "process" and isinstance(store, S3Store) and store is not user_store:
             # The bytes are read, hashed and sent under the worker's GIL, not training's.
             store = ProcessStore(store)
@@ -189,8 +191,6 @@ class CheckpointUploader(Callback):
         )
         self.snapshot = snapshot
         self._journals = JournalBook()
-        # What reopening the store needs besides its URL (for `loopbridge resume`).
-        self._store_options = journal_options(store, options)
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
@@ -443,6 +443,10 @@ class CheckpointUploader(Callback):
             await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
             await self._discard(step_prefix, sent, exc)
+            if claim is not None and entry is not None and not claim.future.done():
+                # The journal keeps the save-time digest for the resume that retries it.
+                with contextlib.suppress(Exception):
+                    entry.digest_known(await asyncio.to_thread(claim.compute))
             if entry is None:  # nothing will retry it; an open journal intent keeps it
                 await asyncio.to_thread(release_snapshot, row.path)
             if entry is not None:
