@@ -29,7 +29,7 @@ from loopbridge import Bridge, CallbackList
 from loopbridge._types import LoopState, ManifestRow
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.journal import JOURNAL_FILE, UploadJournal
-from loopbridge.stores import ObjectInfo, PutResult
+from loopbridge.stores import GetResult, ObjectInfo, PutResult
 
 TARGET_US = 100.0
 CHECKPOINT_BYTES = 100
@@ -54,6 +54,16 @@ class NullStore:
 
     async def get_bytes(self, key: str) -> bytes | None:
         return None
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        raise NotImplementedError("the benchmark never reads")
 
     async def head(self, key: str) -> ObjectInfo | None:
         return None

@@ -23,8 +23,10 @@ from loopbridge._exceptions import (
     JournalError,
     LoopbridgeError,
     MissingExtraError,
+    ObjectNotFoundError,
     OutDirInUseError,
     PermanentStoreError,
+    RestoreError,
     StoreError,
 )
 from loopbridge._experiment import Experiment
@@ -48,6 +50,7 @@ from loopbridge._types import (
     TrainingBatch,
 )
 from loopbridge._work import to_thread
+from loopbridge.restore import Restored, arestore, restore
 
 __version__ = "0.1.0"
 
@@ -80,8 +83,11 @@ __all__ = [
     "Loss",
     "ManifestRow",
     "MissingExtraError",
+    "ObjectNotFoundError",
     "OutDirInUseError",
     "PermanentStoreError",
+    "RestoreError",
+    "Restored",
     "RunPolicy",
     "RunResult",
     "RunStatus",
@@ -92,9 +98,11 @@ __all__ = [
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
+    "arestore",
     "callbacks",
     "close_run",
     "not_a_hook",
+    "restore",
     "stores",
     "to_thread",
 ]

@@ -11,8 +11,10 @@ LoopbridgeError
 ├── OutDirInUseError (also FileExistsError)    a new run in an out dir an earlier run wrote to
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
-│   │   └── DestinationError                   a destination failed its pre-flight check
-│   └── IntegrityError                         what was uploaded is not what was saved
+│   │   ├── DestinationError                   a destination failed its pre-flight check
+│   │   └── ObjectNotFoundError                no object at the key that was read
+│   └── IntegrityError                         stored or read bytes are not what was saved
+├── RestoreError                               no published checkpoint to restore (run, step)
 └── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
 
@@ -36,8 +38,10 @@ __all__ = [
     "JournalError",
     "LoopbridgeError",
     "MissingExtraError",
+    "ObjectNotFoundError",
     "OutDirInUseError",
     "PermanentStoreError",
+    "RestoreError",
     "StoreError",
 ]
 
@@ -110,8 +114,16 @@ class DestinationError(PermanentStoreError):
     """A checkpoint destination cannot work (found before training); the message has the fix."""
 
 
+class ObjectNotFoundError(PermanentStoreError):
+    """A read found no object at its key."""
+
+
+class RestoreError(LoopbridgeError):
+    """There is no published checkpoint to restore: the run, the step, or its files are missing."""
+
+
 class IntegrityError(StoreError):
-    """The stored object does not match the local file: size, digest or ETag differ."""
+    """Stored or downloaded bytes do not match what was saved: size, digest or ETag differ."""
 
 
 class MissingExtraError(LoopbridgeError, ImportError):

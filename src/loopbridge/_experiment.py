@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,11 @@ class Experiment:
         stop_on_failure: re-raise a run's error instead of recording it and going on.
         interrupt_grace: seconds in-flight work gets to finish after Ctrl-C or a failure
             (a second Ctrl-C cancels it at once, a third abandons it).
+        resume_from: given to every run's TrainLoop that has none of its own (see
+            `TrainLoop(resume_from=...)`): each run continues from its own newest checkpoint.
+            A continual stage's `ctx.resume_from` is still the previous stage's final
+            checkpoint, where a stage starts; a stage that had already finished restores its
+            final checkpoint and passes it on.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class Experiment:
         stop_on_failure: bool = False,
         profile: bool | HookProfiler = False,
         interrupt_grace: float = 5.0,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         if not arms:
             raise ValueError(f"Experiment({name!r}) has no arms; pass arms={{'name': config}}")
@@ -87,6 +94,7 @@ class Experiment:
         self.on_drain_failure: DrainPolicy = on_drain_failure
         self.stop_on_failure = stop_on_failure
         self.interrupt_grace = interrupt_grace
+        self.resume_from = resume_from
         self._callbacks = tuple(callbacks)
         self._bridge = bridge
         self._owns_bridge = bridge is None
@@ -210,6 +218,15 @@ class Experiment:
             loop.drain_timeout = self.drain_timeout
             loop.on_drain_failure = self.on_drain_failure
             loop.interrupt_grace = self.interrupt_grace
+            if self.resume_from is not None and loop.resume_from is None:
+                if loop.load is None:
+                    msg = (
+                        f"Experiment(resume_from={os.fspath(self.resume_from)!r}): run "
+                        f"{ctx.run_name}'s TrainLoop has no load=fn(state, path) to read a "
+                        f"checkpoint back; pass load= when build(ctx) creates it"
+                    )
+                    raise ValueError(msg)
+                loop.resume_from = self.resume_from
             loop._adopt(self._callbacks, bridge, ctx, self.profiler)
             artifacts = loop.run()
             result.artifacts = artifacts

@@ -9,12 +9,13 @@ end: the final checkpoint, `on_train_end`, then the drain of the background work
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
@@ -35,7 +36,10 @@ from loopbridge._types import (
     TrainingBatch,
 )
 
-__all__ = ["BenchmarkFn", "DrainPolicy", "EvalFn", "SaveFn", "StepFn", "TrainLoop"]
+if TYPE_CHECKING:
+    from loopbridge.restore import Restored
+
+__all__ = ["BenchmarkFn", "DrainPolicy", "EvalFn", "LoadFn", "SaveFn", "StepFn", "TrainLoop"]
 
 logger = logging.getLogger("loopbridge.loop")
 
@@ -43,6 +47,8 @@ StepFn = Callable[[LoopState, TrainingBatch], Mapping[str, float] | None]
 """Runs one training step on a batch and returns its metrics."""
 SaveFn = Callable[[LoopState, Path], None]
 """Writes a checkpoint, a file or a directory of shards, at the given path."""
+LoadFn = Callable[[LoopState, Path], None]
+"""Reads a checkpoint that `save` wrote (a file or a directory) back into the model."""
 EvalFn = Callable[[LoopState], Mapping[str, float]]
 """Evaluates the model and returns metrics."""
 BenchmarkFn = Callable[[LoopState], tuple[EvalResult, list[dict[str, Any]]]]
@@ -83,6 +89,12 @@ class TrainLoop:
             training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
+        resume_from: continue from the newest checkpoint of this run, before the first step:
+            `"auto"` (the out dir, then the attached CheckpointUploader's store; fresh if
+            none), or the uploader's destination (`s3://bucket/prefix` or a directory).
+            The loop calls `load(state, path)` and carries on from that step; `loop.restored`
+            says what it started from (None for a fresh start). See docs/restore.md.
+        load: `load(state, path)` reads a checkpoint back; needed with `resume_from`.
     """
 
     def __init__(
@@ -108,13 +120,18 @@ class TrainLoop:
         config: Mapping[str, Any] | None = None,
         hash_checkpoints: bool = True,
         start_step: int = 0,
+        resume_from: str | os.PathLike[str] | None = None,
+        load: LoadFn | None = None,
     ) -> None:
+        from loopbridge._loop_restore import check_resume_from
+
         _check_positive("max_steps", max_steps)
         _check_positive("checkpoint_every", checkpoint_every)
         _check_positive("eval_every", eval_every)
         if not isinstance(start_step, int) or start_step < 0:
             msg = f"TrainLoop(start_step={start_step!r}): give the steps already completed, >= 0"
             raise ValueError(msg)
+        check_resume_from(resume_from, load is not None, start_step)
         if checkpoint_every is not None and save is None:
             msg = (
                 f"TrainLoop(checkpoint_every={checkpoint_every}) needs save=fn(state, path) "
@@ -164,6 +181,9 @@ class TrainLoop:
             step=start_step,
         )
         self._start_step = start_step
+        self.resume_from = resume_from
+        self.load = load
+        self.restored: Restored | None = None
         self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
         self.artifacts: LoopArtifacts | None = None
         self._profile_mark: ProfileMark | None = None
@@ -206,12 +226,17 @@ class TrainLoop:
             raise RuntimeError("this TrainLoop has already run; build a new one for another run")
         self._ran = True
         # Before any hook: a used out dir is continued explicitly (start_step) or refused.
-        claim_out_dir(self.out_dir, self._start_step)
+        if self.resume_from is None:
+            claim_out_dir(self.out_dir, self._start_step)
         if self._bridge is None:
             self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
         self.callbacks.bridge = self._bridge
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.resume_from is not None:
+                self._restore(self.resume_from)
+                # The step resume_from found is the one this run continues (0: none found).
+                claim_out_dir(self.out_dir, self._start_step)
             return self._run()
         except KeyboardInterrupt as exc:
             self._on_interrupt(exc)
@@ -229,6 +254,24 @@ class TrainLoop:
             if self._owns_bridge and not self._bridge.closed:
                 # The drain at train end has spent the deadline already: close what is left.
                 self._bridge.close(0, cancel_grace=CANCEL_WAIT_S)
+
+    def _restore(self, resume_from: str | os.PathLike[str]) -> None:
+        """Load the newest checkpoint of this run, if any, and carry on from its step."""
+        from loopbridge._loop_restore import find_restore_point
+
+        assert self._bridge is not None  # run() sets it
+        assert self.load is not None  # __init__ checks it
+        found = find_restore_point(
+            resume_from,
+            state=self.state,
+            ctx=self.ctx,
+            callbacks=self.callbacks.callbacks,
+            bridge=self._bridge,
+        )
+        if found is not None:
+            self.state.step = self._start_step = found.step
+            self.load(self.state, found.path)
+            self.restored = found
 
     def _run(self) -> LoopArtifacts:
         state, cbs = self.state, self.callbacks
@@ -275,6 +318,9 @@ class TrainLoop:
                 final = manifest[-1]
             elif self.save is not None and state.step > self._start_step:
                 final = self._checkpoint(manifest, rows, final=True)
+            elif self.restored is not None and state.step == self.restored.step:
+                # Resumed with nothing left to do: the restored checkpoint is the final one.
+                final = self.restored.row
         reason = state.stop_reason or (
             "max_steps"
             if self.max_steps is not None and state.step >= self.max_steps

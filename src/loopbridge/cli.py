@@ -1,4 +1,4 @@
-"""The `loopbridge` command: `loopbridge demo`, `loopbridge bench` and `loopbridge resume`."""
+"""The `loopbridge` command: `demo`, `bench`, `resume` (uploads), `ls` and `download` (restore)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,18 @@ def _resume_dir_problem(out_dir: Path) -> str | None:
     return None
 
 
+def _ls(argv: list[str]) -> int:
+    from loopbridge._cli_restore import ls_main
+
+    return ls_main(argv)
+
+
+def _download(argv: list[str]) -> int:
+    from loopbridge._cli_restore import download_main
+
+    return download_main(argv)
+
+
 _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "demo": (_demo, "run a small experiment with background uploads and a summary"),
     "bench": (
@@ -129,6 +141,11 @@ _COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         _resume,
         "finish checkpoint uploads a killed run left open: OUT_DIR [--store URL] "
         "[--endpoint-url URL] [--timeout S]",
+    ),
+    "ls": (_ls, "list the runs and published checkpoints in a store: DEST [--run RUN]"),
+    "download": (
+        _download,
+        "restore a published checkpoint, verified: DEST --run RUN [--step N] OUT",
     ),
 }
 

@@ -12,11 +12,18 @@ from urllib.parse import unquote, urlsplit
 
 from loopbridge.stores.keys import escape_segment, join_key
 from loopbridge.stores.local import LocalStore
-from loopbridge.stores.protocol import CleansStaleUploads, ObjectInfo, ObjectStore, PutResult
+from loopbridge.stores.protocol import (
+    CleansStaleUploads,
+    GetResult,
+    ObjectInfo,
+    ObjectStore,
+    PutResult,
+)
 from loopbridge.stores.s3 import S3Store
 
 __all__ = [
     "CleansStaleUploads",
+    "GetResult",
     "LocalStore",
     "ObjectInfo",
     "ObjectStore",

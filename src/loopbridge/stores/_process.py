@@ -39,7 +39,7 @@ from typing import Any
 
 from loopbridge import _exceptions
 from loopbridge._exceptions import StoreError
-from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, GetResult, ObjectInfo, PutResult
 from loopbridge.stores.s3 import S3Store
 
 __all__ = ["ProcessStore"]
@@ -236,6 +236,19 @@ class ProcessStore(ClosingStore):
     async def get_bytes(self, key: str) -> bytes | None:
         """Read the object at `key`, or None when there is none."""
         return await self.inner.get_bytes(key)
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Download in this process: a restore runs before training, with nothing to spare."""
+        return await self.inner.get_file(
+            key, path, expected_sha256=expected_sha256, expected_size=expected_size
+        )
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of the object at `key`, or None."""

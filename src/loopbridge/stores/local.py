@@ -8,10 +8,13 @@ disk and shared filesystems alike.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
+import functools
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,10 +22,11 @@ from pathlib import Path
 import anyio.to_thread
 
 from loopbridge._digest import CHUNK_BYTES
-from loopbridge._exceptions import IntegrityError, StoreError
+from loopbridge._exceptions import IntegrityError, ObjectNotFoundError, StoreError
+from loopbridge.stores._sink import FileSink
 from loopbridge.stores._source import hash_thread
 from loopbridge.stores.keys import join_key
-from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
+from loopbridge.stores.protocol import ClosingStore, GetResult, ObjectInfo, PutResult
 
 __all__ = ["LocalStore"]
 
@@ -83,6 +87,76 @@ class LocalStore(ClosingStore):
             return await anyio.to_thread.run_sync(target.read_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Copy the file for `key` to `path` through a temporary name, hashing as it goes."""
+        source = self._path(key)
+        stop = threading.Event()
+        copy = asyncio.ensure_future(
+            asyncio.to_thread(
+                functools.partial(
+                    self._copy_out,
+                    key,
+                    source,
+                    Path(path),
+                    expected_sha256=expected_sha256,
+                    expected_size=expected_size,
+                    stop=stop,
+                )
+            )
+        )
+        try:
+            return await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            # The thread cannot be cancelled: tell it to stop, and wait until it cleaned up.
+            stop.set()
+            with contextlib.suppress(Exception):
+                await copy
+            raise
+
+    def _copy_out(
+        self,
+        key: str,
+        source: Path,
+        path: Path,
+        *,
+        expected_sha256: str | None,
+        expected_size: int | None,
+        stop: threading.Event,
+    ) -> GetResult:
+        """Stream `source` into a FileSink for `path`; runs in a worker thread."""
+        try:
+            src = source.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            msg = f"no object {key!r} in {self.url} (no file {str(source)!r})"
+            raise ObjectNotFoundError(msg, key=key) from exc
+        with src:
+            size = os.fstat(src.fileno()).st_size
+            if expected_size is not None and size != expected_size:
+                msg = (
+                    f"object {key!r} in {self.url} has {size} bytes, not the published "
+                    f"{expected_size}; it was changed or truncated after it was published"
+                )
+                raise IntegrityError(msg, key=key)
+            sink = FileSink.open(path, key)
+            try:
+                while chunk := src.read(CHUNK_BYTES):
+                    if stop.is_set():
+                        msg = f"download of {key!r} cancelled"
+                        raise StoreError(msg, key=key)
+                    sink.write_next(chunk)
+                _, sha = sink.commit(size, expected_sha256)
+            except BaseException:
+                sink.discard()
+                raise
+        return GetResult(key=key, path=path, size=sink.hashed, sha256=sha)
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and modification time of the file for `key`, or None when there is none."""

@@ -9,7 +9,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["ClosingStore", "CleansStaleUploads", "ObjectInfo", "ObjectStore", "PutResult"]
+__all__ = [
+    "ClosingStore",
+    "CleansStaleUploads",
+    "GetResult",
+    "ObjectInfo",
+    "ObjectStore",
+    "PutResult",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +31,22 @@ class PutResult:
     size: int
     sha256: str
     etag: str | None
+    parts: int = 1
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    """What a get-to-file wrote: the key, the local path, the bytes and their sha256.
+
+    `sha256` is the hex digest of exactly the bytes written to `path`, hashed while streaming.
+    `parts` counts the (ranged) requests; `retries` the retried requests of this get.
+    """
+
+    key: str
+    path: Path
+    size: int
+    sha256: str
     parts: int = 1
     retries: int = 0
 
@@ -76,6 +99,26 @@ class ObjectStore(Protocol):
 
     async def get_bytes(self, key: str) -> bytes | None:
         """Read the object at `key`, or None when there is none."""
+        ...
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Stream the object at `key` into the file `path`, hashing it on the way.
+
+        The bytes land in a temporary name beside `path` and are renamed onto it only once
+        complete and, when `expected_sha256` (hex) or `expected_size` is given, matching: a
+        failed, cancelled or killed get never leaves a file at `path` that looks complete.
+
+        Raises:
+            ObjectNotFoundError: there is no object at `key`.
+            IntegrityError: the bytes read differ from `expected_sha256` or `expected_size`.
+        """
         ...
 
     async def head(self, key: str) -> ObjectInfo | None:

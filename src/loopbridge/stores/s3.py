@@ -40,7 +40,7 @@ from loopbridge.stores._s3_client import _MISSING, MiB
 from loopbridge.stores._s3_multipart import Multipart
 from loopbridge.stores._s3_put import SinglePut
 from loopbridge.stores._source import SourceFile
-from loopbridge.stores.protocol import ObjectInfo, PutResult
+from loopbridge.stores.protocol import GetResult, ObjectInfo, PutResult
 
 __all__ = ["MiB", "S3Store"]
 
@@ -85,6 +85,21 @@ class S3Store(Multipart, SinglePut):
             return data
 
         return await self._call("GetObject", full_key, get)
+
+    async def get_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        expected_sha256: str | None = None,
+        expected_size: int | None = None,
+    ) -> GetResult:
+        """Stream `key` into the file `path` (parallel ranged GETs when large), verified."""
+        from loopbridge.stores._s3_download import download
+
+        return await download(
+            self, key, path, expected_sha256=expected_sha256, expected_size=expected_size
+        )
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every object whose key starts with `prefix`, sorted by key."""
