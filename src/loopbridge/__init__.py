@@ -28,6 +28,7 @@ from loopbridge._experiment import Experiment
 from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._ranks import RankInfo, detect_rank, every_rank
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 from loopbridge._types import (
     ArmResult,
@@ -72,6 +73,7 @@ __all__ = [
     "ManifestRow",
     "MissingExtraError",
     "PermanentStoreError",
+    "RankInfo",
     "RunResult",
     "RunStatus",
     "StoreError",
@@ -81,5 +83,7 @@ __all__ = [
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "detect_rank",
+    "every_rank",
     "stores",
 ]

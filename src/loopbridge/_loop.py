@@ -21,6 +21,7 @@ from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
 from loopbridge._profile import HookProfiler, ProfileMark
+from loopbridge._rank_reports import gather_reports
 from loopbridge._records import JsonLinesWriter
 from loopbridge._report import DrainReport
 from loopbridge._types import (
@@ -155,9 +156,17 @@ class TrainLoop:
             out_dir=self.out_dir,
             config=dict(config or {}),
             step=start_step,
+            rank=self.callbacks.rank.rank,
+            world_size=self.callbacks.rank.world_size,
         )
         self._start_step = start_step
-        self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
+        self.ctx = LogContext(
+            experiment_name=name,
+            run_name=name,
+            run_config=dict(config or {}),
+            rank=self.state.rank,
+            world_size=self.state.world_size,
+        )
         self.artifacts: LoopArtifacts | None = None
         self._profile_mark: ProfileMark | None = None
         self._ran = False
@@ -278,7 +287,13 @@ class TrainLoop:
         )
         self.artifacts = artifacts
         cbs.on_train_end(state, artifacts)
-        artifacts.drain_report = self._drain()
+        # Under torchrun, rank 0's report also holds every other rank's (docs/distributed.md).
+        artifacts.drain_report = gather_reports(
+            self._drain(),
+            self.callbacks.rank,
+            run_name=state.run_name,
+            timeout=(self.drain_timeout or 300.0) + 30.0,
+        )
         report = artifacts.drain_report
         assert self._bridge is not None  # run() sets it
         artifacts.bridge_stats = self._bridge.stats

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loopbridge._exceptions import JournalError, LoopbridgeError
+from loopbridge.callbacks._sharded import ShardedCommit, read_ranks_file
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
 from loopbridge.journal import UploadIntent, UploadJournal, find_journals
 from loopbridge.stores import ObjectStore, open_store
@@ -106,7 +107,9 @@ async def _resume_all(
 ) -> None:
     """Open every journal and store, then resume each run's open intents on this loop."""
     journals: list[UploadJournal] = []
-    uploaders: dict[tuple[str, tuple[tuple[str, str], ...]], CheckpointUploader | str] = {}
+    uploaders: dict[
+        tuple[str, tuple[tuple[str, str], ...], ShardedCommit | None], CheckpointUploader | str
+    ] = {}
     runs: dict[tuple[Path, str, str], list[tuple[UploadJournal, UploadIntent]]] = {}
     finished: set[tuple[Path, int]] = set()
     try:
@@ -133,9 +136,11 @@ async def _resume_all(
             if endpoint_url is not None:
                 options["endpoint_url"] = endpoint_url
             url = store or dest
-            key = (url, tuple(sorted(options.items())))
+            # A sharded rank's out dir says which rank it was (docs/distributed.md).
+            sharded = read_ranks_file(path.parent)
+            key = (url, tuple(sorted(options.items())), sharded)
             if key not in uploaders:
-                uploaders[key] = _uploader(url, options)
+                uploaders[key] = _uploader(url, options, sharded)
             tasks.append(_resume_run(report, path, uploaders[key], items, finished))
         try:
             async with asyncio.timeout(limit):
@@ -151,14 +156,25 @@ async def _resume_all(
             journal.close()
 
 
-def _uploader(url: str, options: dict[str, str]) -> CheckpointUploader | str:
-    """An uploader over the store `url` names, or why that store cannot be opened."""
+def _uploader(
+    url: str, options: dict[str, str], sharded: ShardedCommit | None = None
+) -> CheckpointUploader | str:
+    """An uploader over the store `url` names (as the recorded rank), or why it cannot open."""
     try:
         kwargs: dict[str, Any] = dict(options) if url.startswith("s3://") else {}
         store = open_store(url, **kwargs)
     except (ValueError, TypeError, LoopbridgeError) as exc:
         return f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url)"
-    return CheckpointUploader("", store=store, journal=False)
+    if sharded is None:
+        return CheckpointUploader("", store=store, journal=False)
+    return CheckpointUploader(
+        "",
+        store=store,
+        journal=False,
+        ranks="sharded",
+        rank=sharded.rank,
+        rank_timeout=sharded.timeout,
+    )
 
 
 async def _resume_run(

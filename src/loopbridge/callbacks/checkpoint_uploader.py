@@ -27,6 +27,11 @@ With `journal=True` (the default) each upload is recorded in the run's upload jo
 (`loopbridge.journal`) before it is queued, and marked published after `latest` is written.
 When a run starts again on the same out dir, its open intents are uploaded first; `loopbridge
 resume OUT_DIR` does the same without training. Publishing a checkpoint twice is harmless.
+
+Under torchrun (`ranks=`, see docs/distributed.md): by default only global rank 0 uploads
+(DDP: rank 0 saves the whole checkpoint); with `ranks="sharded"` every rank uploads the files
+it saved into the step and rank 0 publishes it once every rank's files are verified in the
+store (`callbacks/_sharded.py`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._ranks import RankInfo, detect_rank
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -56,6 +62,7 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._sharded import RankMode, ShardedCommit
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
@@ -134,6 +141,12 @@ class CheckpointUploader(Callback):
         store: an `ObjectStore` to write to instead of opening one from `dest`.
         journal: record each upload in the run's upload journal first, and finish the open
             ones of an earlier process when a run starts again on the same out dir.
+        ranks: under torchrun, "zero" (the default: only global rank 0 uploads, other ranks
+            do nothing) or "sharded" (every rank uploads its files of each step; rank 0
+            publishes the step once all ranks' files are in the store).
+        rank_timeout: with "sharded", how long rank 0 waits for the other ranks' files of a
+            step before failing it (on the background loop, never the training thread).
+        rank: the rank to act as; detected from torchrun's environment by default.
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
 
@@ -154,7 +167,24 @@ class CheckpointUploader(Callback):
         call_timeout: float = 120.0,
         max_attempts: int = 5,
         journal: bool = True,
+        ranks: RankMode = "zero",
+        rank_timeout: float = 600.0,
+        rank: RankInfo | None = None,
     ) -> None:
+        if ranks not in ("zero", "sharded"):
+            msg = (
+                f"CheckpointUploader(ranks={ranks!r}): use 'zero' (rank 0 saves the whole "
+                f"checkpoint, as with DDP) or 'sharded' (every rank saves its own files)"
+            )
+            raise ValueError(msg)
+        if not rank_timeout > 0:
+            msg = f"CheckpointUploader(rank_timeout={rank_timeout!r}): give seconds, > 0"
+            raise ValueError(msg)
+        rank = detect_rank() if rank is None else rank
+        self.ranks: RankMode = ranks
+        # Rank-0 saving: on the other ranks the uploader is left out of the callback list.
+        self.rank_zero_only = ranks == "zero"
+        self._sharded = ShardedCommit(rank, rank_timeout) if ranks == "sharded" else None
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
@@ -229,6 +259,8 @@ class CheckpointUploader(Callback):
 
     def on_train_start(self, state: LoopState) -> None:
         """Open the run's journal; queue the uploads an earlier process left unfinished in it."""
+        if self._sharded is not None:
+            self._sharded.write_ranks_file(state.out_dir)
         if not self.journal:
             return
         # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs.
@@ -400,7 +432,8 @@ class CheckpointUploader(Callback):
         try:
             if entry is not None:
                 entry.attempt()
-            done = await resume_shortcut(self.store, row, step_prefix, MARKER) if resume else None
+            marker = MARKER if self._sharded is None else self._sharded.marker
+            done = await resume_shortcut(self.store, row, step_prefix, marker) if resume else None
             if done is not None:
                 shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
             else:
@@ -418,12 +451,23 @@ class CheckpointUploader(Callback):
                     f"manifest row says {row.size_bytes}; it was modified after it was saved"
                 )
                 raise IntegrityError(msg, key=step_prefix)
+            sharded = self._sharded
+            if sharded is not None:
+                files = [shard.to_json() for shard in shards]
+                await sharded.commit(self.store, row, step_prefix, files, sent)
             if previous is not None:
                 await _wait_for(previous)
-            await self._publish(row, run_prefix, step_dir, shards)
+            if sharded is None:
+                await self._publish(row, run_prefix, step_dir, shards)
+            elif sharded.publishes:
+                row, files = await sharded.gather(self.store, row, step_prefix)
+                shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+                await self._publish(row, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
         except Exception as exc:
+            if self._sharded is not None:
+                await self._sharded.report_failure(self.store, row, step_prefix, exc)
             await self._discard(sent)
             if entry is not None:
                 entry.failed(exc)

@@ -106,6 +106,8 @@ class MLflowLogger(Callback):
         retry: the retry policy for 5xx, 429, connection errors and timeouts.
     """
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(
         self,
         tracking_uri: str,
@@ -183,6 +185,8 @@ class MLflowLogger(Callback):
         ):
             if value is not None:
                 tags[tag] = str(value)
+        if ctx.world_size > 1:  # acting on every rank (loopbridge.every_rank): say which
+            tags["loopbridge.rank"] = str(ctx.rank)
         parent = ctx.ids.get(f"group:{ctx.group_name}") if ctx.group_name else None
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
@@ -204,6 +208,8 @@ class MLflowLogger(Callback):
                 self._ensure_experiment(name), timeout=self._call_timeout
             )
         tags = {"loopbridge.kind": "run", "loopbridge.run_id": state.run_id}
+        if state.world_size > 1:
+            tags["loopbridge.rank"] = str(state.rank)
         info = self.call(
             self._create_run(
                 self._experiment_id, state.run_name, tags, flatten_config(state.config)
