@@ -199,7 +199,10 @@ class JsonlLogger(Callback):
         )
 
     async def _write(self, path: Path, rows: list[_Row]) -> int:
-        written = await asyncio.to_thread(_append, path, rows, self._fsync, self._rank)
+        if self._rank is None:
+            written = await asyncio.to_thread(_append, path, rows, self._fsync)
+        else:
+            written = await asyncio.to_thread(_append, path, rows, self._fsync, self._rank)
         self.rows_written += written
         return written
 
