@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.fixtures.http import DashboardServer
 from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status, Throttle
@@ -129,7 +128,8 @@ class TestRankZeroSaves:
             checkpoint_every=2,
         )
         assert job.wait() == 0, job.output()
-        assert job.result(0)["ok"] and job.result(1)["ok"], job.output()
+        assert job.result(0)["ok"], job.output()
+        assert job.result(1)["ok"], job.output()
         assert job.result(1)["uploaded"] == 0
         for step in (2, 4):
             key = f"ddp/{RUN}/step-{step:08d}/step-{step:08d}"
@@ -156,7 +156,8 @@ class TestRankZeroSaves:
         assert not (job.out_dir(1) / "events.jsonl").exists()
         for rank in (0, 1):
             rows = (tmp_path / f"all-ranks-{rank}.jsonl").read_text().splitlines()
-            assert rows and {json.loads(row)["rank"] for row in rows} == {rank}
+            assert rows
+            assert {json.loads(row)["rank"] for row in rows} == {rank}
 
 
 class TestSharded:
@@ -173,7 +174,8 @@ class TestSharded:
             checkpoint_every=2,
         )
         assert job.wait() == 0, job.output()
-        assert job.result(0)["ok"] and job.result(1)["ok"], job.output()
+        assert job.result(0)["ok"], job.output()
+        assert job.result(1)["ok"], job.output()
         for step in (2, 4):
             step_dir = f"step-{step:08d}"
             prefix = f"sh/{RUN}/{step_dir}"

@@ -225,7 +225,8 @@ class ShardedCommit:
                     f"checkpoint step {step}: rank(s) {names} did not finish uploading their "
                     f"files within {self.timeout:g}s (no {rank_marker(missing[0])} under "
                     f"{step_prefix}); the step is not published. Run `loopbridge resume` on "
-                    f"those ranks' out dirs, then on rank 0's"
+                    f"those ranks' out dirs, then on rank 0's. Every rank must upload to the "
+                    f"same destination with the same run_name"
                 )
                 raise IntegrityError(msg, key=step_prefix)
             await asyncio.sleep(min(pause, left))
