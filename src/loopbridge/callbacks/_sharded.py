@@ -31,7 +31,8 @@ from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import IntegrityError
 from loopbridge._ranks import RankInfo
 from loopbridge._types import ManifestRow
-from loopbridge.stores import ObjectStore
+from loopbridge.callbacks._upload_journal import resume_shortcut
+from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
 
 __all__ = ["RANKS_FILE", "RankMode", "ShardedCommit", "read_ranks_file"]
@@ -190,9 +191,18 @@ class ShardedCommit:
                 exc,
             )
 
-    async def clear_failure(self, store: ObjectStore, step_prefix: str) -> None:
-        """Remove this rank's failure marker of a step it now completed (a resume)."""
-        await store.delete([join_key(step_prefix, failed_marker(self.rank.rank))])
+    async def resume_shortcut(
+        self, store: ObjectStore, row: ManifestRow, step_prefix: str
+    ) -> list[dict[str, Any]] | None:
+        """Prepare a resumed upload of this rank's part; its files if its marker says done.
+
+        Stale multipart uploads are cleared under this rank's own file names only: other ranks
+        may be uploading into the same step right now (all ranks resume at once on a restart).
+        """
+        if isinstance(store, CleansStaleUploads) and await asyncio.to_thread(row.path.exists):
+            for rel in await asyncio.to_thread(_local_files, row.path):
+                await store.abort_stale_uploads(join_key(step_prefix, rel))
+        return await resume_shortcut(store, row, step_prefix, self.marker, clean_stale=False)
 
     async def _wait_for_markers(
         self, store: ObjectStore, step: int, step_prefix: str

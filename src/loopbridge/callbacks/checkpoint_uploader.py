@@ -432,8 +432,11 @@ class CheckpointUploader(Callback):
         try:
             if entry is not None:
                 entry.attempt()
-            marker = MARKER if self._sharded is None else self._sharded.marker
-            done = await resume_shortcut(self.store, row, step_prefix, marker) if resume else None
+            done = None
+            if resume and self._sharded is not None:
+                done = await self._sharded.resume_shortcut(self.store, row, step_prefix)
+            elif resume:
+                done = await resume_shortcut(self.store, row, step_prefix, MARKER)
             if done is not None:
                 shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
             else:
