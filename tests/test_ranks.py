@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
+import warnings
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import loopbridge as lb
-from loopbridge._rank_reports import RankTaskError, _report_of, _summary
+from loopbridge._rank_reports import RankTaskError, _report_of, _summary, gather_reports
 from loopbridge.callbacks import CheckpointUploader, JsonlLogger
 from loopbridge.callbacks._sharded import (
     RANKS_FILE,
@@ -240,3 +244,38 @@ class TestReports:
         assert record.name == "rank 1: upload step 2"
         assert isinstance(record.exception, RankTaskError)
         assert "OSError: denied" in str(record.exception)
+
+
+class TestGatherOverTCPStore:
+    """The real mechanism: a torch TCPStore on loopback, as torchrun serves one."""
+
+    @pytest.fixture
+    def tcp_store(self, monkeypatch: pytest.MonkeyPatch) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns when numpy is missing
+            import torch.distributed as dist
+        master = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)
+        )
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(master.port))
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", uuid.uuid4().hex)
+        return master
+
+    def test_rank_zero_report_holds_rank_ones_failure(self, tcp_store: Any) -> None:
+        """Rank 1's failed upload is in rank 0's merged report, named after rank 1."""
+        failed = lb.TaskRecord("upload step 2", None, OSError("denied: shard-1.bin"))
+        own = lb.DrainReport(completed=1, failed=(failed,))
+        assert gather_reports(own, lb.RankInfo(1, 2), run_name="r", timeout=10) is own
+        merged = gather_reports(
+            lb.DrainReport(completed=2), lb.RankInfo(0, 2), run_name="r", timeout=10
+        )
+        assert merged.completed == 3
+        assert [r.name for r in merged.failed] == ["rank 1: upload step 2"]
+        assert "shard-1.bin" in merged.summary()
+
+    def test_a_silent_rank_is_a_failure_on_rank_zero(self, tcp_store: Any) -> None:
+        """A rank that sends no report within the bound fails rank 0's report, named."""
+        merged = gather_reports(lb.DrainReport(), lb.RankInfo(0, 2), run_name="s", timeout=0.3)
+        assert [r.name for r in merged.failed] == ["rank 1"]
+        assert "rank 1 sent no report" in str(merged.failed[0].exception)

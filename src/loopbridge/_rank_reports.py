@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -32,7 +33,7 @@ __all__ = ["RankTaskError", "gather_reports"]
 logger = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT = 30.0
-_runs: Counter[str] = Counter()  # reports exchanged per run name in this process
+_runs: Counter[tuple[int, str]] = Counter()  # reports sent per (rank, run name) in this process
 
 
 class RankTaskError(LoopbridgeError):
@@ -57,18 +58,21 @@ def gather_reports(
             rank,
         )
         return report
-    _runs[run_name] += 1
+    # Every rank runs the same program, so the n-th run of a name is the same run everywhere.
+    _runs[rank.rank, run_name] += 1
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    prefix = f"loopbridge/report/{job}/{restart}/{run_name}/{_runs[run_name]}"
+    prefix = f"loopbridge/report/{job}/{restart}/{run_name}/{_runs[rank.rank, run_name]}"
     store.set(f"{prefix}/{rank.rank}", json.dumps(_summary(report)))
     if not rank.is_zero:
         return report
     merged = report
+    deadline = time.monotonic() + timeout  # one deadline for all ranks, not one each
     for other in range(1, rank.world_size):
         key = f"{prefix}/{other}"
         try:
-            store.wait([key], timedelta(seconds=timeout))
+            left = max(deadline - time.monotonic(), 0.001)
+            store.wait([key], timedelta(seconds=left))
             data = json.loads(store.get(key))
         except Exception as exc:  # torch raises its own DistStoreError on a timeout
             detail = f"rank {other} sent no report of its background work within {timeout:g}s"
