@@ -199,6 +199,8 @@ class ShardedCommit:
         Stale multipart uploads are cleared under this rank's own file names only: other ranks
         may be uploading into the same step right now (all ranks resume at once on a restart).
         """
+        # An earlier attempt's failure must not fail the step while this one is under way.
+        await store.delete([join_key(step_prefix, failed_marker(self.rank.rank))])
         if isinstance(store, CleansStaleUploads) and await asyncio.to_thread(row.path.exists):
             for rel in await asyncio.to_thread(_local_files, row.path):
                 await store.abort_stale_uploads(join_key(step_prefix, rel))
