@@ -8,6 +8,9 @@
 
 The dashboard server runs in a subprocess, so it does not compete for this process's GIL.
 
+Targets (PASS/FAIL, exit 1 on a FAIL): traced memory flat within 1 MiB, and every step
+delivered or counted as dropped.
+
 Run: .venv/bin/python benchmarks/bench_dashboard.py [--quick]
 """
 
@@ -29,6 +32,8 @@ from pathlib import Path
 from loopbridge import Bridge
 from loopbridge._types import LoopArtifacts, LoopState, TrainingBatch
 from loopbridge.callbacks import HttpDashboard
+
+FLAT_MIB = 1.0
 
 METRICS = {f"metric_{i}": float(i) / 7 for i in range(10)}
 
@@ -211,8 +216,9 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_with_slow_dashboard(n_steps: int, url: str) -> None:
-    """Part 2: memory sampled while a slow dashboard makes the buffer overflow."""
+def memory_with_slow_dashboard(n_steps: int, url: str) -> bool:
+    """Part 2: memory sampled while a slow dashboard makes the buffer overflow; True if the
+    targets are met (memory flat, every step delivered or counted as dropped)."""
     buffer_rows = 2_000
     tmp = Path("/tmp")
     batch = TrainingBatch(0, None)
@@ -245,20 +251,33 @@ def memory_with_slow_dashboard(n_steps: int, url: str) -> None:
         print(f"   {step:8,} {traced_mib:11.2f} {peak_mib:9.2f} {rss:8.1f}")
     first, last = samples[1], samples[-1]
     growth = last[1] - first[1]
+    flat = abs(growth) < FLAT_MIB
     print(
         f"   traced memory from step {first[0]:,} to {last[0]:,}: {growth:+.2f} MiB "
-        f"({'flat' if abs(growth) < 1.0 else 'NOT flat'})"
+        f"({'flat' if flat else 'NOT flat'})"
     )
+    accounted = summary.step_rows + summary.dropped_rows
     print(
         f"   loop ran {loop_s:.2f} s; delivered {summary.step_rows:,} step rows in "
         f"{summary.requests:,} requests; dropped {summary.dropped_rows:,} "
         f"(drain report losses: {sum(loss.count for loss in report.losses):,}); "
-        f"delivered + dropped = {summary.step_rows + summary.dropped_rows:,}"
+        f"delivered + dropped = {accounted:,}"
     )
+    counted = accounted == n_steps
+    print("\ndashboard targets:")
+    print(
+        f"{'PASS' if flat else 'FAIL'}  traced memory growth from step {first[0]:,} to "
+        f"{last[0]:,}: {growth:+.2f} MiB (|growth| < {FLAT_MIB:g} MiB)"
+    )
+    print(
+        f"{'PASS' if counted else 'FAIL'}  every step delivered or counted as dropped: "
+        f"{accounted:,} of {n_steps:,}"
+    )
+    return flat and counted
 
 
-def main() -> None:
-    """Run both parts and print the tables."""
+def main() -> int:
+    """Run both parts and print the tables; 1 if a target is not met."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer calls, for a smoke run")
     args = parser.parse_args()
@@ -268,8 +287,9 @@ def main() -> None:
     with dashboard_server(0.0) as url:
         cost_of_on_step_end(n, repeats, n_live, live_repeats, url)
     with dashboard_server(0.05) as url:
-        memory_with_slow_dashboard(20_000 if args.quick else 100_000, url)
+        ok = memory_with_slow_dashboard(20_000 if args.quick else 100_000, url)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

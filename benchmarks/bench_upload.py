@@ -1,24 +1,35 @@
 """What uploading checkpoints costs a training loop: loopbridge against the usual ways.
 
-One run, the same CPU-bound pure-Python training loop (about 10 ms steps) saving four 64 MiB
-checkpoints, four ways:
+The same training loop (200 steps, a checkpoint every 50: four 64 MiB checkpoints) runs once
+per way of uploading, for each step kind: a pure-Python step (~10 ms, holds the GIL) and,
+when torch is installed, a real torch MLP step on one CPU thread.
 
-  none         no upload (the floor)
-  loopbridge   CheckpointUploader to the local S3 server, in the background
-  inline       boto3 `upload_file` called inside on_checkpoint (what many users do)
-  thread pool  boto3 `upload_file` submitted to a ThreadPoolExecutor, awaited at train end
+  none               no upload (the floor)
+  loopbridge         CheckpointUploader to the local S3 server (default: a worker process)
+  loopbridge thread  the same with upload_in="thread" (the bridge's threads, this process)
+  inline             boto3 upload_file called inside on_checkpoint
+  thread pool        boto3 upload_file in a ThreadPoolExecutor, awaited at train end
+  process pool       boto3 upload_file in a ProcessPoolExecutor (as Composer does)
 
-and, as the throughput baseline, boto3 `upload_file` of the same files with no training.
-For each way it prints the loop's wall time (until every upload is done) and its ratio to
-`none`, the p99 and max step time (the gap between step starts, minus the save and hash of
-a checkpoint, which every way pays alike), the training thread's off-CPU share while it
-trains (1 - thread CPU time / wall time: waiting on I/O or the GIL), and upload MiB/s.
-Medians over repeats, the ways interleaved within each repeat.
+Step times include everything the library does on the training thread (only the user's own
+save() is taken out, which every way pays alike). Per way: wall time, p99 and max step,
+the training thread's off-CPU share while it trains (1 - its CPU time / wall time) and its
+blocked share (the same minus the time it was runnable but waiting for a core, from Linux
+schedstat: the part other tenants' load does not explain; the GIL and I/O), upload
+MiB/s, client CPU seconds per GiB uploaded (this process's CPU minus the training thread's,
+plus its worker processes'; for `inline` the upload's CPU is on the training thread
+instead), and the training thread's wall and CPU time added per checkpoint (from the end
+of save() to the next step). With no training, boto3 upload_file alone and loopbridge alone
+give the throughput and client CPU per GiB baselines. Medians over repeats, ways interleaved.
 
-moto's S3 server runs in a subprocess, so its request parsing does not compete for this
-process's GIL, as a real S3 endpoint would not.
+The S3 server (moto) runs in its own process, pinned to the other core and at nice 19; the
+training thread is pinned to its own core while it trains, and each client's background
+threads and worker processes to the server's core: identically for every way (the "alone"
+runs are not pinned). `none` still hashes each checkpoint (the library's default) on
+loopbridge's background thread.
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 3] [--quick]
+Exit status 1 when a target fails.
 """
 
 from __future__ import annotations
@@ -26,162 +37,39 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import boto3
-from botocore.config import Config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import loopbridge as lb
-from loopbridge._digest import digest_path
-from loopbridge._types import LoopArtifacts, LoopState, ManifestRow, TrainingBatch
-from loopbridge.callbacks import CheckpointUploader
-
-MiB = 1 << 20
-BUCKET = "bench-upload"
-
-_MOTO = textwrap.dedent(
-    """
-    import logging, sys
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server.get_host_and_port()[1], flush=True)
-    sys.stdin.read()
-    server.stop()
-    """
+from benchmarks._upload_ways import (
+    BUCKET,
+    InlineBoto3,
+    MiB,
+    PoolBoto3,
+    Timer,
+    empty_bucket,
+    moto_server,
+    pin_to_client_core,
+    proc_cpu,
+    python_step,
+    s3_client,
+    torch_step,
 )
 
+import loopbridge as lb
+from loopbridge import _row_digest
+from loopbridge._types import LoopState, ManifestRow, TrainingBatch
+from loopbridge.callbacks import CheckpointUploader
+from loopbridge.stores._process import ProcessStore
 
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server in a subprocess on a free loopback port; stops when stdin closes."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        line = proc.stdout.readline().strip() if proc.stdout is not None else ""
-        if not line.isdigit():
-            raise RuntimeError("moto's S3 server did not start in the benchmark's subprocess")
-        yield f"http://127.0.0.1:{line}"
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# -- the training loop ------------------------------------------------------------------------
-
-
-def _burn(n: int) -> int:
-    """Pure-Python work that holds the GIL, like a Python-heavy training step."""
-    x = 0
-    for i in range(n):
-        x = (x * 31 + i) & 0xFFFF
-    return x
-
-
-def calibrate(target_s: float = 0.010) -> int:
-    """The `_burn` size that takes about `target_s` on this machine right now."""
-    n = 10_000
-    while True:
-        started = time.perf_counter()
-        _burn(n)
-        took = time.perf_counter() - started
-        if took > 0.002:
-            break
-        n *= 2
-    samples = []
-    for _ in range(5):
-        started = time.perf_counter()
-        _burn(n)
-        samples.append(time.perf_counter() - started)
-    return max(1, int(n * target_s / statistics.median(samples)))
-
-
-class Timer(lb.Callback):
-    """Records when steps start, when checkpoints were ready, and the training thread's CPU."""
-
-    def __init__(self) -> None:
-        self.step_starts: list[float] = []
-        self.saves: list[tuple[float, float]] = []  # (save started, row ready: saved + hashed)
-        self.save_started = 0.0
-        self.train_wall = 0.0
-        self.train_cpu = 0.0
-
-    def on_train_start(self, state: LoopState) -> None:
-        self.train_wall = -time.perf_counter()
-        self.train_cpu = -time.thread_time()
-
-    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-        self.saves.append((self.save_started, time.perf_counter()))
-
-    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        # Registered first, so this runs before a thread pool's wait at train end.
-        self.train_wall += time.perf_counter()
-        self.train_cpu += time.thread_time()
-
-    def step_times(self) -> list[float]:
-        """Gaps between step starts, minus the checkpoint save and hash inside each gap."""
-        gaps = []
-        for before, after in zip(self.step_starts, self.step_starts[1:], strict=False):
-            saving = sum(ready - start for start, ready in self.saves if before <= start < after)
-            gaps.append(after - before - saving)
-        return gaps
-
-
-class InlineBoto3(lb.Callback):
-    """boto3 upload_file inside the hook: the loop waits for every upload."""
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.seconds = 0.0
-        self.bytes = 0
-
-    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-        started = time.perf_counter()
-        self.client.upload_file(str(row.path), BUCKET, f"{self.prefix}/{row.path.name}")
-        self.seconds += time.perf_counter() - started
-        self.bytes += row.size_bytes
-
-
-class PoolBoto3(lb.Callback):
-    """boto3 upload_file on a one-thread pool (in order, like one run's uploads), awaited at end."""
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-upload")
-        self.futures: list[Future[float]] = []
-        self.bytes = 0
-
-    def _upload(self, path: Path) -> float:
-        started = time.perf_counter()
-        self.client.upload_file(str(path), BUCKET, f"{self.prefix}/{path.name}")
-        return time.perf_counter() - started
-
-    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-        self.futures.append(self.pool.submit(self._upload, row.path))
-        self.bytes += row.size_bytes
-
-    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        self.seconds = sum(future.result() for future in self.futures)
-        self.pool.shutdown()
+GiB = 1 << 30
+WARM_BYTES = 9 * MiB  # over both clients' 8 MiB multipart threshold
+WAYS = ["none", "loopbridge", "loopbridge thread", "inline", "thread pool", "process pool"]
 
 
 @dataclass
@@ -189,11 +77,14 @@ class Result:
     """One way's numbers from one repeat."""
 
     wall: float
-    p99_step: float
+    p99: float
     max_step: float
     off_cpu: float
-    mb_per_s: float | None
-    upload_seconds: list[float] = field(default_factory=list)
+    blocked: float
+    mb_s: float
+    cpu_gib: float
+    added_ms: float
+    added_cpu_ms: float
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -201,50 +92,73 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _worker_pids(uploader: CheckpointUploader | None, boto: object) -> list[int]:
+    if uploader is not None and isinstance(uploader.store, ProcessStore):
+        worker = uploader.store._worker
+        return [worker.proc.pid] if worker is not None else []
+    pids = getattr(boto, "worker_pids", None)
+    return pids() if pids is not None else []
+
+
+async def _pinned() -> None:
+    pin_to_client_core()
+
+
+async def _warm_up(uploader: CheckpointUploader, path: Path) -> None:
+    """Every request kind the uploader makes, once: botocore loads models on first use."""
+    store = uploader.store
+    await store.put_file("warm/file", path)
+    await store.put_bytes("warm/small", b"{}")
+    await store.get_bytes("warm/small")
+    await store.list("warm/")
+    await store.delete(["warm/file", "warm/small"])
+
+
 def run_way(
-    way: str,
-    *,
-    endpoint: str,
-    work: int,
-    steps: int,
-    every: int,
-    payload: bytes,
-    tmp: Path,
-    tag: str,
+    way: str, step_fn: Callable[[], None], *, endpoint: str, payload: bytes, tmp: Path, tag: str
 ) -> Result:
     """Train once with `way` of uploading, and measure."""
+    steps, every = 200, 50
     timer = Timer()
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
-    )
-    extra: list[lb.Callback] = []
+    # Every way's client is warmed with one multipart-sized upload before training, as a long
+    # job's would be: botocore loads each operation's model on first use, once per process.
+    warm = tmp / f"{tag}-warm"
+    warm.write_bytes(b"w" * WARM_BYTES)
     uploader: CheckpointUploader | None = None
-    boto_way: InlineBoto3 | PoolBoto3 | None = None
-    if way == "loopbridge":
-        uploader = CheckpointUploader(f"s3://{BUCKET}/{tag}", endpoint_url=endpoint)
-        extra.append(uploader)
+    boto: InlineBoto3 | PoolBoto3 | None = None
+    client = s3_client(endpoint)
+    bridge = lb.Bridge(name=f"bench-{tag}")
+    # The bridge thread, and the threads and worker it starts, on the clients' core.
+    bridge.call(_pinned())
+    if way.startswith("loopbridge"):
+        mode = "thread" if way.endswith("thread") else "process"
+        uploader = CheckpointUploader(
+            f"s3://{BUCKET}/{tag}",
+            endpoint_url=endpoint,
+            upload_in=mode,  # type: ignore[arg-type]
+        )
+        # Started before training, as a long job's would be: the worker, and both clients.
+        bridge.call(_warm_up(uploader, warm))
     elif way == "inline":
-        boto_way = InlineBoto3(client, tag)
-        extra.append(boto_way)
-    elif way == "thread pool":
-        boto_way = PoolBoto3(client, tag)
-        extra.append(boto_way)
+        boto = InlineBoto3(client, tag)
+        client.upload_file(str(warm), BUCKET, f"{tag}/warm")
+    elif way in ("thread pool", "process pool"):
+        boto = PoolBoto3(endpoint, tag, processes=way == "process pool")
+        boto.warm(warm)
 
     def step(state: LoopState, batch: TrainingBatch) -> None:
-        timer.step_starts.append(time.perf_counter())
-        _burn(work)
+        timer.step_began()
+        step_fn()
 
     def save(state: LoopState, path: Path) -> None:
-        timer.save_started = time.perf_counter()
+        began = time.perf_counter()
         with path.open("wb") as fh:
             fh.write(state.step.to_bytes(8, "little"))  # each checkpoint's bytes differ
             fh.write(payload[8:])
+        timer.saves.append((began, time.perf_counter()))
+        timer.save_ended_cpu = time.thread_time()
 
-    # Every way starts warm: boto3's client exists already, so open the uploader's client
-    # on the bridge loop too (botocore loads its service model once per client).
-    bridge = lb.Bridge(name=f"bench-{tag}")
-    if uploader is not None:
-        bridge.call(uploader.store.head("warm-up"))
+    callbacks: list[lb.Callback] = [timer, *(c for c in (uploader, boto) if c is not None)]
     loop = lb.TrainLoop(
         step,
         range(steps),
@@ -252,201 +166,219 @@ def run_way(
         out_dir=tmp / tag,
         save=save,
         checkpoint_every=every,
-        callbacks=[timer, *extra],
+        callbacks=callbacks,
         run_name=tag,
         bridge=bridge,
     )
+    pids = _worker_pids(uploader, boto)
+    workers_before = sum(proc_cpu(pid) for pid in pids)
+    cpu_before, thread_before = time.process_time(), time.thread_time()
     started = time.perf_counter()
     artifacts = loop.run()
     wall = time.perf_counter() - started
+    thread_cpu = time.thread_time() - thread_before
+    workers = sum(proc_cpu(pid) for pid in pids) - workers_before
+    client_cpu = time.process_time() - cpu_before - thread_cpu + workers
     bridge.close()
-    mb_per_s: float | None = None
+    uploaded = len(artifacts.manifest) * len(payload)
+    mb_s = float("nan")
     if uploader is not None:
         summary = uploader.summary
         if summary.failed or summary.uploaded != len(artifacts.manifest):
             raise RuntimeError(f"loopbridge uploads failed: {summary}")
-        mb_per_s = summary.bytes_uploaded / MiB / summary.seconds
-    elif boto_way is not None:
-        mb_per_s = boto_way.bytes / MiB / boto_way.seconds
+        mb_s = summary.bytes_uploaded / MiB / summary.seconds
+    elif boto is not None:
+        mb_s = boto.bytes / MiB / boto.seconds
+    if isinstance(boto, PoolBoto3):
+        boto.close()
     gaps = timer.step_times()
     for row in artifacts.manifest:
         row.path.unlink()
-    _empty_bucket(client)
+    empty_bucket(client)
     client.close()
     return Result(
         wall=wall,
-        p99_step=_percentile(gaps, 0.99),
-        max_step=max(gaps),
-        off_cpu=1 - timer.train_cpu / timer.train_wall,
-        mb_per_s=mb_per_s,
+        p99=_percentile(gaps, 0.99) * 1e3,
+        max_step=max(gaps) * 1e3,
+        off_cpu=(1 - timer.train_cpu / timer.train_wall) * 100,
+        blocked=(1 - (timer.train_cpu + timer.train_queued) / timer.train_wall) * 100,
+        mb_s=mb_s,
+        cpu_gib=client_cpu / (uploaded / GiB) if way != "none" else float("nan"),
+        added_ms=statistics.median(timer.added_wall) * 1e3,
+        added_cpu_ms=statistics.median(timer.added_cpu) * 1e3,
     )
 
 
-def boto3_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> float:
-    """MiB/s of boto3 upload_file of the same checkpoints, one after another, no training."""
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
-    )
+def _files(tmp: Path, payload: bytes, count: int, name: str) -> list[Path]:
     paths = []
     for i in range(count):
-        path = tmp / f"alone-{i}"
+        path = tmp / f"{name}-{i}"
         path.write_bytes(i.to_bytes(8, "little") + payload[8:])
         paths.append(path)
-    started = time.perf_counter()
+    return paths
+
+
+def boto3_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> tuple[float, float]:
+    """(MiB/s, client CPU s per GiB) of boto3 upload_file with its defaults, no training."""
+    client = s3_client(endpoint)
+    client.upload_file(str(_files(tmp, b"w" * WARM_BYTES, 1, "alone-warm")[0]), BUCKET, "warm")
+    paths = _files(tmp, payload, count, "alone")
+    cpu, started = time.process_time(), time.perf_counter()
     for path in paths:
         client.upload_file(str(path), BUCKET, f"alone/{path.name}")
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     for path in paths:
         path.unlink()
-    _empty_bucket(client)
+    empty_bucket(client)
     client.close()
-    return len(paths) * len(payload) / MiB / seconds
+    size = count * len(payload)
+    return size / MiB / seconds, cpu / (size / GiB)
 
 
-def loopbridge_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> float:
-    """MiB/s of CheckpointUploader for the same, already saved checkpoints, no training."""
-    rows = []
-    for i in range(count):
-        path = tmp / f"lb-alone-{i}"
-        path.write_bytes(i.to_bytes(8, "little") + payload[8:])
-        size, digest = digest_path(path)
-        rows.append(ManifestRow(i + 1, path, size, digest, time.time(), run_name="alone"))
+def loopbridge_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> tuple[float, float]:
+    """(MiB/s, client CPU s per GiB) of CheckpointUploader (defaults), no training."""
     state = LoopState(run_name="alone", run_id="alone", max_steps=count, out_dir=tmp)
     with lb.Bridge(name="bench-alone") as bridge:
         uploader = CheckpointUploader(f"s3://{BUCKET}/alone", endpoint_url=endpoint)
         callbacks = lb.CallbackList([uploader], bridge=bridge)
-        bridge.call(uploader.store.head("warm-up"))
-        started = time.perf_counter()
-        for row in rows:
+        bridge.call(_warm_up(uploader, _files(tmp, b"w" * WARM_BYTES, 1, "lb-warm")[0]))
+        pids = _worker_pids(uploader, None)
+        paths = _files(tmp, payload, count, "lb-alone")
+        workers = sum(proc_cpu(pid) for pid in pids)
+        cpu, started = time.process_time(), time.perf_counter()
+        for step, path in enumerate(paths, 1):
+            row = ManifestRow.for_checkpoint(path, step=step, run_name="alone")
             callbacks.on_checkpoint(state, row)
         report = bridge.drain()
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        cpu += sum(proc_cpu(pid) for pid in pids) - workers
     if not report.ok:
         raise RuntimeError(f"loopbridge uploads failed: {report.summary()}")
-    for row in rows:
-        row.path.unlink()
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
-    )
-    _empty_bucket(client)
+    for path in paths:
+        path.unlink()
+    client = s3_client(endpoint)
+    empty_bucket(client)
     client.close()
-    return count * len(payload) / MiB / seconds
+    size = count * len(payload)
+    return size / MiB / seconds, cpu / (size / GiB)
 
 
-def _empty_bucket(client: Any) -> None:
-    """Delete everything, so moto's memory stays flat across repeats."""
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=BUCKET):
-        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), Python {sys.version.split()[0]}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 16 MiB checkpoints")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     size = (16 if args.quick else 64) * MiB
-    checkpoints, every = 4, 50
-    steps = every * checkpoints  # checkpoints at 50, 100, 150, and the final one at 200
-
     for name, value in (
         ("AWS_ACCESS_KEY_ID", "bench"),
         ("AWS_SECRET_ACCESS_KEY", "bench"),
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ):
         os.environ.setdefault(name, value)
+    _row_digest._executor()  # the background digest thread, started unpinned like the rest
+    kinds: dict[str, Callable[[], None]] = {"python": python_step()}
+    torch_fn = torch_step()
+    if torch_fn is not None:
+        kinds["torch"] = torch_fn
     payload = os.urandom(size)
-    work = calibrate()
-    ways = ["none", "loopbridge", "inline", "thread pool"]
-    results: dict[str, list[Result]] = {way: [] for way in ways}
-    alone: list[float] = []
-    lb_alone: list[float] = []
+    load_before = os.getloadavg()
+    print(f"bench_upload: {_machine()}; load average {load_before[0]:.2f} at start")
     print(
-        f"bench_upload: {steps} steps of ~10 ms pure Python ({work} iterations), "
-        f"{checkpoints} checkpoints of {size // MiB} MiB, {repeats} repeat(s), "
-        f"{os.cpu_count()} CPUs"
+        f"  200 steps, 4 checkpoints of {size // MiB} MiB, {repeats} repeat(s), step kinds: "
+        + ", ".join(kinds)
+        + ("" if torch_fn is not None else " (torch not installed: no torch step kind)")
     )
-    with moto_server() as endpoint, tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
-        client = boto3.client(
-            "s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"})
-        )
+    results = {(k, w): [] for k in kinds for w in WAYS}  # type: dict[tuple[str, str], list[Result]]
+    alone: dict[str, list[tuple[float, float]]] = {"boto3": [], "loopbridge": []}
+    with moto_server() as (endpoint, how), tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        print(f"  {how}")
+        client = s3_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
         client.close()
         for repeat in range(repeats):
-            alone.append(boto3_alone(endpoint, payload, Path(tmp), checkpoints))
-            lb_alone.append(loopbridge_alone(endpoint, payload, Path(tmp), checkpoints))
-            for way in ways:
-                tag = f"r{repeat}-{way.replace(' ', '-')}"
-                results[way].append(
-                    run_way(
-                        way,
-                        endpoint=endpoint,
-                        work=work,
-                        steps=steps,
-                        every=every,
-                        payload=payload,
-                        tmp=Path(tmp),
-                        tag=tag,
+            alone["boto3"].append(boto3_alone(endpoint, payload, Path(tmp), 4))
+            alone["loopbridge"].append(loopbridge_alone(endpoint, payload, Path(tmp), 4))
+            for kind, step_fn in kinds.items():
+                for way in WAYS:
+                    tag = f"r{repeat}-{kind}-{way.replace(' ', '-')}"
+                    one = run_way(
+                        way, step_fn, endpoint=endpoint, payload=payload, tmp=Path(tmp), tag=tag
                     )
-                )
-                print(f"  repeat {repeat + 1}: {way} done", file=sys.stderr)
-    report(results, statistics.median(alone), statistics.median(lb_alone), size)
+                    results[(kind, way)].append(one)
+                    print(f"  repeat {repeat + 1}: {kind} / {way} done", file=sys.stderr)
+    return report(results, alone, kinds, os.getloadavg())
 
 
 def report(
-    results: dict[str, list[Result]], alone_mb_s: float, lb_alone_mb_s: float, size: int
-) -> None:
-    """Print medians per way, ratios to `none`, and the issue's three targets."""
-    med: Callable[[list[float]], float] = statistics.median
-    base_wall = med([r.wall for r in results["none"]])
-    print()
-    print(
-        f"{'way':<12} {'wall s':>7} {'x none':>7} {'p99 step ms':>12} {'max step ms':>12} "
-        f"{'off-CPU %':>10} {'upload MiB/s':>13}"
+    results: dict[tuple[str, str], list[Result]],
+    alone: dict[str, list[tuple[float, float]]],
+    kinds: dict[str, Callable[[], None]],
+    load_after: tuple[float, float, float],
+) -> int:
+    """Print medians per way and kind, the targets with PASS/FAIL; return the exit status."""
+    med = statistics.median
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    header = (
+        f"{'kind':<7} {'way':<18} {'wall s':>7} {'p99 ms':>7} {'max ms':>7} {'off-CPU%':>8} "
+        f"{'blocked%':>8} "
+        f"{'MiB/s':>7} {'CPU s/GiB':>9} {'ckpt +ms':>8} {'ckpt +CPU ms':>12}"
     )
-    rows: dict[str, dict[str, float]] = {}
-    for way, runs in results.items():
-        speeds = [r.mb_per_s for r in runs if r.mb_per_s is not None]
-        row = {
-            "wall": med([r.wall for r in runs]),
-            "p99": med([r.p99_step for r in runs]) * 1e3,
-            "max": med([r.max_step for r in runs]) * 1e3,
-            "off": med([r.off_cpu for r in runs]) * 100,
-            "mbs": med(speeds) if speeds else float("nan"),
-        }
-        rows[way] = row
-        speed = f"{row['mbs']:13.1f}" if speeds else f"{'-':>13}"
+    print()
+    print(header)
+    for (kind, way), runs in results.items():
+        row = {f: med([getattr(r, f) for r in runs]) for f in Result.__dataclass_fields__}
+        rows[(kind, way)] = row
         print(
-            f"{way:<12} {row['wall']:7.2f} {row['wall'] / base_wall:7.2f} {row['p99']:12.1f} "
-            f"{row['max']:12.1f} {row['off']:10.1f} {speed}"
+            f"{kind:<7} {way:<18} {row['wall']:7.2f} {row['p99']:7.1f} {row['max_step']:7.1f} "
+            f"{row['off_cpu']:8.1f} {row['blocked']:8.1f} {row['mb_s']:7.1f} {row['cpu_gib']:9.2f} "
+            f"{row['added_ms']:8.2f} {row['added_cpu_ms']:12.2f}"
         )
-    for label, speed_alone in (("boto3 alone", alone_mb_s), ("lb alone", lb_alone_mb_s)):
-        print(f"{label:<12} {'':>7} {'':>7} {'':>12} {'':>12} {'':>10} {speed_alone:13.1f}")
-    lbr = rows["loopbridge"]
-    upload_ms = size / MiB * 1e3 / lbr["mbs"] if lbr["mbs"] else float("nan")
+    boto_mbs, boto_cpu = med([a[0] for a in alone["boto3"]]), med([a[1] for a in alone["boto3"]])
+    lb_mbs = med([a[0] for a in alone["loopbridge"]])
+    lb_cpu = med([a[1] for a in alone["loopbridge"]])
+    print(f"{'alone':<7} {'boto3 upload_file':<18} {'':>49} {boto_mbs:7.1f} {boto_cpu:9.2f}")
+    print(f"{'alone':<7} {'loopbridge':<18} {'':>49} {lb_mbs:7.1f} {lb_cpu:9.2f}")
+    print(f"load average at the end: {load_after[0]:.2f}")
+    checks: list[tuple[str, float, str, float]] = [
+        ("client CPU per GiB vs boto3 upload_file (no training)", lb_cpu / boto_cpu, "<=", 1.0),
+        ("throughput vs boto3 upload_file (no training)", lb_mbs / boto_mbs, ">=", 1.0),
+    ]
+    for kind in kinds:
+        lbr, pool = rows[(kind, "loopbridge")], rows[(kind, "thread pool")]
+        none = rows[(kind, "none")]
+        checks += [
+            (f"{kind}: off-CPU share vs thread pool", lbr["off_cpu"] / pool["off_cpu"], "<=", 0.2),
+            (f"{kind}: p99 step vs no upload", lbr["p99"] / none["p99"], "<=", 1.3),
+            (f"{kind}: training-thread ms added per checkpoint", lbr["added_ms"], "<=", 1.0),
+        ]
     print()
-    print(
-        f"loop never waits:     loopbridge p99 step {lbr['p99']:.1f} ms vs one upload "
-        f"~{upload_ms:.0f} ms ({lbr['p99'] / upload_ms:.3f}x)"
-    )
-    print(
-        f"stall vs thread pool: off-CPU {lbr['off']:.1f}% vs {rows['thread pool']['off']:.1f}%, "
-        f"p99 step {lbr['p99']:.1f} vs {rows['thread pool']['p99']:.1f} ms "
-        f"(ratio {lbr['p99'] / rows['thread pool']['p99']:.2f}x)"
-    )
-    pool = rows["thread pool"]
-    print(
-        f"throughput:           with no training, loopbridge {lb_alone_mb_s:.1f} MiB/s vs boto3 "
-        f"upload_file {alone_mb_s:.1f} MiB/s ({lb_alone_mb_s / alone_mb_s:.2f}x; target >= 0.8x)"
-    )
-    print(
-        f"                      while training, loopbridge {lbr['mbs']:.1f} MiB/s vs thread pool "
-        f"{pool['mbs']:.1f} MiB/s ({lbr['mbs'] / pool['mbs']:.2f}x)"
-    )
+    failed = 0
+    for label, value, op, bound in checks:
+        ok = value <= bound if op == "<=" else value >= bound
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.3f} (target {op} {bound})")
+    for kind in kinds:
+        lbr, pool = rows[(kind, "loopbridge")], rows[(kind, "thread pool")]
+        ratio = lbr["blocked"] / pool["blocked"] if pool["blocked"] > 0 else float("nan")
+        print(
+            f"INFO  {kind}: blocked share (off-CPU minus run-queue wait: the GIL, I/O) vs "
+            f"thread pool: {lbr['blocked']:.1f}% vs {pool['blocked']:.1f}% ({ratio:.3f}x)"
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.http",
     "tests.fixtures.mlflow",
+    "tests.fixtures.rclone",
 ]

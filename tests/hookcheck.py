@@ -122,9 +122,9 @@ def as_event(call: HookCall) -> Event:
     raise AssertionError(f"unknown hook {hook}")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON rows of a file, or [] when it does not exist."""
-    if not path.exists():
+def read_jsonl(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON rows of a file, or [] when it does not exist (or the loop wrote none)."""
+    if path is None or not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 

@@ -117,12 +117,13 @@ class TestSpawn:
         with pytest.raises(TypeError, match="spawn\\(\\) takes a coroutine or an async callable"):
             bridge.spawn(42)  # type: ignore[arg-type]
 
-    def test_callable_returning_non_awaitable_fails_the_task(self, bridge: Bridge) -> None:
-        """A sync callable is reported as the task's TypeError, naming the task."""
-        future: TaskFuture[int] = bridge.spawn(lambda: 3, name="sync-fn")  # type: ignore[arg-type,return-value]
-        with pytest.raises(TypeError, match="spawned work 'sync-fn' returned int"):
-            future.result(WAIT)
-        bridge.drain(WAIT)
+    def test_sync_callable_refused_at_spawn(self, bridge: Bridge) -> None:
+        """A sync callable is refused by spawn itself, before it runs (tests/test_work.py)."""
+        ran: list[int] = []
+        with pytest.raises(TypeError, match="plain \\(not async\\) callable"):
+            bridge.spawn(lambda: ran.append(3), name="sync-fn")  # type: ignore[arg-type,return-value]
+        assert ran == []
+        assert bridge.drain(WAIT).ok
 
     def test_names(self, bridge: Bridge) -> None:
         """A task is named by spawn's name, else by the work's qualified name and sequence."""
@@ -294,6 +295,32 @@ class TestInFlight:
             Bridge(max_pending=-1)
 
 
+class WatchedSpace(threading.Condition):
+    """The scheduler's backpressure condition, reporting when a spawner starts waiting on it:
+    proof that the spawner is blocked, without waiting to see that nothing happens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+        self.first_wait: tuple[float, float] | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        started = time.monotonic()
+        self.waiting.set()
+        try:
+            return super().wait(timeout)
+        finally:
+            if self.first_wait is None:
+                self.first_wait = (started, time.monotonic())
+
+
+def watch_space(bridge: Bridge) -> WatchedSpace:
+    """Install a WatchedSpace on the bridge's scheduler (before anything waits on it)."""
+    space = WatchedSpace()
+    bridge._sched.space = space
+    return space
+
+
 class TestBackpressure:
     """A full queue blocks the spawning thread until a task starts; never on the loop itself."""
 
@@ -313,6 +340,7 @@ class TestBackpressure:
             async def quick() -> None:
                 pass
 
+            space = watch_space(bridge)
             bridge.spawn(first, name="first")
             assert first_running.wait(WAIT)
             bridge.spawn(second, name="second")  # queued: 1 of 2
@@ -327,14 +355,17 @@ class TestBackpressure:
 
             thread = threading.Thread(target=spawner)
             thread.start()
-            # A bounded check that something does NOT happen: the spawner stays blocked.
-            assert not returned.wait(0.3)
+            # The spawner is inside the backpressure wait, and has not returned.
+            assert space.waiting.wait(WAIT)
+            assert not returned.is_set()
             first_gate.open()  # first ends, second starts (and blocks): a slot frees up
             assert returned.wait(WAIT)
             thread.join(WAIT)
             stats = bridge.stats
             assert stats.backpressure_waits == 1
-            assert stats.backpressure_seconds >= 0.25
+            assert space.first_wait is not None
+            began, ended = space.first_wait
+            assert stats.backpressure_seconds >= ended - began > 0
             second_gate.open()
             report = bridge.drain(WAIT)
         assert report.completed == 4
@@ -377,6 +408,7 @@ class TestBackpressure:
         async def quick() -> None:
             pass
 
+        space = watch_space(bridge)
         bridge.spawn(stubborn, key="k")
         assert running.wait(WAIT)
         queued = bridge.spawn(quick, key="k")  # waits behind the stubborn task: queue full
@@ -390,8 +422,9 @@ class TestBackpressure:
 
         thread = threading.Thread(target=spawner)
         thread.start()
-        thread.join(0.2)
-        assert thread.is_alive()  # blocked by backpressure
+        assert space.waiting.wait(WAIT)  # blocked by backpressure, inside the wait
+        assert thread.is_alive()
+        assert outcome == []
         try:
             bridge.close(timeout=0.1, cancel_grace=0.3)
             thread.join(WAIT)

@@ -91,9 +91,10 @@ class TestRedaction:
         assert "LOGGED-SECRET" not in caplog.records[-1].getMessage()
 
     def test_plain_text_without_secrets_is_unchanged(self) -> None:
-        """Redaction leaves ordinary messages alone."""
+        """Redaction leaves ordinary messages alone; a URL keeps only its origin (issue 11)."""
+        assert redact_text("HTTP 503 after 3 attempts") == "HTTP 503 after 3 attempts"
         assert redact_text("HTTP 503 from http://host:80/path?page=2") == (
-            "HTTP 503 from http://host:80/path?page=2"
+            "HTTP 503 from http://host:80/***"
         )
 
 

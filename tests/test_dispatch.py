@@ -177,13 +177,11 @@ class TestFiring:
         callbacks.on_train_start(_state())
         assert log == []
 
-    def test_same_instance_twice_fires_twice(self) -> None:
-        """A callback registered twice fires twice, once per registration."""
-        log: list[tuple[str, str]] = []
-        a = Log("a", log)
-        callbacks = CallbackList([a, a])
-        callbacks.on_train_start(_state())
-        assert log == [("a", "on_train_start")] * 2
+    def test_same_instance_twice_is_refused(self) -> None:
+        """One instance registered twice is refused (tests/test_registration.py has the rest)."""
+        a = Log("a", [])
+        with pytest.raises(CallbackValidationError, match="registered twice in one"):
+            CallbackList([a, a])
 
 
 def _refusal(callback: object) -> CallbackValidationError:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loopbridge import Experiment, LogContext, LoopState, TrainingBatch, TrainLoop
+from loopbridge import Callback, Experiment, LogContext, LoopState, TrainingBatch, TrainLoop
 from loopbridge.callbacks import EarlyStopping
 
 
@@ -169,6 +169,82 @@ class TestErrors:
         """If the only round of evals lacked the key, train end raises."""
         with pytest.raises(ValueError, match="no such metric"):
             run(tmp_path, EarlyStopping("nope"), {"val": curve([0.5])}, steps=10)
+
+    def test_key_only_the_step_returns_fails_after_the_first_eval_round(
+        self, tmp_path: Path
+    ) -> None:
+        """A monitor the step returns but no evaluator does fails one step after the first
+        evals, saying it is a step metric, listing the eval keys."""
+        steps: list[int] = []
+
+        def counting_step(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
+            steps.append(state.step)
+            return {"loss": 1.0}
+
+        loop = TrainLoop(
+            counting_step,
+            range(10_000),
+            max_steps=100,
+            out_dir=tmp_path,
+            evaluators={"val": curve([0.5], key="val_loss")},
+            eval_every=10,
+            callbacks=[EarlyStopping("loss")],
+        )
+        with pytest.raises(ValueError, match=r"no such metric") as info:
+            loop.run()
+        message = str(info.value)
+        assert "'val' has other, val_loss" in message
+        assert "'loss' is a metric of the step function" in message
+        assert len(steps) == 11  # the evals at step 10, then the next step's hooks
+
+    def test_no_evaluator_at_all_fails_at_train_end(self, tmp_path: Path) -> None:
+        """With no evaluator (or eval_every past the run), train end raises, naming the monitor."""
+        for evaluators, eval_every in (({}, None), ({"val": curve([0.5])}, 500)):
+            loop = TrainLoop(
+                step_fn,
+                range(100),
+                max_steps=20,
+                out_dir=tmp_path / str(eval_every),
+                evaluators=evaluators,
+                eval_every=eval_every,
+                callbacks=[EarlyStopping("loss")],
+            )
+            with pytest.raises(ValueError, match=r"monitor='loss'\) saw no eval") as info:
+                loop.run()
+            message = str(info.value)
+            assert "in the 20 steps" in message
+            assert "'loss' is a metric of the step function" in message
+            assert "eval_every=N" in message
+
+    def test_named_evaluator_that_never_reports(self, tmp_path: Path) -> None:
+        """eval_name naming an evaluator that does not exist fails, listing those that do."""
+        with pytest.raises(ValueError, match=r"of the evaluator 'val' \('test' has loss"):
+            run(tmp_path, EarlyStopping("loss", eval_name="val"), {"test": curve([0.5])})
+
+    def test_no_error_when_another_callback_stopped_first(self, tmp_path: Path) -> None:
+        """A run another callback stopped before any eval is not an EarlyStopping mistake."""
+
+        class StopAt3(Callback):
+            def on_step_end(
+                self,
+                state: LoopState,
+                step_idx: int,
+                batch: TrainingBatch,
+                metrics: dict[str, float],
+            ) -> None:
+                if state.step == 3:
+                    state.request_stop("enough")
+
+        loop = TrainLoop(
+            step_fn,
+            range(100),
+            max_steps=50,
+            out_dir=tmp_path,
+            evaluators={"val": curve([0.5])},
+            eval_every=10,
+            callbacks=[StopAt3(), EarlyStopping("loss")],
+        )
+        assert loop.run().stop_reason == "enough"
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),

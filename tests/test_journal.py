@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from loopbridge._exceptions import JournalError
 from loopbridge._types import ManifestRow
-from loopbridge.journal import JOURNAL_FILE, UploadJournal, find_journals
+from loopbridge.journal import JOURNAL_FILE, RESUME_HOLDER, UploadJournal, find_journals
 
 
 def _row(step: int, tmp_path: Path, *, final: bool = False) -> ManifestRow:
@@ -237,7 +238,191 @@ class TestOwnership:
             assert journal.open_intents() == []
 
     def test_close_lets_go(self, tmp_path: Path) -> None:
-        """Once closed, the same process can open the journal again."""
+        """While open, a second opener is refused; once closed, it opens and reads the record."""
         path = tmp_path / JOURNAL_FILE
-        UploadJournal(path).close()
-        UploadJournal(path).close()
+        first = UploadJournal(path)
+        first.record_intent("file:///r", "run", _row(1, tmp_path))
+        with pytest.raises(JournalError, match="in use by a running process"):
+            UploadJournal(path)
+        first.close()
+        with UploadJournal(path) as again:
+            assert [i.row.step for i in again.open_intents()] == [1]
+
+
+_KILLED_WRITER = (
+    "import os, signal, sys\n"
+    "from pathlib import Path\n"
+    "from loopbridge.journal import UploadJournal\n"
+    "from loopbridge._types import ManifestRow\n"
+    "j = UploadJournal(Path(sys.argv[1]))\n"
+    "for step in (1, 2):\n"
+    "    row = ManifestRow(step=step, path=Path('/x'), size_bytes=1, digest=None,"
+    " created_at=0.0)\n"
+    "    j.record_intent('file:///r', 'run', row)\n"
+    "os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
+def _killed_writer(path: Path) -> None:
+    """A process records two intents in `path` and dies by SIGKILL, leaving the -wal file."""
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == -9, done.stderr.decode()
+
+
+class TestCopiedWithoutWal:
+    """A journal whose main file travelled without its -wal file is refused, saying so."""
+
+    def test_main_file_alone_is_refused_naming_the_wal(self, tmp_path: Path) -> None:
+        """Copied alone after a crash, the journal says its -wal file is missing, not 'nothing'."""
+        original = tmp_path / "run" / JOURNAL_FILE
+        original.parent.mkdir()
+        _killed_writer(original)
+        wal = original.with_name(JOURNAL_FILE + "-wal")
+        assert wal.exists()
+        copy = tmp_path / "copy" / JOURNAL_FILE
+        copy.parent.mkdir()
+        shutil.copy(original, copy)
+        with pytest.raises(JournalError) as info:
+            UploadJournal(copy)
+        message = str(info.value)
+        assert f"{copy} was not closed by the process that wrote it" in message
+        assert f"{JOURNAL_FILE}-wal is missing" in message
+        assert "Copy" in message
+        assert not copy.with_name(JOURNAL_FILE + "-wal").exists()  # left as found
+        shutil.copy(wal, copy.with_name(JOURNAL_FILE + "-wal"))
+        with UploadJournal(copy) as journal:
+            assert [i.row.step for i in journal.open_intents()] == [1, 2]
+
+    def test_a_cleanly_closed_journal_travels_alone(self, tmp_path: Path) -> None:
+        """After close(), the main file holds everything and needs no -wal file."""
+        original = tmp_path / "run" / JOURNAL_FILE
+        with UploadJournal(original) as journal:
+            journal.record_intent("file:///r", "run", _row(3, tmp_path))
+        assert not original.with_name(JOURNAL_FILE + "-wal").exists()
+        copy = tmp_path / "copy" / JOURNAL_FILE
+        copy.parent.mkdir()
+        shutil.copy(original, copy)
+        with UploadJournal(copy) as journal:
+            assert [i.row.step for i in journal.open_intents()] == [3]
+
+
+class TestPaths:
+    """Checkpoint paths resolve from any working directory and after the out dir moves."""
+
+    def test_relative_paths_are_stored_relative_to_the_journal(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A row with a relative path (a relative out_dir) reads back absolute, from anywhere."""
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        monkeypatch.chdir(tmp_path / "a")
+        checkpoint = Path("runs/x/checkpoints/step-00000001")
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"w")
+        row = ManifestRow(step=1, path=checkpoint, size_bytes=1, digest=None, created_at=0.0)
+        with UploadJournal(Path("runs/x") / JOURNAL_FILE) as journal:
+            journal.record_intent("file:///r", "run", row)
+        stored = sqlite3.connect(tmp_path / "a/runs/x" / JOURNAL_FILE).execute(
+            "SELECT path FROM intents"
+        )
+        assert stored.fetchall() == [("checkpoints/step-00000001",)]
+        monkeypatch.chdir(tmp_path / "b")
+        with UploadJournal(tmp_path / "a/runs/x" / JOURNAL_FILE) as journal:
+            (intent,) = journal.open_intents()
+        assert intent.row.path == tmp_path / "a/runs/x/checkpoints/step-00000001"
+        moved = tmp_path / "moved"
+        shutil.move(tmp_path / "a/runs/x", moved)
+        with UploadJournal(moved / JOURNAL_FILE) as journal:
+            (intent,) = journal.open_intents()
+        assert intent.row.path == moved / "checkpoints/step-00000001"
+        assert intent.row.path.exists()
+
+    def test_paths_outside_the_out_dir_are_absolute(self, tmp_path: Path) -> None:
+        """A checkpoint elsewhere is stored with its absolute path."""
+        elsewhere = tmp_path / "elsewhere" / "ckpt"
+        with UploadJournal(tmp_path / "run" / JOURNAL_FILE) as journal:
+            row = ManifestRow(step=1, path=elsewhere, size_bytes=1, digest=None, created_at=0.0)
+            journal.record_intent("file:///r", "run", row)
+            assert journal.open_intents()[0].row.path == elsewhere
+
+    def test_journals_of_older_versions_find_their_checkpoints(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A path stored relative to the old working directory is found under the journal."""
+        out = tmp_path / "runs" / "x"
+        checkpoint = out / "checkpoints" / "step-00000002"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"w")
+        with UploadJournal(out / JOURNAL_FILE) as journal:
+            journal.record_intent("file:///r", "run", _row(2, tmp_path))
+        db = sqlite3.connect(out / JOURNAL_FILE)
+        db.execute("UPDATE intents SET path = 'runs/x/checkpoints/step-00000002'")
+        db.commit()
+        db.close()
+        monkeypatch.chdir("/")
+        with UploadJournal(out / JOURNAL_FILE) as journal:
+            assert journal.open_intents()[0].row.path == checkpoint
+
+
+class TestHolders:
+    """A refused opener learns who holds the journal: a resume, or a training run."""
+
+    def _held_by(self, path: Path, holder: str | None) -> str:
+        code = (
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from loopbridge.journal import UploadJournal\n"
+            f"journal = UploadJournal(Path({str(path)!r}), holder={holder!r})\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "--train-flag"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "held"
+            with pytest.raises(JournalError) as info:
+                UploadJournal(path)
+            return str(info.value).replace(str(proc.pid), "PID")
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+
+    def test_another_resume_is_named_as_one(self, tmp_path: Path) -> None:
+        """Held by `loopbridge resume`: the message says so, with its pid and what to do."""
+        message = self._held_by(tmp_path / JOURNAL_FILE, RESUME_HOLDER)
+        assert "is held by another `loopbridge resume` (pid PID)" in message
+        assert "kill PID" in message
+        assert "running process" not in message
+
+    def test_a_training_run_is_named_with_its_command(self, tmp_path: Path) -> None:
+        """Held by a run: the message names the pid and the command that started it."""
+        message = self._held_by(tmp_path / JOURNAL_FILE, None)
+        assert "in use by a running process (pid PID: a training run: -c --train-flag)" in message
+
+
+class TestFindingIsBounded:
+    """Journals are looked for a few levels down, not in hidden directories."""
+
+    def test_depth_and_hidden_directories(self, tmp_path: Path) -> None:
+        """Depth 4 is found, depth 5 and hidden directories are not."""
+        wanted = tmp_path / "a" / "b" / "c" / "d" / JOURNAL_FILE
+        too_deep = tmp_path / "a" / "b" / "c" / "d" / "e" / JOURNAL_FILE
+        hidden = tmp_path / ".cache" / JOURNAL_FILE
+        for path in (wanted, too_deep, hidden):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        assert list(find_journals(tmp_path)) == [wanted]
+        assert sorted(find_journals(tmp_path, max_depth=5)) == sorted([wanted, too_deep])

@@ -406,6 +406,7 @@ class TestFiles:
         def reject(token: str) -> float:
             raise ValueError(f"not strict JSON: {token}")
 
+        assert artifacts.metrics_path is not None
         lines = artifacts.metrics_path.read_text().splitlines()
         assert len(lines) == 2
         for line in lines:

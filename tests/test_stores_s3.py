@@ -131,10 +131,12 @@ class TestRoundTrip:
         assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
         assert len(fault_proxy.requests("PUT", r"partNumber=")) == 3
         assert s3_bucket.open_multipart_uploads() == []
-        # Content-MD5 is checked by the server, so bodies are not hashed a second time.
+        # A checksum the server checks (CRC32, as boto3 sends) is on every body, so bodies are
+        # not hashed a second time for signing, nor a third time for Content-MD5.
         puts = fault_proxy.requests("PUT")
         assert {r.headers["x-amz-content-sha256"] for r in puts} == {"UNSIGNED-PAYLOAD"}
-        assert all("content-md5" in r.headers for r in puts)
+        assert all("x-amz-checksum-crc32" in r.headers for r in puts)
+        assert not any("content-md5" in r.headers for r in puts)
 
     @pytest.mark.parametrize(
         ("option", "env", "sent"),
@@ -172,6 +174,25 @@ class TestRoundTrip:
             assert set(crcs) == expected
         else:
             assert crcs == [None, None]
+
+    async def test_content_md5_on_request_for_servers_that_check_only_it(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """content_md5=True adds Content-MD5 next to the CRC32, and the ETags are checked."""
+        source = tmp_path / "big.bin"
+        data = os.urandom(6 * MiB)
+        source.write_bytes(data)
+        store = make_store(content_md5=True)
+        result = await store.put_file("md5/big.bin", source)
+        small = await store.put_bytes("md5/small", b"abc")
+        puts = fault_proxy.requests("PUT")
+        assert len(puts) == 3
+        assert all({"content-md5", "x-amz-checksum-crc32"} <= set(r.headers) for r in puts)
+        part_md5s = b"".join(
+            hashlib.md5(data[i : i + 5 * MiB], usedforsecurity=False).digest() for i in (0, 5 * MiB)
+        )
+        assert result.etag == hashlib.md5(part_md5s, usedforsecurity=False).hexdigest() + "-2"
+        assert small.etag == hashlib.md5(b"abc", usedforsecurity=False).hexdigest()
 
     async def test_signed_payloads_work_too(
         self,
@@ -266,6 +287,26 @@ class TestRetries:
         assert len(fault_proxy.requests("PUT")) == 1
         assert store.retries == 0
 
+    async def test_answered_faults_are_counted_exactly(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """Each answered 503 or 500 costs exactly one retry and one more request."""
+        source = tmp_path / "big.bin"
+        sha = _random_file(source, 11 * MiB)
+        rule = fault_proxy.add(FaultRule((SLOWDOWN, INTERNAL), every=2))
+        store = make_store(max_attempts=4)
+        result = await store.put_file("ckpt/big.bin", source, expected_sha256=sha)
+        assert rule.fired > 0
+        assert store.retries == rule.fired
+        assert result.retries == rule.fired
+        # create + 3 parts + complete + HEAD, each sent once more per fault it met.
+        assert len(fault_proxy.requests()) == 6 + rule.fired
+        assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
+
     async def test_exhausted_retries_name_the_key(
         self, make_store: StoreFactory, fault_proxy: FaultProxy
     ) -> None:
@@ -279,16 +320,16 @@ class TestRetries:
     async def test_missing_bucket_is_permanent(
         self, make_store: StoreFactory, fault_proxy: FaultProxy
     ) -> None:
-        """NoSuchBucket says to fix the bucket name and is tried once."""
-        store = make_store()
+        """NoSuchBucket says to fix the bucket name and is tried once, with no retry counted."""
         store_elsewhere = S3Store("no-such-bucket-here", endpoint_url=fault_proxy.url)
         try:
             with pytest.raises(PermanentStoreError, match=r"NoSuchBucket.*fix the bucket name"):
                 await store_elsewhere.put_bytes("k", b"x")
+            # The store that was refused, not one never used: it retried nothing.
+            assert store_elsewhere.retries == 0
         finally:
             await store_elsewhere.aclose()
         assert len(fault_proxy.requests("PUT", "no-such-bucket-here")) == 1
-        assert store.retries == 0
 
 
 class TestMultipartSafety:

@@ -39,20 +39,25 @@ class TestWaker:
             loop.close()
 
     def test_many_wakes_never_block(self) -> None:
-        """More wake-ups than the pipe holds return at once; the loop still wakes once."""
+        """More wake-ups than the pipe holds return at once; the loop wakes exactly once."""
         loop = asyncio.new_event_loop()
         calls: list[None] = []
 
         def on_wake() -> None:
             calls.append(None)
-            loop.stop()
+            # Two more loop iterations, each polling the pipe: a byte left in it would
+            # call on_wake again before the loop stops.
+            loop.call_soon(loop.call_soon, loop.stop)
 
         waker = Waker(loop, on_wake)
         try:
             for _ in range(200_000):  # far beyond a pipe's 64 KiB
                 waker.wake()
             loop.run_forever()
-            assert calls
+            assert len(calls) == 1
+            waker.wake()  # and a later wake-up still wakes it
+            loop.run_forever()
+            assert len(calls) == 2
         finally:
             waker.detach()
             loop.close()

@@ -16,11 +16,14 @@ from loopbridge._exceptions import (
     BridgeLoopThreadError,
     CallbackNotAttachedError,
     CallbackValidationError,
+    CheckpointFilesError,
+    DestinationError,
     DrainError,
     IntegrityError,
     JournalError,
     LoopbridgeError,
     MissingExtraError,
+    OutDirInUseError,
     PermanentStoreError,
     StoreError,
 )
@@ -29,7 +32,10 @@ from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
 from loopbridge._ranks import RankInfo, detect_rank, every_rank
+from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
+from loopbridge._run_policy import RunPolicy, close_run
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -42,6 +48,7 @@ from loopbridge._types import (
     RunStatus,
     TrainingBatch,
 )
+from loopbridge._work import to_thread
 
 __version__ = "0.1.0"
 
@@ -56,6 +63,8 @@ __all__ = [
     "CallbackList",
     "CallbackNotAttachedError",
     "CallbackValidationError",
+    "CheckpointFilesError",
+    "DestinationError",
     "DrainError",
     "DrainReport",
     "EvalResult",
@@ -72,18 +81,24 @@ __all__ = [
     "Loss",
     "ManifestRow",
     "MissingExtraError",
+    "OutDirInUseError",
     "PermanentStoreError",
     "RankInfo",
+    "RunPolicy",
     "RunResult",
     "RunStatus",
     "StoreError",
     "TaskFuture",
+    "TaskKey",
     "TaskRecord",
     "TimingRow",
     "TrainLoop",
     "TrainingBatch",
     "callbacks",
+    "close_run",
     "detect_rank",
     "every_rank",
+    "not_a_hook",
     "stores",
+    "to_thread",
 ]

@@ -6,6 +6,8 @@ the GIL) and wakes the loop only if the loop is asleep and no wake-up is on its 
 burst of spawns costs at most one cross-thread wake-up, and that one keeps the GIL
 (`_waker.py`). What then happens on the loop thread (per-key order, the in-flight limit,
 the ledger) is in `_scheduler.py`.
+
+Every wait is bounded, all phases of a close together; the waits live in `_closing.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import enum
+import inspect
 import itertools
 import logging
 import threading
@@ -22,13 +25,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import CoroutineType, TracebackType
 from typing import Any, TypeVar
 
+from loopbridge._closing import (
+    CLOSE_MARGIN_S,
+    abandon_work,
+    cancel_all,
+    close_work,
+    drain_work,
+)
 from loopbridge._exceptions import BridgeClosedError, BridgeError, BridgeLoopThreadError
 from loopbridge._future import BRIDGE_LOOPS, TaskFuture
-from loopbridge._report import BridgeStats, DrainReport, Loss
+from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 from loopbridge._scheduler import LoopSelector, Scheduler, record_of
 from loopbridge._waker import Waker
+from loopbridge._work import check_work
 
-__all__ = ["Bridge"]
+__all__ = ["CLOSE_MARGIN_S", "Bridge"]
 
 logger = logging.getLogger("loopbridge.bridge")
 
@@ -59,6 +70,8 @@ class Bridge:
         max_pending: tasks queued and not yet started; a spawn beyond it blocks its caller.
         exit_timeout: how long the interpreter-exit handler drains a bridge left open.
         name: names the loop thread.
+        progress_every: while a drain or close waits longer than this, it logs a warning
+            naming what it waits for, and again every `progress_every` s (0 turns it off).
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class Bridge:
         max_pending: int = 10_000,
         exit_timeout: float = 10.0,
         name: str = "loopbridge",
+        progress_every: float = 5.0,
     ) -> None:
         for label, value in (("max_in_flight", max_in_flight), ("max_pending", max_pending)):
             if not isinstance(value, int) or value < 1:
@@ -76,6 +90,7 @@ class Bridge:
         self._max_pending = max_pending
         self._exit_timeout = exit_timeout
         self._name = name
+        self._progress_every = progress_every
 
         self._state = _State.NEW
         self._lifecycle = threading.Lock()
@@ -95,6 +110,11 @@ class Bridge:
 
         self._shutdown_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._close_report: DrainReport | None = None
+        self._closer: int | None = None
+        """The thread running close(); it may re-enter close() if a Ctrl-C interrupted it."""
+        self._callbacks_done = False
+        self._leftover_wait = 1.0
+        """How long the loop thread, once stopped, waits for the tasks it cancels."""
 
     def __repr__(self) -> str:
         return f"<Bridge {self._name!r} {self._state.value}>"
@@ -182,13 +202,29 @@ class Bridge:
                 for task in leftovers:
                     task.cancel()
                 if leftovers:
-                    loop.run_until_complete(asyncio.wait(leftovers, timeout=1.0))
+                    wait = asyncio.wait(leftovers, timeout=self._leftover_wait)
+                    loop.run_until_complete(wait)
+                for task in leftovers:
+                    if not task.done():
+                        # It ignored its cancellation and dies with the loop; close() has
+                        # reported it as abandoned, so asyncio need not print "Task was
+                        # destroyed but it is pending!" when it is collected.
+                        task._log_destroy_pending = False  # type: ignore[attr-defined]
+                self._close_unstarted_work()
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 if self._waker is not None:
                     self._waker.detach()
                 asyncio.set_event_loop(None)
                 loop.close()
+
+    def _close_unstarted_work(self) -> None:
+        """Close the coroutines of tasks cancelled before their first step (on the loop thread)."""
+        sched = self._sched
+        for future in [*sched.outstanding.copy().values(), *sched.inbox]:
+            work = future.work
+            if type(work) is CoroutineType and inspect.getcoroutinestate(work) == "CORO_CREATED":
+                work.close()
 
     def add_shutdown_callback(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Await `fn()` on the loop during close(), after the work is drained (close clients)."""
@@ -198,33 +234,28 @@ class Bridge:
     def close(self, timeout: float | None = None, *, cancel_grace: float = 5.0) -> DrainReport:
         """Drain for up to `timeout` s, cancel what is left, stop the loop and join its thread.
 
-        Idempotent: a second call returns the first call's report.
+        Returns within `timeout + cancel_grace + CLOSE_MARGIN_S` s: cancelled work gets up
+        to `cancel_grace` s to end, and the shutdown callbacks and the join share what is
+        left of it plus the margin. Work that outlasts that is abandoned (the loop thread is
+        a daemon) and named in the report and the log. Idempotent: a second call returns
+        the first call's report; a close interrupted by Ctrl-C may be called again.
         """
         with self._lifecycle:
             if self._state is _State.NEW:
                 self._state = _State.CLOSED
                 self._close_report = DrainReport(losses=self._sched.take_losses())
                 return self._close_report
-            if self._state is not _State.RUNNING:
+            reentry = self._state is _State.CLOSING and self._closer == threading.get_ident()
+            if self._state is not _State.RUNNING and not reentry:
                 return self._close_report or DrainReport()
             if self.in_loop_thread():
                 msg = "Bridge.close() cannot run on the bridge's own loop; close it from outside"
                 raise BridgeLoopThreadError(msg)
             self._state = _State.CLOSING
+            self._closer = threading.get_ident()
         started = time.monotonic()
-        report = self.drain(timeout, cancel_pending=True, cancel_grace=cancel_grace)
-        # Stray call()s, and anything spawned while the drain was ending.
-        report = report.merge(self.cancel_all(timeout=cancel_grace))
-        self._run_shutdown_callbacks(cancel_grace)
-        self._stop_loop(cancel_grace)
-        for future in self._sched.unfinished():
-            # Work that ignored its cancellation: its future ends too, so no waiter hangs.
-            future._set_cancelled()
-        with self._lifecycle:
-            self._state = _State.CLOSED
-        _LIVE_BRIDGES.discard(self)
-        with self._sched.space:
-            self._sched.space.notify_all()
+        report = close_work(self, timeout, cancel_grace)
+        report = report.merge(self._finish_close())
         self._close_report = DrainReport(
             completed=report.completed,
             failed=report.failed,
@@ -237,40 +268,56 @@ class Bridge:
         )
         return self._close_report
 
-    def _run_shutdown_callbacks(self, timeout: float) -> None:
-        if not self._shutdown_callbacks or self._loop is None:
-            return
+    def abandon(self) -> DrainReport:
+        """Give up on all work now: cancel it without waiting, stop the loop, skip the join.
 
-        async def run_all() -> None:
-            for fn in self._shutdown_callbacks:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await fn()
-                except Exception:
-                    logger.exception("shutdown callback %r of %r failed", fn, self)
+        For a third Ctrl-C, when nothing may delay the exit any more. The report names what
+        was abandoned (as pending); shutdown callbacks do not run.
+        """
+        with self._lifecycle:
+            if self._state is _State.NEW:
+                self._state = _State.CLOSED
+                self._close_report = DrainReport(losses=self._sched.take_losses())
+                return self._close_report
+            if self._state is _State.CLOSED:
+                return self._close_report or DrainReport()
+            if self.in_loop_thread():
+                msg = "Bridge.abandon() cannot run on the bridge's own loop; call it from outside"
+                raise BridgeLoopThreadError(msg)
+            # Closed at once: no task may spawn more work after the report is taken.
+            self._state = _State.CLOSED
+            self._closer = threading.get_ident()
+        report = abandon_work(self)
+        report = report.merge(self._finish_close())
+        self._close_report = report
+        return report
 
-        future = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
-        try:
-            future.result(timeout * (len(self._shutdown_callbacks) + 1))
-        except TimeoutError:
-            future.cancel()
-            logger.warning("%r: shutdown callbacks did not finish in time", self)
-
-    def _stop_loop(self, timeout: float) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-        if thread.is_alive():
-            busy = ", ".join(str(record_of(f)) for f in self._sched.running()) or "unknown"
-            logger.warning(
-                "%r: the loop thread is still busy (%s) and was abandoned; it is a daemon "
-                "thread and will not keep the process alive",
-                self,
-                busy,
+    def _finish_close(self) -> DrainReport:
+        """End every future left; report, as pending, work spawned after the close's report."""
+        with self._lifecycle:
+            self._state = _State.CLOSED
+        late = self._sched.unfinished()
+        report = DrainReport()
+        if late:
+            report = self._sched.take_report(
+                0.0,
+                timed_out=True,
+                pending=late,
+                notes=("work spawned while the bridge closed was cancelled",),
+                give_up=True,
             )
+        for future in self._sched.unfinished(given_up=True):
+            # A task that never started never will: close its coroutine (no "never awaited").
+            future.cancel()
+            work = future.work
+            if future.asyncio_task is None and isinstance(work, Coroutine):
+                work.close()
+            # Work that ignored its cancellation: its future ends too, so no waiter hangs.
+            future._set_cancelled()
+        _LIVE_BRIDGES.discard(self)
+        with self._sched.space:
+            self._sched.space.notify_all()
+        return report
 
     # ------------------------------------------------------------------ spawn and call
 
@@ -286,12 +333,8 @@ class Bridge:
         started = _perf_ns()
         if self._state is not _RUNNING:
             self._check_can_spawn(work)
-        if type(work) is not CoroutineType and not callable(work):
-            msg = (
-                f"spawn() takes a coroutine or an async callable, not {type(work).__name__}; "
-                f"pass `fn()` for an async def fn, or `fn` itself"
-            )
-            raise TypeError(msg)
+        if type(work) is not CoroutineType:
+            check_work(work)  # before anything runs: a plain function would block the loop
         if key is not None:
             _check_key(key)
         seq = next(self._seq)
@@ -361,6 +404,8 @@ class Bridge:
                 "deadlock; `await` the work directly, or use spawn() and don't wait"
             )
             raise BridgeLoopThreadError(msg)
+        if type(work) is not CoroutineType:
+            check_work(work, "call")
         if self._state is not _State.RUNNING:
             self._check_can_spawn(work)
         future: TaskFuture[T] = TaskFuture(work, None, None, 0)
@@ -390,48 +435,26 @@ class Bridge:
         drain and names, in `pending`, what had not ended at the deadline. That work keeps
         running, unless `cancel_pending`: then it is cancelled, given up to `cancel_grace` s
         to end, and still reported under `pending` (not `cancelled`), noted as cancelled.
+        Work reported so is given up: later drains neither wait for it nor report it again.
         """
         if self.in_loop_thread():
             msg = "Bridge.drain() cannot wait on the bridge's own loop; drain from outside it"
             raise BridgeLoopThreadError(msg)
-        started = time.monotonic()
-        idle = True
-        sched = self._sched
-        if self._loop is not None and self._state is not _State.CLOSED:
-            idle = sched.wait_idle(timeout)
-        if idle:
-            return sched.take_report(time.monotonic() - started, timed_out=False)
-        pending = sched.unfinished()
-        notes: tuple[str, ...] = ()
-        if cancel_pending:
-            if not self._cancel_everything(cancel_grace, started=time.monotonic()):
-                notes = ("some pending work ignored its cancellation and may still run",)
-            notes = ("work still pending at the deadline was cancelled", *notes)
-        return sched.take_report(
-            time.monotonic() - started, timed_out=True, pending=pending, notes=notes
+        return drain_work(
+            self,
+            timeout,
+            cancel_pending=cancel_pending,
+            cancel_grace=cancel_grace,
+            wait=self._loop is not None and self._state is not _State.CLOSED,
         )
 
     def cancel_all(self, timeout: float = 2.0) -> DrainReport:
         """Cancel every queued and running task, wait up to `timeout` s for them to end."""
-        started = time.monotonic()
-        idle = self._cancel_everything(timeout, started=started)
-        return self._sched.take_report(time.monotonic() - started, timed_out=not idle)
+        return cancel_all(self, timeout)
 
-    def _cancel_everything(self, timeout: float, *, started: float) -> bool:
-        """Cancel all tasks and calls; True once none is left within `timeout` s."""
-        loop, sched = self._loop, self._sched
-        if loop is None or loop.is_closed() or self.in_loop_thread():
-            return sched.is_idle()
-        done = threading.Event()
-
-        def cancel_on_loop() -> None:
-            sched.cancel_everything()
-            done.set()
-
-        loop.call_soon_threadsafe(cancel_on_loop)
-        if not done.wait(timeout):
-            return False
-        return sched.wait_idle(max(0.0, timeout - (time.monotonic() - started)))
+    def waiting(self) -> tuple[TaskRecord, ...]:
+        """The tasks queued or running now, oldest first (not those a drain gave up on)."""
+        return tuple(record_of(f) for f in self._sched.unfinished())
 
     def report_loss(self, source: str, count: int, detail: str) -> None:
         """Record data a callback dropped, so the next drain report shows it (and is not ok)."""
@@ -465,10 +488,11 @@ class Bridge:
     def _close_at_exit(self) -> None:
         if self._state is not _State.RUNNING:
             return
-        # close() may spend its cancel grace about four times over (cancel, stray calls,
-        # shutdown callbacks, joining the thread): keep the whole within exit_timeout.
-        grace = min(2.0, self._exit_timeout / 8)
-        report = self.close(max(0.0, self._exit_timeout - 4 * grace), cancel_grace=grace)
+        # close() takes at most timeout + grace + CLOSE_MARGIN_S: keep that within exit_timeout.
+        grace = min(2.0, self._exit_timeout / 4)
+        report = self.close(
+            max(0.0, self._exit_timeout - grace - CLOSE_MARGIN_S), cancel_grace=grace
+        )
         if report.ok:
             logger.info("%r was closed at interpreter exit: %s", self, report.summary())
             return

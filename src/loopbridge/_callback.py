@@ -47,7 +47,10 @@ class Callback:
     """Base class for callbacks: override the hooks you need; every other hook is a no-op.
 
     Hooks run inline on the training-loop thread, so they should be quick. Slow work (uploads,
-    HTTP posts) goes to the background loop through `self.spawn(...)`.
+    HTTP posts) goes to the background loop through `self.spawn(...)`; blocking code through
+    `self.spawn(loopbridge.to_thread(fn, *args))`. A public method named `on_...` must be one
+    of the hooks (a misspelling is refused at registration); mark a method of your own that
+    starts with `on_` with `@loopbridge.not_a_hook`.
     """
 
     # Set by CallbackList at registration; a class default so subclasses need not call

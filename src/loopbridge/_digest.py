@@ -7,9 +7,14 @@ each shard as it streams it can rebuild the directory digest without reading any
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
+
+from loopbridge._exceptions import CheckpointFilesError
 
 __all__ = [
     "CHUNK_BYTES",
@@ -36,9 +41,72 @@ def sha256_file(path: Path) -> tuple[int, str]:
 
 
 def shard_files(directory: Path) -> list[Path]:
-    """The regular files under `directory`, sorted by their relative posix path."""
-    files = [p for p in directory.rglob("*") if p.is_file()]
+    """Every file under `directory`, through symlinks too, sorted by relative posix path.
+
+    Symlinked subdirectories are walked and symlinked files read through their links, so a
+    checkpoint whose shards live on another disk is complete. A dangling link, a link loop,
+    an unreadable directory or anything that is not a regular file (a socket, a FIFO) is an
+    error naming it: a checkpoint with a part left out is never described as whole.
+
+    Raises:
+        CheckpointFilesError: something under `directory` cannot be read as a file.
+    """
+    files: list[Path] = []
+    _walk(directory, directory, [_identity(directory, directory)], files)
     return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def _identity(path: Path, root: Path) -> tuple[int, int]:
+    """A directory's (device, inode), following links; the error names it if it cannot."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise _unreadable(path, root, exc) from exc
+    return st.st_dev, st.st_ino
+
+
+def _walk(directory: Path, root: Path, ancestors: list[tuple[int, int]], files: list[Path]) -> None:
+    """Add the files under `directory`; `ancestors` are the real directories above it."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        raise _unreadable(directory, root, exc) from exc
+    for entry in entries:
+        path = directory / entry.name
+        try:
+            st = entry.stat(follow_symlinks=True)
+        except OSError as exc:
+            raise _unreadable(path, root, exc) from exc
+        if stat.S_ISDIR(st.st_mode):
+            identity = (st.st_dev, st.st_ino)
+            if identity in ancestors:
+                target = os.readlink(path) if entry.is_symlink() else path
+                msg = (
+                    f"checkpoint {root}: {path} links back to a directory that contains it "
+                    f"({target}), a symlink loop; remove the link or point it elsewhere"
+                )
+                raise CheckpointFilesError(msg)
+            _walk(path, root, [*ancestors, identity], files)
+        elif stat.S_ISREG(st.st_mode):
+            files.append(path)
+        else:
+            msg = (
+                f"checkpoint {root}: {path} is not a regular file or directory (mode "
+                f"{stat.filemode(st.st_mode)}); a checkpoint holds only files: remove it"
+            )
+            raise CheckpointFilesError(msg)
+
+
+def _unreadable(path: Path, root: Path, exc: OSError) -> CheckpointFilesError:
+    """The error for a path under a checkpoint that cannot be read, naming it and why."""
+    if path.is_symlink() and not path.exists() and exc.errno == errno.ENOENT:
+        why = f"is a dangling symlink to {os.readlink(path)}"
+    elif exc.errno == errno.ELOOP:
+        why = "is a symlink loop"
+    else:
+        why = f"cannot be read ({exc.strerror or exc})"
+    msg = f"checkpoint {root}: {path} {why}; fix or remove it so the whole checkpoint uploads"
+    return CheckpointFilesError(msg)
 
 
 def combine_shard_digests(shards: Iterable[tuple[str, int, str]]) -> str:

@@ -19,6 +19,12 @@ from loopbridge._callback import HOOK_NAMES, Callback
 from loopbridge._exceptions import CallbackValidationError
 from loopbridge._profile import HookProfiler
 from loopbridge._ranks import RankInfo, detect_rank
+from loopbridge._registration import (
+    LIVE_LISTS,
+    check_hook_names,
+    check_not_live_elsewhere,
+    check_unique,
+)
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -138,6 +144,7 @@ def _validate(obj: object) -> dict[str, Method]:
             f"loopbridge.Callback and override the hooks you need"
         )
         raise CallbackValidationError(msg, callback=obj)
+    check_hook_names(obj)
     cls = type(obj).__qualname__
     overrides: dict[str, Method] = {}
     for hook in HOOK_NAMES:
@@ -210,6 +217,8 @@ class CallbackList:
         else:
             self.profiler = HookProfiler() if profile else None
         self.add(*callbacks)
+        if bridge is not None:
+            LIVE_LISTS.add(self)
 
     def __iter__(self) -> Iterator[Callback]:
         return iter(tuple(self._callbacks))
@@ -236,13 +245,29 @@ class CallbackList:
 
     @bridge.setter
     def bridge(self, bridge: Bridge | None) -> None:
+        if bridge is not None:
+            check_not_live_elsewhere(self._callbacks, self, bridge)
         self._bridge = bridge
         for callback in self._callbacks:
             _attach(callback, bridge)
+        if bridge is None:
+            LIVE_LISTS.discard(self)
+        else:
+            LIVE_LISTS.add(self)
+
+    def release(self) -> None:
+        """End this list's claim on its callbacks (its run is over): they may join another.
+
+        Hooks still fire and spawn as before; the list becomes live again when it is given a
+        bridge. See `loopbridge._registration` for the rules this enables.
+        """
+        LIVE_LISTS.discard(self)
 
     def add(self, *callbacks: Callback) -> None:
         """Check and append callbacks; all are refused if one is invalid."""
         checked = [(cb, _validate(cb)) for cb in callbacks]
+        check_unique(callbacks, self._callbacks)
+        check_not_live_elsewhere(callbacks, self, self._bridge)
         for callback, overrides in checked:
             if callback.rank_zero_only and not self.rank.is_zero:
                 continue  # checked like the others, then left out: this rank never calls it

@@ -6,9 +6,12 @@ LoopbridgeError
 ├── BridgeError (also RuntimeError)
 │   ├── BridgeClosedError                      spawn/call after close()
 │   └── BridgeLoopThreadError                  a blocking call made on the bridge's own loop
+├── CheckpointFilesError (also OSError)       a checkpoint holds something that is not a file
 ├── DrainError                                 background work of a run failed or was left undone
+├── OutDirInUseError (also FileExistsError)    a new run in an out dir an earlier run wrote to
 ├── StoreError                                 an object store refused an operation
 │   ├── PermanentStoreError                    not worth retrying (403, NoSuchBucket, 400)
+│   │   └── DestinationError                   a destination failed its pre-flight check
 │   └── IntegrityError                         what was uploaded is not what was saved
 └── MissingExtraError (also ImportError)       an optional dependency is not installed
 """
@@ -26,11 +29,14 @@ __all__ = [
     "BridgeLoopThreadError",
     "CallbackNotAttachedError",
     "CallbackValidationError",
+    "CheckpointFilesError",
+    "DestinationError",
     "DrainError",
     "IntegrityError",
     "JournalError",
     "LoopbridgeError",
     "MissingExtraError",
+    "OutDirInUseError",
     "PermanentStoreError",
     "StoreError",
 ]
@@ -65,6 +71,14 @@ class BridgeLoopThreadError(BridgeError):
     """A blocking bridge method was called from the bridge's own event loop."""
 
 
+class CheckpointFilesError(LoopbridgeError, OSError):
+    """A checkpoint holds a dangling link, a link loop, an unreadable directory or a non-file."""
+
+
+class OutDirInUseError(LoopbridgeError, FileExistsError):
+    """A run from step 0 was started in an out dir an earlier run already wrote to."""
+
+
 class DrainError(LoopbridgeError):
     """Background work failed, was cancelled, or was still pending when the drain ended.
 
@@ -90,6 +104,10 @@ class StoreError(LoopbridgeError):
 
 class PermanentStoreError(StoreError):
     """A store error that retrying cannot fix, such as access denied or a missing bucket."""
+
+
+class DestinationError(PermanentStoreError):
+    """A checkpoint destination cannot work (found before training); the message has the fix."""
 
 
 class IntegrityError(StoreError):

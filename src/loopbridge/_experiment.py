@@ -13,6 +13,7 @@ from loopbridge._dispatch import CallbackList
 from loopbridge._exceptions import DrainError
 from loopbridge._loop import BenchmarkFn, DrainPolicy, TrainLoop, check_benchmark
 from loopbridge._profile import HookProfiler
+from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -44,7 +45,8 @@ class Experiment:
         benchmarks: `{name: fn(state) -> (EvalResult, predictions)}`, scored after training.
         callbacks: fired at every level, ahead of each loop's own callbacks.
         stop_on_failure: re-raise a run's error instead of recording it and going on.
-        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C or a failure
+            (a second Ctrl-C cancels it at once, a third abandons it).
     """
 
     def __init__(
@@ -120,12 +122,17 @@ class Experiment:
         except BaseException as exc:
             self.callbacks.annotate(exc)
             if self._owns_bridge:
-                # Ctrl-C means stop now: a short grace, not the whole drain deadline.
-                interrupted = isinstance(exc, KeyboardInterrupt)
-                report = bridge.close(
-                    self.interrupt_grace if interrupted else self.drain_timeout,
-                    cancel_grace=self.interrupt_grace,
+                # Ctrl-C or a failure: a short grace, not the whole drain deadline, and
+                # faster with every further Ctrl-C (carried on from the run's own).
+                shutdown = Shutdown.after(
+                    exc,
+                    bridge,
+                    owner=f"experiment {self.name}",
+                    grace=self.interrupt_grace,
+                    close=True,
+                    logger=logger,
                 )
+                report = shutdown.run(exc)
                 if not report.ok:
                     logger.error("experiment %s failed; background work: %s", self.name, report)
             raise
@@ -139,6 +146,7 @@ class Experiment:
                 self.name,
                 result.drain_report.summary(),
             )
+        self.callbacks.release()
         return result
 
     def _run_arm(self, exp_ctx: LogContext, arm: str, config: dict[str, Any]) -> ArmResult:
@@ -227,8 +235,16 @@ class Experiment:
         result.duration_s = time.monotonic() - started
         self.callbacks.on_run_end(ctx, result, arm)
         # Post-training benchmarks and on_run_end may have spawned work: it belongs to this
-        # run's report, not to the next run's.
-        after = bridge.drain(self.drain_timeout, cancel_pending=True)
+        # run's report, not to the next run's. A failed run gets interrupt_grace, as alone.
+        failed = result.error is not None
+        after = bridge.drain(
+            self.interrupt_grace if failed else self.drain_timeout,
+            cancel_pending=True,
+            cancel_grace=CANCEL_WAIT_S if failed else 2.0,
+        )
+        if failed and after.pending and result.error is not None:
+            names = ", ".join(str(r) for r in after.pending[:5])
+            result.error.add_note(f"loopbridge: background work of the failed run cut off: {names}")
         if after.completed or not after.ok:
             before = result.drain_report
             result.drain_report = after if before is None else before.merge(after)

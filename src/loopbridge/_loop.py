@@ -14,16 +14,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._dispatch import CallbackList
-from loopbridge._exceptions import DrainError
+from loopbridge._metrics import coerce_metrics
+from loopbridge._out_dir import claim_out_dir, clear_stale_checkpoint
 from loopbridge._profile import HookProfiler, ProfileMark
-from loopbridge._rank_reports import gather_reports
 from loopbridge._records import JsonLinesWriter
-from loopbridge._report import DrainReport
+from loopbridge._row_digest import digest_in_background, manifest_line, track_in_manifest
+from loopbridge._run_policy import DrainPolicy, RunPolicy
+from loopbridge._shutdown import CANCEL_WAIT_S, Shutdown
 from loopbridge._types import (
     EvalResult,
     LogContext,
@@ -45,7 +47,6 @@ EvalFn = Callable[[LoopState], Mapping[str, float]]
 """Evaluates the model and returns metrics."""
 BenchmarkFn = Callable[[LoopState], tuple[EvalResult, list[dict[str, Any]]]]
 """Scores a benchmark: its result and the per-task prediction rows."""
-DrainPolicy = Literal["raise", "warn"]
 
 METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.jsonl"
@@ -72,11 +73,14 @@ class TrainLoop:
         drain_timeout: seconds to wait for background work after `on_train_end`.
         on_drain_failure: "raise" DrainError (after `on_train_end`) or "warn" when the drain
             finds work failed, cancelled or still pending.
-        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C.
+        interrupt_grace: seconds in-flight work gets to finish after Ctrl-C, or after the
+            run failed, before it is cancelled (a second Ctrl-C cancels it at once, a third
+            abandons it; see the README's "Errors").
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's sha256 for its manifest row, off the
+            training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.
     """
@@ -129,9 +133,11 @@ class TrainLoop:
         if not callable(step):
             raise TypeError(f"step must be callable as step(state, batch), got {step!r}")
         self.step_fn = step
+        self._step_label = f"step function {_label(step)}"
         self.batches = batches
         self.max_steps = max_steps
         self.out_dir = Path(out_dir)
+        _check_out_dir(self.out_dir)
         self.save = save
         self.checkpoint_every = checkpoint_every
         self.evaluators = dict(evaluators or {})
@@ -191,6 +197,7 @@ class TrainLoop:
         """Join an Experiment: its callbacks first, its bridge, its context and profiler."""
         self._bridge = bridge
         self._owns_bridge = False
+        self.callbacks.release()
         profile: bool | HookProfiler = (
             profiler if profiler is not None else (self.callbacks.profiler or False)
         )
@@ -206,25 +213,30 @@ class TrainLoop:
         if self._ran:
             raise RuntimeError("this TrainLoop has already run; build a new one for another run")
         self._ran = True
+        # Before any hook: a used out dir is continued explicitly (start_step) or refused.
+        claim_out_dir(self.out_dir, self._start_step)
         if self._bridge is None:
             self._bridge = Bridge(name=f"loopbridge-{self.state.run_name}")
         self.callbacks.bridge = self._bridge
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             return self._run()
-        except KeyboardInterrupt:
-            self._on_interrupt()
+        except KeyboardInterrupt as exc:
+            self._on_interrupt(exc)
             raise
         except BaseException as exc:
             self.callbacks.annotate(exc)
             if self._owns_bridge:
-                report = self._bridge.close(self.drain_timeout)
+                # A failing run stops its work within interrupt_grace, not drain_timeout.
+                report = self._shutdown(exc).run(exc)
                 if not report.ok:
                     logger.error("run %s failed; background work: %s", self.state.run_name, report)
             raise
         finally:
+            self.callbacks.release()  # the run is over: its callbacks may join another
             if self._owns_bridge and not self._bridge.closed:
-                self._bridge.close(self.drain_timeout)
+                # The drain at train end has spent the deadline already: close what is left.
+                self._bridge.close(0, cancel_grace=CANCEL_WAIT_S)
 
     def _run(self) -> LoopArtifacts:
         state, cbs = self.state, self.callbacks
@@ -241,7 +253,7 @@ class TrainLoop:
             )
             batch = None if done else next(batches, None)
             while batch is not None:
-                metrics = dict(self.step_fn(state, batch) or {})
+                metrics = coerce_metrics(self.step_fn(state, batch), self._step_label)
                 step_idx = state.step
                 state.step += 1
                 state.metrics = metrics
@@ -286,27 +298,18 @@ class TrainLoop:
             stop_reason=reason,
         )
         self.artifacts = artifacts
-        cbs.on_train_end(state, artifacts)
-        # Under torchrun, rank 0's report also holds every other rank's (docs/distributed.md).
-        artifacts.drain_report = gather_reports(
-            self._drain(),
-            self.callbacks.rank,
-            run_name=state.run_name,
-            timeout=(self.drain_timeout or 300.0) + 30.0,
-        )
-        report = artifacts.drain_report
         assert self._bridge is not None  # run() sets it
-        artifacts.bridge_stats = self._bridge.stats
+        # The one run policy, shared with the framework adapters: on_train_end, the drain
+        # (left running, this run's unfinished work would leak into the next run's report),
+        # then raise or warn.
+        policy = RunPolicy(self.drain_timeout, self.on_drain_failure, self.interrupt_grace)
+        report = policy.end_training(cbs, state, artifacts, self._bridge)
         if self.profiler is not None:
             # A profiler shared across an experiment's runs: this run's calls only.
             artifacts.hook_timings = self.profiler.rows(since=self._profile_mark)
             if self.print_profile:
                 self._print_profile(artifacts)
-        if not report.ok:
-            if self.on_drain_failure == "raise":
-                msg = f"run {state.run_name}: background work not done: {report.summary()}"
-                raise DrainError(msg, report)
-            logger.warning("run %s: background work not done: %s", state.run_name, report)
+        policy.enforce(report, state.run_name)
         return artifacts
 
     def _print_profile(self, artifacts: LoopArtifacts) -> None:
@@ -329,7 +332,7 @@ class TrainLoop:
     def _evaluate(self, step_idx: int, metrics_out: JsonLinesWriter) -> None:
         state, cbs = self.state, self.callbacks
         for name, evaluate in self.evaluators.items():
-            metrics = dict(evaluate(state))
+            metrics = coerce_metrics(evaluate(state), f"evaluator {name!r} ({_label(evaluate)})")
             row = {"step": state.step, "time": time.time(), "eval": name, "metrics": metrics}
             metrics_out.write(row)
             cbs.on_eval(state, step_idx, name, metrics)
@@ -345,6 +348,8 @@ class TrainLoop:
         assert self.save is not None  # callers check
         path = self.out_dir / CHECKPOINT_DIR / f"step-{state.step:08d}"
         path.parent.mkdir(parents=True, exist_ok=True)
+        # An earlier run's file there would pass the existence check below as this run's.
+        clear_stale_checkpoint(path)
         self.save(state, path)
         if not path.exists():
             msg = (
@@ -359,28 +364,30 @@ class TrainLoop:
             run_name=state.run_name,
             digest=self.hash_checkpoints,
         )
-        rows.write(row.to_json())
+        rows.write_line(manifest_line(row))
+        track_in_manifest(row, rows.path)
         manifest.append(row)
         self.callbacks.on_checkpoint(state, row)
+        # Hashed off this thread: by an uploader as it reads the file, else in the background.
+        digest_in_background(row)
         return row
 
-    def _drain(self) -> DrainReport:
-        bridge = self._bridge
-        assert bridge is not None  # run() sets it
-        # Left running, this run's unfinished work would leak into the next run's report.
-        return bridge.drain(
-            self.drain_timeout, cancel_pending=True, cancel_grace=self.interrupt_grace
+    def _shutdown(self, exc: BaseException) -> Shutdown:
+        assert self._bridge is not None  # run() sets it
+        return Shutdown.after(
+            exc,
+            self._bridge,
+            owner=f"run {self.state.run_name}",
+            grace=self.interrupt_grace,
+            close=self._owns_bridge,
+            logger=logger,
         )
 
-    def _on_interrupt(self) -> None:
-        bridge = self._bridge
-        if bridge is None:
+    def _on_interrupt(self, exc: KeyboardInterrupt) -> None:
+        if self._bridge is None:
             return
-        report = bridge.drain(
-            self.interrupt_grace, cancel_pending=True, cancel_grace=self.interrupt_grace
-        )
-        if self._owns_bridge:
-            report = report.merge(bridge.close(self.interrupt_grace))
+        # Escalates with every further Ctrl-C: grace, cancel now, abandon (see _shutdown).
+        report = self._shutdown(exc).run(exc)
         logger.warning(
             "run %s interrupted at step %d; background work: %s",
             self.state.run_name,
@@ -401,6 +408,31 @@ def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         msg = f"TrainLoop({name}={value!r}): give a whole number of at least 1, or None"
         raise ValueError(msg)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an out dir that is a file, or lies under one, before anything is written."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():
+        return
+    if existing == out_dir:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) is a regular file, not a directory: give a "
+            f"directory for the run's metrics, manifest and checkpoints (created if missing)"
+        )
+    else:
+        msg = (
+            f"TrainLoop(out_dir={str(out_dir)!r}) cannot be created: {existing} is a regular "
+            f"file, not a directory; give a path whose parents are directories"
+        )
+    raise NotADirectoryError(msg)
+
+
+def _label(fn: object) -> str:
+    """A function's name for messages: its qualified name, else its repr."""
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
 def check_benchmark(name: str, result: object) -> None:

@@ -52,6 +52,12 @@ class JsonLinesWriter:
         self._file.flush()
         self.rows += 1
 
+    def write_line(self, line: str) -> None:
+        """Write one already encoded row and flush it."""
+        self._file.write(line + "\n")
+        self._file.flush()
+        self.rows += 1
+
     def close(self) -> None:
         """Close the file; further writes fail."""
         self._file.close()

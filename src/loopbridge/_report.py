@@ -6,6 +6,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from loopbridge._exceptions import DrainError
+from loopbridge._redact import redact_text
 
 __all__ = ["BridgeStats", "DrainReport", "Loss", "TaskRecord"]
 
@@ -23,7 +24,12 @@ class TaskRecord:
     def __str__(self) -> str:
         key = "" if self.key is None else f" [key={self.key!r}]"
         error = "" if self.exception is None else f": {type(self.exception).__name__}: "
-        return f"{self.name}{key}{error}{self.exception if self.exception else ''}"
+        return redact_text(f"{self.name}{key}{error}{self.exception if self.exception else ''}")
+
+    def __repr__(self) -> str:
+        return redact_text(
+            f"TaskRecord(name={self.name!r}, key={self.key!r}, exception={self.exception!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +41,7 @@ class Loss:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.source} dropped {self.count}: {self.detail}"
+        return redact_text(f"{self.source} dropped {self.count}: {self.detail}")
 
 
 @dataclass(frozen=True)
@@ -86,22 +92,45 @@ class DrainReport:
                 parts.append(f"{len(records)} {label} ({names}{more})")
         parts.extend(str(loss) for loss in self.losses)
         timeout = " [deadline hit]" if self.timed_out else ""
-        return f"{'; '.join(parts)} in {self.elapsed:.3f} s{timeout}"
+        return redact_text(f"{'; '.join(parts)} in {self.elapsed:.3f} s{timeout}")
 
     def __str__(self) -> str:
         return f"DrainReport({self.summary()})"
 
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in (
+                "completed",
+                "failed",
+                "cancelled",
+                "pending",
+                "losses",
+                "elapsed",
+                "timed_out",
+                "notes",
+            )
+        )
+        return redact_text(f"DrainReport({fields})")
+
     def merge(self, other: DrainReport) -> DrainReport:
-        """Combine two reports, as when a run drains twice (at train end and at close)."""
+        """Combine two reports, as when a run drains twice (at train end and at close).
+
+        A task named in both is named once: a later failure or cancellation replaces an
+        earlier `pending`, and otherwise the first mention stays.
+        """
+        outcome = {r.seq for r in other.failed + other.cancelled if r.seq}
+        pending = tuple(r for r in self.pending if not r.seq or r.seq not in outcome)
+        kept = self.failed + self.cancelled + pending
         return DrainReport(
             completed=self.completed + other.completed,
-            failed=self.failed + other.failed,
-            cancelled=self.cancelled + other.cancelled,
-            pending=self.pending + _new_records(self.pending, other.pending),
+            failed=self.failed + _new_records(kept, other.failed),
+            cancelled=self.cancelled + _new_records(kept, other.cancelled),
+            pending=pending + _new_records(kept, other.pending),
             losses=self.losses + other.losses,
             elapsed=self.elapsed + other.elapsed,
             timed_out=self.timed_out or other.timed_out,
-            notes=self.notes + other.notes,
+            notes=self.notes + tuple(n for n in other.notes if n not in self.notes),
         )
 
 

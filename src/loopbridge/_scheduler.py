@@ -3,8 +3,8 @@
 Everything here runs on the bridge's event-loop thread, except the few methods that say
 otherwise. Work arrives through `inbox`, a deque that spawning threads append to (atomic
 under the GIL); `pump` moves it into the ready queue or behind a running task of its key,
-and starts what the in-flight limit allows. The ledger records what ended, for the next
-drain report.
+and starts what the in-flight limit allows. The ledger (`_ledger.py`) records what ended,
+for the next drain report, each task once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from types import CoroutineType
 from typing import Any, TypeVar
 
 from loopbridge._future import TaskFuture
-from loopbridge._report import DrainReport, Loss, TaskRecord
+from loopbridge._ledger import Ledger, record_of
+from loopbridge._report import DrainReport, Loss
 
 __all__ = ["LoopSelector", "Scheduler", "record_of"]
 
@@ -101,8 +102,7 @@ class Scheduler:
         self._calls: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
 
-        # Totals, written on the loop thread.
-        self.n_completed = 0
+        # Totals, written on the loop thread (completions are counted by the ledger).
         self.n_failed = 0
         self.n_cancelled = 0
         self.n_calls = 0
@@ -110,10 +110,8 @@ class Scheduler:
         # The ledger: what the next drain reports, guarded by idle's lock.
         self.idle = threading.Condition()
         self._idle_waiters = 0
-        self._reported_completed = 0
-        self._failed: list[TaskRecord] = []
-        self._cancelled: list[TaskRecord] = []
-        self._losses: list[Loss] = []
+        self.ledger = Ledger(self.idle)
+        self._given_up = self.ledger.given_up
 
     # ------------------------------------------------------------------ queues
 
@@ -213,13 +211,11 @@ class Scheduler:
         except asyncio.CancelledError:
             future._set_cancelled()
             self.n_cancelled += 1
-            with self.idle:
-                self._cancelled.append(record_of(future))
+            self.ledger.cancelled(future)
         except BaseException as exc:
             future._set_exception(exc)
             self.n_failed += 1
-            with self.idle:
-                self._failed.append(record_of(future, exc))
+            self.ledger.failed(future, exc)
             key = "" if future.key is None else f" (key={future.key!r})"
             logger.error(
                 "background task %r%s failed: %s: %s",
@@ -233,7 +229,10 @@ class Scheduler:
             # would stop the loop under every other task.
         else:
             future._set_result(result)
-            self.n_completed += 1
+            if self._given_up:  # rare: only after a drain gave up on some work
+                self.ledger.completed(future)
+            else:
+                self.ledger.n_completed += 1
         finally:
             if not abandoned:
                 self._in_flight -= 1
@@ -249,7 +248,9 @@ class Scheduler:
             else:
                 del self._key_queues[key]
         self._start_ready()
-        if self._idle_waiters and not self.outstanding and not self.inbox:
+        # Settled when every task left is one a drain gave up on (see is_settled); the
+        # waiter checks exactly, this only avoids waking it for nothing.
+        if self._idle_waiters and not self.inbox and len(self.outstanding) <= len(self._given_up):
             with self.idle:
                 self.idle.notify_all()
 
@@ -259,8 +260,7 @@ class Scheduler:
         if isinstance(work, Coroutine):
             work.close()
         self.n_cancelled += 1
-        with self.idle:
-            self._cancelled.append(record_of(future))
+        self.ledger.cancelled(future)
         self._finish(future)
 
     # ------------------------------------------------------------------ calls
@@ -291,46 +291,89 @@ class Scheduler:
             future.cancel()
         for task in list(self._calls):
             loop.call_soon(task.cancel)
-        # Queued tasks, now marked cancelled, are retired as they reach the front.
+        self._retire_queued()
         self._start_ready()
+
+    def _retire_queued(self) -> None:
+        """Retire the cancelled tasks still queued, now: behind a stuck task of their key
+        they would never reach the front, and so never be reported."""
+        dropped = [f for f in self._ready if f.cancelled()]
+        if dropped:
+            self._ready = deque(f for f in self._ready if not f.cancelled())
+        for queue in self._key_queues.values():
+            cancelled = [f for f in queue if f.cancelled()]
+            if cancelled:
+                kept = [f for f in queue if not f.cancelled()]
+                queue.clear()
+                queue.extend(kept)
+                dropped += cancelled
+        for future in dropped:
+            self.taken += 1
+            work = future.work
+            if isinstance(work, Coroutine):
+                work.close()
+            self.n_cancelled += 1
+            self.ledger.cancelled(future)
+            del self.outstanding[future.seq]
+        if dropped and self._idle_waiters:
+            with self.idle:
+                self.idle.notify_all()
 
     # ------------------------------------------------------------------ any thread
 
     def is_idle(self) -> bool:
-        """True when nothing is queued or running."""
+        """True when nothing is queued or running, given-up work included."""
         return not self.inbox and not self.outstanding
 
+    def is_settled(self) -> bool:
+        """True when nothing is queued or running except work a drain already gave up on."""
+        if self.inbox:
+            return False
+        given_up = self._given_up
+        return all(seq in given_up for seq in self.outstanding.copy())
+
     def wait_idle(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` s until nothing is queued or running; True if so."""
+        """Wait up to `timeout` s until the scheduler is settled (`is_settled`); True if so."""
         with self.idle:
             # Counted under the lock before the check, so the loop, which notifies only
             # when someone waits, cannot miss this waiter.
             self._idle_waiters += 1
             try:
-                return self.idle.wait_for(self.is_idle, timeout)
+                return self.idle.wait_for(self.is_settled, timeout)
             finally:
                 self._idle_waiters -= 1
 
-    def unfinished(self) -> list[TaskFuture[Any]]:
-        """Queued and running tasks, oldest first (a snapshot safe from any thread)."""
+    def unfinished(self, *, given_up: bool = False) -> list[TaskFuture[Any]]:
+        """Queued and running tasks, oldest first (a snapshot safe from any thread).
+
+        Work a drain already gave up on is left out, unless `given_up`.
+        """
         waiting = list(self.outstanding.copy().values()) + list(self.inbox)
         waiting.sort(key=lambda f: f.seq)
-        return [f for f in waiting if not f.done()]
+        skip = () if given_up else self._given_up
+        # A task cancelled while queued stays here until retired: it is not over yet.
+        return [
+            f
+            for f in waiting
+            if (not f.done() or (f.cancelled() and f.asyncio_task is None)) and f.seq not in skip
+        ]
 
     def running(self) -> list[TaskFuture[Any]]:
         """Tasks running now (a snapshot safe from any thread)."""
         return [f for f in self.outstanding.copy().values() if f.running()]
 
+    @property
+    def n_completed(self) -> int:
+        """Tasks completed so far."""
+        return self.ledger.n_completed
+
     def record_loss(self, loss: Loss) -> None:
         """Add data a callback dropped to the next report."""
-        with self.idle:
-            self._losses.append(loss)
+        self.ledger.record_loss(loss)
 
     def take_losses(self) -> tuple[Loss, ...]:
         """The losses recorded since the last report, forgetting them."""
-        with self.idle:
-            losses, self._losses = tuple(self._losses), []
-        return losses
+        return self.ledger.take_losses()
 
     def take_report(
         self,
@@ -339,27 +382,13 @@ class Scheduler:
         timed_out: bool,
         pending: list[TaskFuture[Any]] | None = None,
         notes: tuple[str, ...] = (),
+        give_up: bool = False,
     ) -> DrainReport:
-        """The report of what ended since the last one; `pending` names what had not."""
+        """The ledger's report; `pending` defaults to what is unfinished now, if timed out."""
         if pending is None:
             pending = self.unfinished() if timed_out else []
-        pending_seqs = {f.seq for f in pending}
-        with self.idle:
-            completed = self.n_completed - self._reported_completed
-            self._reported_completed += completed
-            failed, self._failed = tuple(self._failed), []
-            cancelled, self._cancelled = tuple(self._cancelled), []
-            losses, self._losses = tuple(self._losses), []
-        return DrainReport(
-            completed=completed,
-            failed=failed,
-            # Work pending at the deadline is reported once, as pending.
-            cancelled=tuple(r for r in cancelled if r.seq not in pending_seqs),
-            pending=tuple(record_of(f) for f in pending),
-            losses=losses,
-            elapsed=elapsed,
-            timed_out=timed_out,
-            notes=notes,
+        return self.ledger.take_report(
+            elapsed, timed_out=timed_out, pending=pending, notes=notes, give_up=give_up
         )
 
 
@@ -387,8 +416,3 @@ async def _awaitable_of(future: TaskFuture[T]) -> T:
         )
         raise TypeError(msg)
     return await awaitable
-
-
-def record_of(future: TaskFuture[Any], exc: BaseException | None = None) -> TaskRecord:
-    """The report's record of a task."""
-    return TaskRecord(future.name, future.key, exc, seq=future.seq)

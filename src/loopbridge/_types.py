@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from loopbridge._profile import TimingRow
     from loopbridge._report import BridgeStats, DrainReport
+    from loopbridge._row_digest import PendingDigest
 
 __all__ = [
     "ArmResult",
@@ -73,15 +74,19 @@ class ManifestRow:
 
     `path` is a file or a directory of shards. `digest` is `sha256:<hex>` of the file, or of
     the sorted `(relative path, size, sha256)` lines of a directory; None when hashing is off.
+    A row from `for_checkpoint` gets its digest off the training thread: `digest` may still be
+    None in `on_checkpoint`, and `wait_digest()` returns it once known. Equality and hashing
+    leave the digest out, since it can be filled in after the row is made.
     """
 
     step: int
     path: Path
     size_bytes: int
-    digest: str | None
+    digest: str | None = field(compare=False)
     created_at: float
     is_final: bool = False
     run_name: str = ""
+    _pending: PendingDigest | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The row as the JSON object written to the manifest file."""
@@ -95,6 +100,29 @@ class ManifestRow:
             "run_name": self.run_name,
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its pending digest (a handle to this process's threads)."""
+        state = dict(self.__dict__)
+        state["_pending"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def wait_digest(self, timeout: float | None = None) -> str | None:
+        """The digest, waiting up to `timeout` seconds while it is computed in the background.
+
+        None when the row has no digest and none is coming (hashing off). If nobody computes
+        it yet, it is computed in the calling thread.
+
+        Raises:
+            TimeoutError: it is not known within `timeout`.
+            IntegrityError: the checkpoint changed or vanished after it was saved.
+        """
+        if self.digest is not None or self._pending is None:
+            return self.digest
+        return self._pending.wait(timeout)
+
     @classmethod
     def for_checkpoint(
         cls,
@@ -107,24 +135,26 @@ class ManifestRow:
     ) -> ManifestRow:
         """Describe a checkpoint already written at `path` (a file or a directory of shards).
 
-        For foreign loops and adapters as for `TrainLoop`: the size is measured, and the
-        digest computed unless `digest=False`.
+        For foreign loops and adapters as for `TrainLoop`. Only the files' sizes and stamps
+        are read here; unless `digest=False`, the digest comes later, off the calling thread
+        (see `wait_digest`): an uploader computes it while it reads the files for upload, or
+        `loopbridge._row_digest.digest_in_background` does once `on_checkpoint` returned.
         """
-        from loopbridge._digest import digest_path, size_of
+        from loopbridge._row_digest import PendingDigest, stamp_path
 
-        if digest:
-            size, content_digest = digest_path(path)
-        else:
-            size, content_digest = size_of(path), None
-        return cls(
+        stamps = stamp_path(path)
+        row = cls(
             step=step,
             path=path,
-            size_bytes=size,
-            digest=content_digest,
+            size_bytes=sum(stamp.size for stamp in stamps),
+            digest=None,
             created_at=time.time(),
             is_final=is_final,
             run_name=run_name,
         )
+        if digest:
+            object.__setattr__(row, "_pending", PendingDigest(row, stamps))
+        return row
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ManifestRow:
@@ -142,11 +172,16 @@ class ManifestRow:
 
 @dataclass
 class LoopArtifacts:
-    """What a finished loop leaves behind, and why it stopped."""
+    """What a finished loop leaves behind, and why it stopped.
+
+    `metrics_path` and `manifest_path` are the files TrainLoop writes; they are None for a
+    loop that writes no such file (a framework's, through an adapter): its rows are then
+    only in `manifest` and in the framework's own logs.
+    """
 
     out_dir: Path
-    metrics_path: Path
-    manifest_path: Path
+    metrics_path: Path | None
+    manifest_path: Path | None
     manifest: list[ManifestRow]
     final_checkpoint: ManifestRow | None
     steps_completed: int

@@ -8,16 +8,23 @@ and `latest` point at it. An intent still open after the process died is an uplo
 
 WAL with `synchronous=NORMAL` makes each commit durable against the process dying (SIGKILL,
 OOM, preemption), which is the failure this journal is for, without an fsync per commit.
-There is no index beyond the primary key: each commit then writes one page, which is what the
-training thread waits for, and the open intents are read once per run (a scan of a few rows).
+Checkpoint paths are stored relative to the journal's directory when they lie under it
+(absolute otherwise), so a journal resumes from any working directory, and after its out dir
+was moved or copied whole.
+
+There is no index beyond the primary key: each commit then writes one page, which is what
+the training thread waits for, and the open intents are read once per run (a scan of a few
+rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +39,12 @@ __all__ = ["JOURNAL_FILE", "UploadIntent", "UploadJournal", "find_journals"]
 
 JOURNAL_FILE = "upload-journal.sqlite3"
 _APPLICATION_ID = 0x4C42524A  # "LBRJ": tells our journal from any other SQLite file
+# While a process has the journal open, the main file says so ("LBRO"), checkpointed at open;
+# close() sets "LBRJ" back. A main file that says "open" with no -wal file beside it was
+# copied or moved without its write-ahead log, which holds the records since it was opened.
+_APPLICATION_ID_OPEN = 0x4C42524F
+_OURS = (_APPLICATION_ID, _APPLICATION_ID_OPEN)
+_WAL_MODE = 2  # the SQLite header's read/write version bytes in WAL mode
 _SCHEMA_VERSION = 2  # 2: store_options column, no secondary index
 
 _SCHEMA = """
@@ -77,13 +90,20 @@ class UploadIntent:
 class UploadJournal:
     """A run's upload journal; safe to use from the loop thread and the bridge thread."""
 
-    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
-        self.path = path
+    def __init__(self, path: Path, *, exclusive: bool = True, holder: str | None = None) -> None:
+        self.path = path = Path(path).absolute()
+        self._dir_prefix = os.path.join(str(path.parent), "")  # with its trailing separator
         path.parent.mkdir(parents=True, exist_ok=True)
         # Held while open, so `loopbridge resume` cannot abort the uploads of a live run;
         # the kernel lets go of it when the process dies, even by SIGKILL.
-        self._owner = _claim(path) if exclusive else None
+        self._owner = _claim(path, holder or _default_holder()) if exclusive else None
         existed = path.exists() and path.stat().st_size > 0
+        if existed:
+            try:
+                _check_wal_present(path)
+            except JournalError:
+                self._release()
+                raise
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -107,7 +127,7 @@ class UploadJournal:
         if existed and app_id == 0:
             # Created by a process that died before it wrote our id: empty, so still new.
             existed = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-        if existed and app_id != _APPLICATION_ID:
+        if existed and app_id not in _OURS:
             msg = (
                 f"{self.path} is not a loopbridge upload journal (application_id {app_id:#x}); "
                 f"move it aside, or point loopbridge at the run's own out dir"
@@ -125,9 +145,13 @@ class UploadJournal:
         if not existed:
             # One WAL transaction (no fsync at NORMAL): the journal is created in ~15 ms, not 25.
             db.executescript(
-                f"BEGIN; PRAGMA application_id={_APPLICATION_ID};"
+                f"BEGIN; PRAGMA application_id={_APPLICATION_ID_OPEN};"
                 f" PRAGMA user_version={_SCHEMA_VERSION}; {_SCHEMA} COMMIT;"
             )
+        else:
+            db.execute(f"PRAGMA application_id={_APPLICATION_ID_OPEN}")
+        # Into the main file, so that a copy of it alone shows it was open (see _OURS).
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def __enter__(self) -> UploadJournal:
         return self
@@ -138,6 +162,9 @@ class UploadJournal:
     def close(self) -> None:
         """Close the database (the WAL is folded back into it) and let go of the claim."""
         with self._lock:
+            # A read-only or broken journal: closing is what matters here.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
             self._db.close()
         self._release()
 
@@ -164,7 +191,7 @@ class UploadJournal:
                 dest,
                 run_prefix,
                 row.step,
-                str(row.path),
+                self._stored_path(row.path),
                 row.size_bytes,
                 row.digest,
                 row.created_at,
@@ -179,12 +206,51 @@ class UploadJournal:
             raise JournalError(f"{self.path}: the intent was not recorded")
         return intent_id
 
+    def _stored_path(self, path: Path) -> str:
+        """`path` relative to the journal's directory when under it, else absolute.
+
+        String operations, not pathlib's: this runs on the training thread per checkpoint,
+        and `Path.absolute().relative_to()` cost about 10 µs of it.
+        """
+        text = os.fspath(path)
+        if not os.path.isabs(text):
+            text = os.path.join(os.getcwd(), text)
+        inside = self._dir_prefix
+        return text[len(inside) :] if text.startswith(inside) else text
+
+    def _read_path(self, text: str) -> Path:
+        """A stored path, absolute: relative ones are relative to the journal's directory.
+
+        Journals written before paths were stored this way hold paths relative to the
+        working directory of the run (`runs/a/checkpoints/step-1`); the longest tail of such
+        a path that exists under the journal's directory is taken.
+        """
+        stored = Path(text)
+        if stored.is_absolute():
+            return stored
+        base = self.path.parent
+        candidate = base / stored
+        if not candidate.exists():
+            for i in range(1, len(stored.parts)):
+                legacy = base.joinpath(*stored.parts[i:])
+                if legacy.exists():
+                    return legacy
+        return candidate
+
     def mark_attempt(self, intent_id: int) -> None:
         """Count one more attempt at an intent."""
         self._execute(
             "count an upload attempt",
             "UPDATE intents SET attempts = attempts + 1 WHERE id = ?",
             (intent_id,),
+        )
+
+    def set_digest(self, intent_id: int, digest: str) -> None:
+        """Record an intent's digest, known only once its upload had read the checkpoint."""
+        self._execute(
+            "record a checkpoint digest",
+            "UPDATE intents SET digest = ? WHERE id = ? AND digest IS NULL",
+            (digest, intent_id),
         )
 
     def mark_published(self, intent_id: int) -> None:
@@ -202,6 +268,10 @@ class UploadJournal:
             "UPDATE intents SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
             (error[:2000], time.time(), intent_id),
         )
+
+    def withdraw(self, intent_id: int) -> None:
+        """Remove an intent no longer wanted (a later run superseded its step)."""
+        self._execute("withdraw an upload intent", "DELETE FROM intents WHERE id = ?", (intent_id,))
 
     def _execute(self, what: str, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         """Run one statement under the lock; a database error becomes a JournalError."""
@@ -237,7 +307,7 @@ class UploadJournal:
                 run_prefix=r[2],
                 row=ManifestRow(
                     step=r[3],
-                    path=Path(r[4]),
+                    path=self._read_path(r[4]),
                     size_bytes=r[5],
                     digest=r[6],
                     created_at=r[7],
@@ -253,31 +323,90 @@ class UploadJournal:
         ]
 
 
-def _claim(path: Path) -> IO[str]:
-    """Take the journal's lock file, or say which process holds it."""
+RESUME_HOLDER = "loopbridge resume"
+
+
+def _default_holder() -> str:
+    """Who holds a journal by default: a run, and the command that started it."""
+    command = " ".join(sys.argv)[:200] or "python"
+    return f"a training run: {command}"
+
+
+def _claim(path: Path, holder: str) -> IO[str]:
+    """Take the journal's lock file, or say which process holds it and what it is."""
     lock_path = path.with_name(path.name + ".lock")
     handle = lock_path.open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        pid, _, what = handle.read().strip().partition(" ")
         handle.close()
-        msg = (
-            f"{path} is in use by a running process ({holder}); resume its uploads only "
-            f"once that process has ended (its own run finishes them)"
-        )
+        who = f"pid {pid}" if pid.isdigit() else "another process"
+        if what.startswith(RESUME_HOLDER):
+            msg = (
+                f"{path} is held by another `loopbridge resume` ({who}), which is finishing "
+                f"its uploads now; wait for it to end (or stop it: kill {pid}), then run "
+                f"resume again if it reports anything left"
+            )
+        else:
+            what = what or "a process that has the journal open"
+            msg = (
+                f"{path} is in use by a running process ({who}: {what}); resume its "
+                f"uploads only once that process has ended (its own run finishes them)"
+            )
         raise JournalError(msg) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
+    handle.write(f"{os.getpid()} {holder}\n")
     handle.flush()
     return handle
 
 
-def find_journals(out_dir: Path) -> Iterator[Path]:
-    """Every upload journal at or below `out_dir` (an experiment holds one per run)."""
-    yield from sorted(out_dir.rglob(JOURNAL_FILE))
+def _check_wal_present(path: Path) -> None:
+    """Refuse a journal whose main file was copied or moved without its -wal file."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(100)
+    except OSError:
+        return  # sqlite reports what is wrong with the file
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return
+    wal_mode = header[18] == _WAL_MODE
+    app_id = int.from_bytes(header[68:72], "big")
+    wal = path.with_name(path.name + "-wal")
+    if wal_mode and app_id in (0, _APPLICATION_ID_OPEN) and not wal.exists():
+        msg = (
+            f"{path} was not closed by the process that wrote it, and its write-ahead log "
+            f"{wal.name} is missing: the records since it was opened are in that file, so "
+            f"this copy would look as if nothing were open. Copy {wal.name} (and {path.name}) "
+            f"from where the run wrote them, side by side, then resume again"
+        )
+        raise JournalError(msg)
+
+
+MAX_DEPTH = 4
+"""How far below the out dir journals are looked for: a run's own out dir is depth 0, and
+an experiment's runs sit a few levels below its directory."""
+
+
+def find_journals(out_dir: Path, max_depth: int = MAX_DEPTH) -> Iterator[Path]:
+    """Every upload journal at most `max_depth` directories below `out_dir`, sorted.
+
+    Hidden directories and symlinked ones are not entered; unreadable ones are skipped.
+    """
+    found: list[Path] = []
+    root = Path(out_dir)
+    base_depth = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if JOURNAL_FILE in filenames:
+            found.append(here / JOURNAL_FILE)
+        if len(here.parts) - base_depth >= max_depth:
+            dirnames.clear()
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    yield from sorted(found)
 
 
 def _options(text: str) -> dict[str, str]:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loopbridge._exceptions import JournalError, LoopbridgeError
 from loopbridge.callbacks._sharded import ShardedCommit, read_ranks_file
+from loopbridge.callbacks._store_options import decode_options
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
-from loopbridge.journal import UploadIntent, UploadJournal, find_journals
+from loopbridge.journal import RESUME_HOLDER, UploadIntent, UploadJournal, find_journals
 from loopbridge.stores import ObjectStore, open_store
 
 __all__ = ["ResumeOutcome", "ResumeReport", "resume_out_dir"]
@@ -86,6 +87,7 @@ def resume_out_dir(
     store: str | None = None,
     endpoint_url: str | None = None,
     timeout: float | None = None,
+    store_options: Mapping[str, str] | None = None,
 ) -> ResumeReport:
     """Finish the open uploads of every journal under `out_dir`.
 
@@ -94,16 +96,22 @@ def resume_out_dir(
         store: publish to this store URL instead of the one each journal recorded.
         endpoint_url: the S3 endpoint to use instead of the recorded one.
         timeout: give up on what is still open after this many seconds (reported as failed).
+        store_options: S3 store options by name (`verify_etag`, `part_size`, ...), as
+            strings, over the ones each journal recorded.
     """
-    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir)))
+    # Absolute, as UploadJournal.path is: outcomes are matched to journals by path.
+    report = ResumeReport(out_dir=out_dir, journals=list(find_journals(out_dir.absolute())))
     started = time.monotonic()
-    asyncio.run(_resume_all(report, store=store, endpoint_url=endpoint_url, limit=timeout))
+    overrides = dict(store_options or {})
+    if endpoint_url is not None:
+        overrides["endpoint_url"] = endpoint_url
+    asyncio.run(_resume_all(report, store=store, overrides=overrides, limit=timeout))
     report.elapsed = time.monotonic() - started
     return report
 
 
 async def _resume_all(
-    report: ResumeReport, *, store: str | None, endpoint_url: str | None, limit: float | None
+    report: ResumeReport, *, store: str | None, overrides: dict[str, str], limit: float | None
 ) -> None:
     """Open every journal and store, then resume each run's open intents on this loop."""
     journals: list[UploadJournal] = []
@@ -111,37 +119,42 @@ async def _resume_all(
         tuple[str, tuple[tuple[str, str], ...], ShardedCommit | None], CheckpointUploader | str
     ] = {}
     runs: dict[tuple[Path, str, str], list[tuple[UploadJournal, UploadIntent]]] = {}
+    # Every run a journal names, open uploads or not: each is swept for stale leftovers.
+    known: dict[tuple[Path, str, str], UploadIntent] = {}
     finished: set[tuple[Path, int]] = set()
     try:
         for path in report.journals:
             try:
-                journal = UploadJournal(path)
+                journal = UploadJournal(path, holder=RESUME_HOLDER)
                 journals.append(journal)
-                intents = journal.open_intents()
+                every = journal.intents()
             except JournalError as exc:
                 report.outcomes.append(ResumeOutcome(path, str(exc), ok=False))
                 continue
+            intents = [i for i in every if i.state != "published"]
             if not intents:
-                done = len(journal.intents())
                 report.outcomes.append(
-                    ResumeOutcome(path, f"{path}: nothing open ({done} published)", ok=True)
+                    ResumeOutcome(path, f"{path}: nothing open ({len(every)} published)", ok=True)
                 )
+            for intent in every:
+                known.setdefault((path, intent.dest, intent.run_prefix), intent)
             for intent in intents:
                 runs.setdefault((path, intent.dest, intent.run_prefix), []).append(
                     (journal, intent)
                 )
         tasks = []
-        for (path, dest, _), items in runs.items():
-            options = dict(items[0][1].store_options)
-            if endpoint_url is not None:
-                options["endpoint_url"] = endpoint_url
+        for (path, dest, run_prefix), first in known.items():
+            options = {**first.store_options, **overrides}
             url = store or dest
             # A sharded rank's out dir says which rank it was (docs/distributed.md).
             sharded = read_ranks_file(path.parent)
             key = (url, tuple(sorted(options.items())), sharded)
             if key not in uploaders:
                 uploaders[key] = _uploader(url, options, sharded)
-            tasks.append(_resume_run(report, path, uploaders[key], items, finished))
+            items = runs.get((path, dest, run_prefix), [])
+            tasks.append(
+                _resume_run(report, path, uploaders[key], items, finished, run_prefix=run_prefix)
+            )
         try:
             async with asyncio.timeout(limit):
                 await asyncio.gather(*tasks)
@@ -161,10 +174,13 @@ def _uploader(
 ) -> CheckpointUploader | str:
     """An uploader over the store `url` names (as the recorded rank), or why it cannot open."""
     try:
-        kwargs: dict[str, Any] = dict(options) if url.startswith("s3://") else {}
+        kwargs: dict[str, Any] = decode_options(options) if url.startswith("s3://") else {}
         store = open_store(url, **kwargs)
     except (ValueError, TypeError, LoopbridgeError) as exc:
-        return f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url)"
+        return (
+            f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url, "
+            f"--store-option NAME=VALUE)"
+        )
     if sharded is None:
         return CheckpointUploader("", store=store, journal=False)
     return CheckpointUploader(
@@ -183,8 +199,10 @@ async def _resume_run(
     uploader: CheckpointUploader | str,
     items: list[tuple[UploadJournal, UploadIntent]],
     finished: set[tuple[Path, int]],
+    *,
+    run_prefix: str,
 ) -> None:
-    """Resume one run's open intents in the order they were recorded."""
+    """Resume one run's open intents in the order they were recorded; then sweep the run."""
     for journal, intent in items:
         row = intent.row
         if isinstance(uploader, str):
@@ -202,6 +220,22 @@ async def _resume_run(
                 outcome = ResumeOutcome(path, f"published ({how})", True, row.step, where)
         report.outcomes.append(outcome)
         finished.add((path, intent.id))
+    if isinstance(uploader, CheckpointUploader):
+        report.outcomes.extend(await _sweep(path, uploader, run_prefix))
+
+
+async def _sweep(path: Path, uploader: CheckpointUploader, run_prefix: str) -> list[ResumeOutcome]:
+    """Remove what failed or abandoned uploads left under the run's unpublished steps."""
+    where = f"{uploader.store.url}/{run_prefix}"
+    try:
+        removed = await uploader.sweep_unpublished(run_prefix)
+    except Exception as exc:
+        return [ResumeOutcome(path, f"{where}: stale leftovers not removed: {exc}", ok=False)]
+    if not removed:
+        return []
+    detail = f"{where}: removed stale leftovers of unpublished {', '.join(removed)}"
+    logger.info("%s", detail)
+    return [ResumeOutcome(path, detail, ok=True)]
 
 
 def _report_unfinished(

@@ -162,18 +162,21 @@ class TestCrashThenResume:
     ) -> None:
         """After SIGKILL mid-upload, `loopbridge resume` publishes every recorded checkpoint."""
         _crash(out_dir, s3_bucket, fault_proxy)
-        rows = _rows(out_dir)
-        assert [row.step for row in rows] == [1, 2, 3, 4]
+        assert [row.step for row in _rows(out_dir)] == [1, 2, 3, 4]
 
         done = _resume_cli(out_dir)
         assert done.returncode == 0, done.stdout + done.stderr
+        # Read after the resume: digests are hashed as checkpoints upload, and the resume
+        # writes those the killed process never got to into manifest.jsonl.
+        rows = _rows(out_dir)
         assert "4 open upload(s): 4 published, 0 failed" in done.stdout
         _check_published(s3_bucket, rows, f"ckpts/{RUN}")
         with UploadJournal(out_dir / JOURNAL_FILE) as journal:
             assert journal.open_intents() == []
-        # The journal's recorded endpoint (the proxy) was used: no --endpoint-url was given.
-        assert fault_proxy.requests("POST", r"step-00000004/.*\?uploads") == []
-        assert fault_proxy.requests("PUT", r"step-00000004/step-00000004")
+        # The journal's recorded store options were used, no --endpoint-url or part size given:
+        # step 4 (queued at the kill) went through the proxy, in the run's 5 MiB parts.
+        assert len(fault_proxy.requests("POST", r"step-00000004/.*\?uploads")) == 1
+        assert len(fault_proxy.requests("PUT", r"step-00000004/step-00000004\?.*partNumber=")) == 2
 
     def test_restarting_the_run_publishes_old_checkpoints_before_new_ones(
         self, s3_bucket: S3Bucket, fault_proxy: FaultProxy, out_dir: Path
@@ -242,7 +245,8 @@ class TestExperimentRestart:
                     checkpoint_every=1,
                 )
 
-            uploader = CheckpointUploader(remote.as_uri())
+            # No pre-flight: this test is about uploads that fail during training.
+            uploader = CheckpointUploader(remote.as_uri(), preflight=False)
             return lb.Experiment(
                 "exp", {"arm": {}}, build, callbacks=[uploader], on_drain_failure="warn"
             ).run()

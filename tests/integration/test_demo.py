@@ -108,7 +108,8 @@ class TestDemo:
     def test_lost_uploads_give_a_nonzero_exit(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """A store that cannot be written makes the demo say what was lost and exit 1."""
+        """A store that cannot be written fails the run before training (the pre-flight);
+        the demo says why and exits 1."""
         blocker = tmp_path / "blocker"
         blocker.write_text("a file where the store's directory should be")
         code = main(
@@ -127,7 +128,8 @@ class TestDemo:
         assert code == 1
         out = capsys.readouterr().out
         assert "LOST OR UNVERIFIED" in out
-        assert "checkpoint upload(s) failed" in out
+        assert f"DestinationError: checkpoint destination {blocker / 'store'}" in out
+        assert f"{blocker} is a regular file" in out
         assert "nothing lost" not in out
 
 

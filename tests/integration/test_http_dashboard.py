@@ -14,7 +14,7 @@ from tests.fixtures.http import DashboardServer
 import loopbridge as lb
 from loopbridge._bridge import Bridge
 from loopbridge._report import DrainReport
-from loopbridge._types import EvalResult, LogContext, LoopArtifacts, LoopState, TrainingBatch
+from loopbridge._types import EvalResult, LoopState, TrainingBatch
 from loopbridge.callbacks._http import HttpRetryPolicy
 from loopbridge.callbacks.http_dashboard import SCHEMA_VERSION, HttpDashboard
 
@@ -32,12 +32,6 @@ def bridge() -> Iterator[Bridge]:
         yield b
 
 
-def attach(callback: HttpDashboard, bridge: Bridge) -> HttpDashboard:
-    """Attach the callback to the bridge the way CallbackList does."""
-    callback._loopbridge_bridge = bridge
-    return callback
-
-
 def run_steps(
     dash: HttpDashboard,
     bridge: Bridge,
@@ -47,28 +41,37 @@ def run_steps(
     evals_every: int = 0,
     on_step: Any = None,
 ) -> DrainReport:
-    """Fire the hooks of one plain training run and drain, as TrainLoop does."""
-    state = LoopState(run_name="run-a", run_id="id-a", max_steps=n_steps, out_dir=tmp_path)
-    dash.on_train_start(state)
-    for idx in range(n_steps):
-        state.step = idx + 1
-        metrics = {"loss": 1.0 / (idx + 1), "lr": 0.1, "nan": math.nan}
-        dash.on_step_end(state, idx, TrainingBatch(index=idx, data=None), metrics)
-        if evals_every and state.step % evals_every == 0:
-            dash.on_eval(state, idx, "val", {"acc": state.step / n_steps})
-        if on_step is not None:
+    """Train `n_steps` through TrainLoop with the dashboard registered; its drain report.
+
+    `on_step(n)` runs once step n's hooks and evals have fired (before step n + 1).
+    """
+
+    def step(state: LoopState, batch: TrainingBatch) -> dict[str, float]:
+        if on_step is not None and state.step:
             on_step(state.step)
-    artifacts = LoopArtifacts(
-        out_dir=tmp_path,
-        metrics_path=tmp_path / "m.jsonl",
-        manifest_path=tmp_path / "manifest.jsonl",
-        manifest=[],
-        final_checkpoint=None,
-        steps_completed=n_steps,
-        stop_reason="max_steps",
+        idx = state.step
+        return {"loss": 1.0 / (idx + 1), "lr": 0.1, "nan": math.nan}
+
+    def validate(state: LoopState) -> dict[str, float]:
+        return {"acc": state.step / n_steps}
+
+    loop = lb.TrainLoop(
+        step,
+        range(n_steps),
+        max_steps=n_steps,
+        out_dir=tmp_path / "run-a",
+        run_name="run-a",
+        callbacks=[dash],
+        bridge=bridge,
+        evaluators={"val": validate} if evals_every else None,
+        eval_every=evals_every or None,
+        drain_timeout=30,
+        on_drain_failure="warn",
     )
-    dash.on_train_end(state, artifacts)
-    return bridge.drain(timeout=30)
+    loop.state.run_id = "id-a"
+    report = loop.run().drain_report
+    assert report is not None
+    return report
 
 
 def step_numbers(events: list[dict[str, Any]]) -> list[int]:
@@ -81,7 +84,7 @@ class TestDelivery:
         self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
     ) -> None:
         """2,000 steps arrive once each, in order, in far fewer requests than steps."""
-        dash = attach(HttpDashboard(dashboard_server.url + "/ingest", max_batch_rows=200), bridge)
+        dash = HttpDashboard(dashboard_server.url + "/ingest", max_batch_rows=200)
         report = run_steps(dash, bridge, tmp_path, 2000, evals_every=500)
         assert report.ok, report
         events = dashboard_server.events()
@@ -117,9 +120,7 @@ class TestDelivery:
     ) -> None:
         """A server answering 503 three times, then 200: every row arrives and retries count."""
         dashboard_server.fail_next(3, 503)
-        dash = attach(
-            HttpDashboard(dashboard_server.url, max_batch_rows=50, retry=FAST_RETRY), bridge
-        )
+        dash = HttpDashboard(dashboard_server.url, max_batch_rows=50, retry=FAST_RETRY)
         report = run_steps(dash, bridge, tmp_path, 300)
         assert report.ok, report
         assert step_numbers(dashboard_server.events()) == list(range(1, 301))
@@ -133,7 +134,7 @@ class TestDelivery:
     ) -> None:
         """After a 429 with Retry-After: 1 the next request comes at least 1 s later."""
         dashboard_server.fail_next(1, 429, headers={"Retry-After": "1"})
-        dash = attach(HttpDashboard(dashboard_server.url, retry=FAST_RETRY), bridge)
+        dash = HttpDashboard(dashboard_server.url, retry=FAST_RETRY)
         report = run_steps(dash, bridge, tmp_path, 10)
         assert report.ok, report
         posts = dashboard_server.posts()
@@ -147,9 +148,7 @@ class TestDelivery:
     ) -> None:
         """A 400 is sent once, its rows are reported lost, and later batches still arrive."""
         dashboard_server.fail_next(1, 400, body=b'{"error": "bad schema"}')
-        dash = attach(
-            HttpDashboard(dashboard_server.url, max_batch_rows=10, retry=FAST_RETRY), bridge
-        )
+        dash = HttpDashboard(dashboard_server.url, max_batch_rows=10, retry=FAST_RETRY)
         report = run_steps(dash, bridge, tmp_path, 100)
         posts = dashboard_server.posts()
         assert posts[0].status == 400
@@ -173,11 +172,8 @@ class TestOverflow:
     ) -> None:
         """Down long enough to overflow: the drop count is exact and every other event arrives."""
         dashboard_server.set_down(True)
-        dash = attach(
-            HttpDashboard(
-                dashboard_server.url, max_batch_rows=20, max_buffer_rows=50, retry=FAST_RETRY
-            ),
-            bridge,
+        dash = HttpDashboard(
+            dashboard_server.url, max_batch_rows=20, max_buffer_rows=50, retry=FAST_RETRY
         )
 
         def come_back(step: int) -> None:
@@ -222,14 +218,11 @@ class TestRedaction:
         caplog.set_level(logging.DEBUG)
         dashboard_server.fail_next(1, 503)
         dashboard_server.fail_next(1, 401, body=f"token {TOKEN} expired".encode())
-        dash = attach(
-            HttpDashboard(
-                dashboard_server.url,
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                max_batch_rows=10,
-                retry=FAST_RETRY,
-            ),
-            bridge,
+        dash = HttpDashboard(
+            dashboard_server.url,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            max_batch_rows=10,
+            retry=FAST_RETRY,
         )
         report = run_steps(dash, bridge, tmp_path, 30)
         assert dashboard_server.posts()[0].headers["authorization"] == f"Bearer {TOKEN}"
@@ -250,14 +243,11 @@ class TestRedaction:
         url = f"http://user:{PASSWORD}@{host}/ingest?token={TOKEN}&project=p"
         dashboard_server.fail_next(2, 503)
         dashboard_server.fail_next(1, 400, body=f"bad token {TOKEN}".encode())
-        dash = attach(
-            HttpDashboard(
-                url,
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                max_batch_rows=10,
-                retry=FAST_RETRY,
-            ),
-            bridge,
+        dash = HttpDashboard(
+            url,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            max_batch_rows=10,
+            retry=FAST_RETRY,
         )
         report = run_steps(dash, bridge, tmp_path, 30)
         posts = dashboard_server.posts()
@@ -285,7 +275,7 @@ class TestRedaction:
         dashboard_server.set_down(True)
         host = dashboard_server.url.removeprefix("http://")
         url = f"http://{host}/ingest?access_token={TOKEN}"
-        dash = attach(HttpDashboard(url, max_batch_rows=1000, retry=FAST_RETRY), bridge)
+        dash = HttpDashboard(url, max_batch_rows=1000, retry=FAST_RETRY)
         report = run_steps(dash, bridge, tmp_path, 30)
         assert len(report.failed) == 1
         error = report.failed[0].exception
@@ -307,24 +297,32 @@ class TestExperimentEvents:
     def test_benchmark_and_run_end_after_training_arrive_in_order(
         self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
     ) -> None:
-        """Post-training benchmark and run_end events follow train_end, with predictions."""
-        dash = attach(HttpDashboard(dashboard_server.url), bridge)
-        ctx = LogContext(experiment_name="exp", arm_name="a", run_name="run-a", run_config={})
-        dash.on_run_start(ctx)
-        run_steps(dash, bridge, tmp_path, 5)
-        result = EvalResult("bench", {"acc": 0.5}, {"easy": {"acc": 1.0}}, {"v": "1"})
-        dash.on_benchmark_eval(ctx, result, [{"id": 1, "pred": "x"}], step=None)
-        from loopbridge._types import ArmResult, RunResult, RunStatus
+        """Post-training benchmark and run_end events follow train_end, with predictions,
+        fired by an Experiment around its TrainLoop."""
+        dash = HttpDashboard(dashboard_server.url)
 
-        run_result = RunResult(run_name="run-a", status=RunStatus.COMPLETED)
-        dash.on_run_end(ctx, run_result, ArmResult("a", {}))
+        def build(ctx: lb.LogContext) -> lb.TrainLoop:
+            return lb.TrainLoop(
+                lambda state, batch: {"loss": 1.0},
+                range(5),
+                out_dir=tmp_path / "run-a",
+            )
+
+        def bench(state: LoopState) -> tuple[EvalResult, list[dict[str, Any]]]:
+            result = EvalResult("bench", {"acc": 0.5}, {"easy": {"acc": 1.0}}, {"v": "1"})
+            return result, [{"id": 1, "pred": "x"}]
+
+        result = lb.Experiment(
+            "exp", {"a": {}}, build, benchmarks={"bench": bench}, callbacks=[dash], bridge=bridge
+        ).run()
+        assert result.ok, result
         assert bridge.drain(timeout=10).ok
         kinds = [e["type"] for e in dashboard_server.events()]
         assert kinds[0] == "run_start"
         assert kinds[-3:] == ["train_end", "benchmark", "run_end"]
-        bench = dashboard_server.events()[-2]
-        assert bench["predictions"] == [{"id": 1, "pred": "x"}]
-        assert bench["breakdowns"] == {"easy": {"acc": 1.0}}
+        bench_event = dashboard_server.events()[-2]
+        assert bench_event["predictions"] == [{"id": 1, "pred": "x"}]
+        assert bench_event["breakdowns"] == {"easy": {"acc": 1.0}}
         assert dashboard_server.posts()[0].json()["run"]["experiment"] == "exp"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import uuid
@@ -10,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.fixtures.mlflow import MLflowServer
+from tests.fixtures.mlflow import MLFLOW_BUCKET, MLflowServer
 
 import loopbridge as lb
 from loopbridge.callbacks._http import HttpRetryPolicy
@@ -279,3 +280,72 @@ def download(server: MLflowServer, run_id: str, path: str) -> Any:
 def _quiet_httpx(caplog: pytest.LogCaptureFixture) -> None:
     """httpx logs every request at INFO; keep failure output readable."""
     caplog.set_level("WARNING", logger="httpx")
+
+
+class TestArtifactRoots:
+    """Artifacts land where the server's artifact root says, as the mlflow client puts them."""
+
+    def run_experiment(self, server: MLflowServer, tmp_path: Path) -> tuple[str, list[str]]:
+        """One arm, two repeats, with benchmarks; returns the experiment id and run ids."""
+        name = f"exp-{uuid.uuid4().hex[:8]}"
+        exp = lb.Experiment(
+            name,
+            arms={"a": {"lr": 0.1, "notes": "n" * 7000}},
+            build=build_loop(tmp_path),
+            n_repeats=2,
+            benchmarks={"qa": build_loop(tmp_path)(lb.LogContext("x")).benchmarks["qa"]},
+            callbacks=[MLflowLogger(server.url, retry=FAST_RETRY)],
+        )
+        result = exp.run()
+        assert result.ok, [r.drain_report for r in result.runs]
+        experiment_id = result.ids["experiment_id"]
+        runs = search_runs(server, experiment_id)
+        run_ids = [r["info"]["run_id"] for r in runs if r["info"]["run_name"] != "a"]
+        assert len(run_ids) == 2
+        for run in runs:
+            assert run["info"]["artifact_uri"].startswith(server.artifact_root.rstrip("/"))
+        return experiment_id, run_ids
+
+    def test_s3_artifact_root(
+        self,
+        mlflow_server_s3: MLflowServer,
+        moto_endpoint: str,
+        aws_env: None,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
+        """An s3:// root: every artifact is in the bucket, read back with boto3."""
+        import boto3
+
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", moto_endpoint)
+        experiment_id, run_ids = self.run_experiment(mlflow_server_s3, tmp_path)
+        client = boto3.client("s3", endpoint_url=moto_endpoint)
+        for run_id in run_ids:
+            prefix = f"root/{experiment_id}/{run_id}/artifacts/"
+            listed = client.list_objects_v2(Bucket=MLFLOW_BUCKET, Prefix=prefix)
+            keys = sorted(item["Key"][len(prefix) :] for item in listed.get("Contents", []))
+            assert keys == [
+                "benchmarks/qa/final.json",
+                "benchmarks/qa/step-00000006.json",
+                "benchmarks/qa/step-00000012.json",
+                "loopbridge/long_values.json",
+            ]
+            body = client.get_object(Bucket=MLFLOW_BUCKET, Key=prefix + "benchmarks/qa/final.json")
+            assert json.loads(body["Body"].read())["rows"][0] == {"id": 0, "pred": "p0", "step": 12}
+        client.close()
+
+    def test_local_artifact_root(self, mlflow_server_local: MLflowServer, tmp_path: Path) -> None:
+        """A local directory root: every artifact is a file under it."""
+        experiment_id, run_ids = self.run_experiment(mlflow_server_local, tmp_path)
+        root = Path(mlflow_server_local.artifact_root)
+        for run_id in run_ids:
+            base = root / experiment_id / run_id / "artifacts"
+            files = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+            assert files == [
+                "benchmarks/qa/final.json",
+                "benchmarks/qa/step-00000006.json",
+                "benchmarks/qa/step-00000012.json",
+                "loopbridge/long_values.json",
+            ]
+            final = json.loads((base / "benchmarks/qa/final.json").read_text())
+            assert final["rows"][0] == {"id": 0, "pred": "p0", "step": 12}

@@ -33,12 +33,22 @@ def _non_negative(text: str) -> float:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None, or an off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command-line options."""
     from loopbridge._demo.experiment import ARMS
 
     parser = argparse.ArgumentParser(
         prog="loopbridge demo",
+        formatter_class=_DefaultsFormatter,
         description=(
             "Train 2 arms x 2 repeats of a small model with checkpoints uploaded in the "
             "background, JSON-lines logs, a progress bar and early stopping, then print what "
@@ -61,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-mb", type=_non_negative, default=64.0, help="size of each checkpoint, MiB"
     )
     parser.add_argument(
-        "--checkpoint-every", type=_positive_int, help="steps between checkpoints (steps/3)"
+        "--checkpoint-every",
+        type=_positive_int,
+        help="steps between checkpoints (default: steps/3)",
     )
     parser.add_argument("--eval-every", type=_positive_int, default=10, help="steps between evals")
     parser.add_argument(
@@ -81,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line (the summary still prints)"
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the messages on stderr (URLs show their origin only)",
+    )
     return parser
 
 
@@ -93,10 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return 0 if every run, drain and upload is ok, else 1."""
     from loopbridge._demo.experiment import DemoOptions, run_demo
     from loopbridge._demo.report import losses, summary
+    from loopbridge._redact import redact_text
 
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
     options = DemoOptions(
         out=args.out,
@@ -129,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("loopbridge demo interrupted; see the log above for unfinished work", file=sys.stderr)
         return 130
     except Exception as exc:
-        print(f"loopbridge demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"loopbridge demo failed: {type(exc).__name__}: {redact_text(str(exc))}",
+            file=sys.stderr,
+        )
         return 1
     print(summary(options, outcome), flush=True)
     return 1 if losses(outcome) else 0

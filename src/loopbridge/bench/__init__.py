@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmarks and print their tables (or JSON); 0 even when a target fails."""
+    """Run the benchmarks and print their tables (or JSON); 1 if any target fails."""
     args = _parser().parse_args(argv)
     started = time.perf_counter()
 
@@ -91,16 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["dispatch"] = dispatched.to_json()
         tables.append(dispatched.table())
     results["seconds"] = time.perf_counter() - started
+    targets = [
+        t for part in ("spawn", "dispatch") for t in results.get(part, {}).get("targets", [])
+    ]
+    passed = sum(t["pass"] for t in targets)
     if args.json:
         print(json.dumps(_finite(results), indent=2))
     else:
         print("\n\n".join(tables))
-        targets = [
-            t for part in ("spawn", "dispatch") for t in results.get(part, {}).get("targets", [])
-        ]
-        passed = sum(t["pass"] for t in targets)
-        print(f"\n{passed}/{len(targets)} targets met in {results['seconds']:.0f} s")
-    return 0
+        verdict = "PASS" if passed == len(targets) else "FAIL"
+        print(f"\n{verdict}: {passed}/{len(targets)} targets met in {results['seconds']:.0f} s")
+    return 0 if passed == len(targets) else 1
 
 
 def _finite(value: Any) -> Any:

@@ -95,6 +95,8 @@ class Target:
     at_most: bool = True
     """True: pass when value <= limit; False: pass when value >= limit."""
     unit: str = "x"
+    why: str = ""
+    """Why the value is missing (NaN), shown instead of a bound that cannot be met."""
 
     @property
     def passed(self) -> bool:
@@ -107,6 +109,8 @@ class Target:
         """`PASS  name: 1.23 (<= 1.50)`."""
         verdict = "PASS" if self.passed else "FAIL"
         op = "<=" if self.at_most else ">="
+        if self.why and math.isnan(self.value):
+            return f"{verdict}  {self.name}: not measured: {self.why}"
         if self.unit == "x":
             return f"{verdict}  {self.name}: {fmt_ratio(self.value)} ({op} {self.limit:g}x)"
         value = "n/a" if math.isnan(self.value) else f"{self.value:.2f}"

@@ -148,14 +148,14 @@ def _transformers(n: int, mode: str) -> Case:
             TrainerState,
         )
 
-        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
-        class Overrides(TrainerCallback):  # type: ignore[misc]
+        class Overrides(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 pass
 
         callbacks = [Overrides() if o else TrainerCallback() for o in _overriding(n, mode)]
-        handler = CallbackHandler(callbacks, None, None, None, None)
+        handler = CallbackHandler(callbacks, None, None, None, None)  # type: ignore[no-untyped-call]
     # The handler only passes `args` through; TrainingArguments itself needs accelerate.
     namespace = {"handler": handler, "args": None, "st": TrainerState(), "ctl": TrainerControl()}
     return "handler.on_step_end(args, st, ctl)", namespace

@@ -6,6 +6,8 @@ from loopbridge.callbacks.http_dashboard import DashboardSummary, HttpDashboard
 from loopbridge.callbacks.jsonl import JsonlLogger
 from loopbridge.callbacks.mlflow import MLflowLogger
 from loopbridge.callbacks.progress import ConsoleProgress
+from loopbridge.callbacks.tensorboard import TensorBoardLogger
+from loopbridge.callbacks.wandb import WandbLogger
 
 __all__ = [
     "CheckpointUploader",
@@ -15,5 +17,7 @@ __all__ = [
     "HttpDashboard",
     "JsonlLogger",
     "MLflowLogger",
+    "TensorBoardLogger",
     "UploadSummary",
+    "WandbLogger",
 ]

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 __all__ = ["RunStream", "encode_payload"]
@@ -27,7 +28,7 @@ EventRow = tuple[int, float, dict[str, Any]]
 class RunStream:
     """One run's buffer: filled by the loop thread, emptied by that run's pump on the bridge."""
 
-    def __init__(self, run: dict[str, Any], key: tuple[str, int, int]) -> None:
+    def __init__(self, run: dict[str, Any], key: Hashable) -> None:
         self.run = run
         self.key = key
         self.steps: deque[StepRow] = deque()

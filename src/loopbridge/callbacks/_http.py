@@ -2,7 +2,10 @@
 
 Everything here runs on the bridge loop. Retries cover 5xx, 408, 429 (honouring Retry-After,
 capped), connection errors and timeouts, with exponential backoff and jitter; other 4xx are
-raised at once as PermanentHttpError. Every message is redacted (see `_redact`).
+raised at once as PermanentHttpError. Only a 2xx is success: a 307 or 308 is followed with
+the same method and body (at most MAX_REDIRECTS hops; secret headers are not sent to another
+origin), and any other 3xx is raised as HttpRedirectError naming the target. Every message
+is redacted (see `_redact`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from tenacity import (
 )
 
 from loopbridge._exceptions import LoopbridgeError
-from loopbridge.callbacks._redact import Redactor, install_log_filter, redact_url
+from loopbridge.callbacks._redact import Redactor, is_secret_header
 
 if TYPE_CHECKING:
     from loopbridge._bridge import Bridge
 
 __all__ = [
+    "MAX_REDIRECTS",
     "ClientSlot",
+    "HttpRedirectError",
     "HttpRequestError",
     "HttpRetryPolicy",
     "PermanentHttpError",
@@ -58,6 +63,25 @@ class HttpRequestError(LoopbridgeError):
 
 class PermanentHttpError(HttpRequestError):
     """The server refused the request with a 4xx that retrying cannot fix (not 408 or 429)."""
+
+
+class HttpRedirectError(PermanentHttpError):
+    """The server answered a 3xx that is not followed (or too many); `location` is redacted."""
+
+    def __init__(
+        self, message: str, *, url: str, status: int, location: str | None, attempts: int = 1
+    ) -> None:
+        super().__init__(message, url=url, status=status, attempts=attempts)
+        self.location = location
+
+
+MAX_REDIRECTS = 5
+"""307/308 hops followed per request at most."""
+_FOLLOWED = frozenset({307, 308})
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -135,7 +159,6 @@ class RetryingClient:
         self._redactor = redactor
         self._policy = policy or HttpRetryPolicy()
         self.stats = RequestStats()
-        install_log_filter(redactor.secrets)
         # verify stays at httpx's default (True): a dashboard token must not go to an impostor.
         self._client = httpx.AsyncClient(headers=dict(headers or {}), timeout=timeout)
 
@@ -189,11 +212,13 @@ class RetryingClient:
         headers: Mapping[str, str] | None = None,
         accept: Collection[int] = (),
     ) -> httpx.Response:
-        """Send one request, retrying transient failures; return the 2xx/3xx response.
+        """Send one request, retrying transient failures; return the 2xx response.
 
-        Statuses in `accept` (e.g. 404 for a lookup) are returned rather than raised.
+        Statuses in `accept` (e.g. 404 for a lookup) are returned rather than raised. A 307
+        or 308 is followed with the same method and body, up to MAX_REDIRECTS hops.
 
         Raises:
+            HttpRedirectError: any other 3xx, or too many hops; the target is named.
             PermanentHttpError: a 4xx other than 408/429; it is never retried.
             HttpRequestError: transient failures outlasted the policy.
         """
@@ -213,16 +238,21 @@ class RetryingClient:
 
         async def attempt() -> httpx.Response:
             self.stats.requests += 1
-            return await self._client.request(
+            response = await self._client.request(
                 method, url, json=json_body, content=content, params=params, headers=headers
             )
+            return await self._follow(response)
 
         outcome: Any = await retrying(attempt)
-        safe_url = redact_url(url)
+        safe_url = self._redactor.url(url)
         if isinstance(outcome, RetryCallState):
             self.stats.failures += 1
             self._raise_exhausted(outcome, method, safe_url)
         response: httpx.Response = outcome
+        status = response.status_code
+        if 300 <= status < 400 and status not in accept:
+            self.stats.failures += 1
+            self._raise_redirect(response, method, safe_url)
         if response.status_code >= 400 and response.status_code not in accept:
             self.stats.failures += 1
             body = self._redactor.text(response.text[:500])
@@ -232,6 +262,38 @@ class RetryingClient:
             )
             raise PermanentHttpError(msg, url=safe_url, status=response.status_code)
         return response
+
+    async def _follow(self, response: httpx.Response) -> httpx.Response:
+        """Follow 307/308 (same method and body) up to MAX_REDIRECTS hops; return the last."""
+        for _ in range(MAX_REDIRECTS):
+            following = response.next_request
+            if response.status_code not in _FOLLOWED or following is None:
+                return response
+            if _origin(following.url) != _origin(response.request.url):
+                # httpx drops Authorization on the way to another origin; drop every secret.
+                for name in [n for n in following.headers if is_secret_header(n)]:
+                    del following.headers[name]
+            await response.aclose()
+            response = await self._client.send(following)
+        return response
+
+    def _raise_redirect(self, response: httpx.Response, method: str, safe_url: str) -> NoReturn:
+        status = response.status_code
+        location = response.headers.get("location")
+        target = None
+        if location is not None:
+            target = self._redactor.url(response.request.url.join(location))
+        if status in _FOLLOWED and response.next_request is not None:
+            what = f"was redirected more than {MAX_REDIRECTS} times (the last hop: HTTP {status})"
+        else:
+            what = f"answered HTTP {status}"
+        to = f" to {target}" if target else " with no Location"
+        msg = (
+            f"{self._name}: {method} {safe_url} {what}{to}; not delivered: only a 2xx is, "
+            f"and only 307/308 (which keep the method and body) are followed. Point the URL "
+            f"at the final address"
+        )
+        raise HttpRedirectError(msg, url=safe_url, status=status, location=target)
 
     def _raise_exhausted(self, state: RetryCallState, method: str, safe_url: str) -> NoReturn:
         outcome = state.outcome

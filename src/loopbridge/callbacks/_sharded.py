@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loopbridge._digest import combine_shard_digests
-from loopbridge._exceptions import IntegrityError
+from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge._ranks import RankInfo
 from loopbridge._types import ManifestRow
 from loopbridge.callbacks._upload_journal import resume_shortcut
@@ -191,6 +191,39 @@ class ShardedCommit:
                 exc,
             )
 
+    async def discard(
+        self, store: ObjectStore, row: ManifestRow, step_prefix: str, sent: list[str]
+    ) -> None:
+        """Delete what this rank sent for a failed step, its unfinished uploads too.
+
+        Only this rank's own files (the ones it saved, and what it sent): the other ranks'
+        parts of the step stay, so their resumed uploads need not send them again.
+
+        Raises:
+            StoreError: something could not be deleted (the message names where).
+        """
+        names = await asyncio.to_thread(_local_files, row.path)
+        keys = sorted({join_key(step_prefix, name) for name in names} | set(sent))
+        problems: list[str] = []
+        try:
+            async with asyncio.timeout(_MARKER_TIMEOUT):  # bounded: the store may have failed
+                if isinstance(store, CleansStaleUploads):
+                    for key in keys:
+                        try:
+                            await store.abort_stale_uploads(key)
+                        except (StoreError, OSError) as exc:
+                            problems.append(f"unfinished upload of {key} not aborted: {exc}")
+                await store.delete(keys)
+        except Exception as exc:
+            problems.append("timed out" if isinstance(exc, TimeoutError) else str(exc))
+        if problems:
+            msg = (
+                f"rank {self.rank.rank}'s files under {store.url}/{step_prefix}/ could not be "
+                f"deleted ({'; '.join(problems)}); `loopbridge resume` on its out dir uploads "
+                f"them again"
+            )
+            raise StoreError(msg, key=step_prefix + "/")
+
     async def resume_shortcut(
         self, store: ObjectStore, row: ManifestRow, step_prefix: str
     ) -> list[dict[str, Any]] | None:
@@ -203,7 +236,11 @@ class ShardedCommit:
         await store.delete([join_key(step_prefix, failed_marker(self.rank.rank))])
         if isinstance(store, CleansStaleUploads) and await asyncio.to_thread(row.path.exists):
             for rel in await asyncio.to_thread(_local_files, row.path):
-                await store.abort_stale_uploads(join_key(step_prefix, rel))
+                key = join_key(step_prefix, rel)
+                try:  # best effort, as for a whole step: stale parts cost storage only
+                    await store.abort_stale_uploads(key)
+                except (StoreError, OSError) as exc:
+                    logger.warning("could not clear unfinished uploads of %s (%s)", key, exc)
         return await resume_shortcut(store, row, step_prefix, self.marker, clean_stale=False)
 
     async def _wait_for_markers(

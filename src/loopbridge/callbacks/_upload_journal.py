@@ -12,17 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._exceptions import IntegrityError, JournalError, StoreError
 from loopbridge._types import ManifestRow
-from loopbridge.journal import JOURNAL_FILE, UploadJournal
+from loopbridge.callbacks._store_options import encode_options
+from loopbridge.journal import JOURNAL_FILE, UploadIntent, UploadJournal
 from loopbridge.stores import CleansStaleUploads, ObjectStore, S3Store
 from loopbridge.stores.keys import join_key
 
-__all__ = ["JournalBook", "JournalEntry", "resume_shortcut", "store_options"]
+__all__ = [
+    "JournalBook",
+    "JournalEntry",
+    "journal_options",
+    "resume_shortcut",
+    "store_options",
+]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
@@ -33,6 +41,15 @@ def store_options(store: ObjectStore) -> dict[str, str]:
         return {}
     options = {"endpoint_url": store.endpoint_url, "region": store.region}
     return {name: value for name, value in options.items() if value}
+
+
+def journal_options(store: ObjectStore, opened_with: Mapping[str, Any] | None) -> dict[str, str]:
+    """The options to record for `store`: those it was opened with, else what it tells."""
+    recorded = store_options(store)
+    if opened_with is not None and isinstance(store, S3Store):
+        # The endpoint as the store shows it: without any user or password in the URL.
+        recorded = {**encode_options(opened_with), **recorded}
+    return recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +68,10 @@ class JournalEntry:
     def published(self) -> None:
         """Mark the checkpoint published (bridge loop)."""
         self._safely(self.journal.mark_published, self.intent_id)
+
+    def digest_known(self, digest: str) -> None:
+        """Record the digest hashed during the upload, for a later resume (bridge loop)."""
+        self._safely(self.journal.set_digest, self.intent_id, digest)
 
     def failed(self, error: BaseException) -> None:
         """Mark the attempt failed; the intent stays open for the next resume (bridge loop)."""
@@ -82,6 +103,7 @@ class JournalBook:
         self._users: dict[Path, int] = {}
         self._closing: set[Path] = set()
         self._broken: dict[Path, JournalError] = {}
+        self._reported: set[JournalError] = set()
 
     def get(self, out_dir: Path) -> UploadJournal | JournalError:
         """The out dir's journal, opened (or created) on first use; its error if unusable."""
@@ -100,6 +122,80 @@ class JournalBook:
                 return exc
             self._open[out_dir] = journal
             return journal
+
+    def unfinished(
+        self, out_dir: Path, dest: str, after: int
+    ) -> list[tuple[UploadIntent, JournalEntry]] | JournalError:
+        """The open intents an earlier process left for `dest`, each with its entry.
+
+        A run continuing from step `after` > 0 supersedes the earlier run's steps past it:
+        their open intents are withdrawn, never resumed, since this run saves those steps anew
+        (a run from step 0 in a used out dir is refused by the loop before it gets here).
+        """
+        journal = self.get(out_dir)
+        if isinstance(journal, JournalError):
+            return journal
+        try:
+            intents = journal.open_intents()
+            if after > 0:
+                intents = self._withdraw_superseded(journal, intents, after)
+        except JournalError as exc:
+            return exc
+        mine = [i for i in intents if i.dest == dest]
+        if len(mine) < len(intents):
+            logger.warning(
+                "%s: %d open uploads to other destinations are left for `loopbridge resume`",
+                journal.path,
+                len(intents) - len(mine),
+            )
+        if mine:
+            logger.info("%s: resuming %d unfinished uploads", journal.path, len(mine))
+        return [(intent, self.entry(out_dir, journal, intent.id)) for intent in mine]
+
+    @staticmethod
+    def _withdraw_superseded(
+        journal: UploadJournal, intents: list[UploadIntent], after: int
+    ) -> list[UploadIntent]:
+        """Withdraw the intents past step `after`; return the others."""
+        superseded = [i for i in intents if i.row.step > after]
+        for intent in superseded:
+            journal.withdraw(intent.id)
+            logger.warning(
+                "%s: the unfinished upload of step %d (%s) is withdrawn: this run continues "
+                "from step %d and saves that step anew",
+                journal.path,
+                intent.row.step,
+                intent.row.path,
+                after,
+            )
+        return [i for i in intents if i.row.step <= after]
+
+    def record(
+        self,
+        out_dir: Path,
+        dest: str,
+        run_prefix: str,
+        row: ManifestRow,
+        options: dict[str, str],
+    ) -> JournalEntry | JournalError:
+        """Record an upload's intent; on failure the out dir's journal is not used again."""
+        journal = self.get(out_dir)
+        if isinstance(journal, JournalError):
+            return journal
+        try:
+            intent_id = journal.record_intent(dest, run_prefix, row, options)
+        except JournalError as exc:
+            self.set_broken(out_dir, exc)
+            return exc
+        return self.entry(out_dir, journal, intent_id)
+
+    def first_report(self, error: JournalError) -> bool:
+        """Whether `error` is reported for the first time (errors are kept, so by identity)."""
+        with self._lock:
+            if error in self._reported:
+                return False
+            self._reported.add(error)
+            return True
 
     def set_broken(self, out_dir: Path, error: JournalError) -> None:
         """Stop handing out the out dir's journal: `get` returns `error` until it is closed."""
@@ -163,9 +259,20 @@ async def resume_shortcut(
         IntegrityError: it is not complete remotely and the local checkpoint is gone.
     """
     if clean_stale and isinstance(store, CleansStaleUploads):
-        stale = await store.abort_stale_uploads(step_prefix + "/")
-        if stale:
-            logger.info("cleared %d unfinished uploads under %s", stale, step_prefix)
+        # Best effort: stale parts cost storage, never correctness, so a store that cannot
+        # list them must not turn a publishable checkpoint into a failure.
+        try:
+            stale = await store.abort_stale_uploads(step_prefix + "/")
+        except (StoreError, OSError) as exc:
+            logger.warning(
+                "could not clear unfinished uploads under %s (%s); a bucket lifecycle rule "
+                "(AbortIncompleteMultipartUpload) will remove their parts",
+                step_prefix,
+                exc,
+            )
+        else:
+            if stale:
+                logger.info("cleared %d unfinished uploads under %s", stale, step_prefix)
     files = await _complete_files(store, row, step_prefix, marker)
     if files is not None:
         return files

@@ -13,11 +13,19 @@ Remote layout, under the destination's prefix (`s3://bucket/prefix` or a local d
 of an `Experiment` (the arm is left out when there is none); a bare `TrainLoop` run is
 `<prefix>/<run>/`. Names are percent-escaped into single safe key segments.
 
+A directory's files are listed through symlinks (`_digest.shard_files`, as for its digest):
+a linked subdirectory or file is uploaded like any other, and a dangling link, a link loop
+or a non-file fails the checkpoint naming it (`CheckpointFilesError`).
+
 A checkpoint counts as published only once its marker, then the manifest, then `latest` are
 written, and each of them only after every byte was uploaded and verified: the bytes
-hashed while streaming must match the row's digest, sizes and ETags must match, and the
-local files must not have changed or disappeared meanwhile (`IntegrityError` otherwise). A
-failed checkpoint leaves no marker and no manifest entry, and what it had uploaded is deleted.
+hashed while streaming must match the row's digest, sizes must match, ETags too where the
+store keeps them comparable, and the local files must not have changed or disappeared
+meanwhile (`IntegrityError` otherwise). A failed checkpoint, or one cancelled by the drain's
+deadline, leaves no marker and no manifest entry, and everything under its step prefix is
+deleted (listed, not remembered, so an object stored although its reply was lost goes too;
+unfinished multipart uploads are aborted). If that clean-up fails as well, it is logged and
+added to the checkpoint's error, and `loopbridge resume` removes the leftovers later.
 Uploads overlap (up to two checkpoints send bytes at once, which hides the server's work
 of assembling the previous one), but a run's checkpoints publish strictly in order: each
 waits for the one before it to finish, published or failed. Runs upload independently.
@@ -25,35 +33,37 @@ waits for the one before it to finish, published or failed. Runs upload independ
 
 With `journal=True` (the default) each upload is recorded in the run's upload journal
 (`loopbridge.journal`) before it is queued, and marked published after `latest` is written.
-When a run starts again on the same out dir, its open intents are uploaded first; `loopbridge
-resume OUT_DIR` does the same without training. Publishing a checkpoint twice is harmless.
+The store options it was opened with (endpoint, part size, `verify_etag`, ...; never
+credentials) are recorded with each intent. When a run continues on the same out dir
+(`start_step=N`), its open intents up to step N are uploaded first and those past N are
+withdrawn, and its first publish drops the remote steps past N, which it saves anew.
+`loopbridge resume OUT_DIR` finishes open intents without training, then removes what
+failed uploads left under unpublished steps. Publishing a checkpoint twice is harmless.
 
 Under torchrun (`ranks=`, see docs/distributed.md): by default only global rank 0 uploads
 (DDP: rank 0 saves the whole checkpoint); with `ranks="sharded"` every rank uploads the files
 it saved into the step and rank 0 publishes it once every rank's files are verified in the
-store (`callbacks/_sharded.py`).
+store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import os
-import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
-from loopbridge._exceptions import IntegrityError, JournalError
+from loopbridge._exceptions import IntegrityError, JournalError, StoreError
+from loopbridge._loop import MANIFEST_FILE
 from loopbridge._ranks import RankInfo, detect_rank
+from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -62,61 +72,29 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._preflight import check_destination
+from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._sharded import RankMode, ShardedCommit
+from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
+from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
+    journal_options,
     resume_shortcut,
-    store_options,
 )
+from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
 from loopbridge.journal import UploadIntent, UploadJournal
-from loopbridge.stores import ObjectStore, open_store
-from loopbridge.stores.keys import escape_segment, join_key, normalize_prefix
+from loopbridge.stores import ObjectStore, S3Store
+from loopbridge.stores._process import ProcessStore
+from loopbridge.stores.keys import escape_segment, join_key
 from loopbridge.stores.s3 import MiB
 
 __all__ = ["CheckpointUploader", "UploadSummary"]
 
 logger = logging.getLogger(__name__)
 
-MARKER = "_COMPLETE"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-_MAX_ERRORS_KEPT = 20
-_DISCARD_TIMEOUT = 10.0
 _CHECKPOINTS_IN_FLIGHT = 2
-
-
-@dataclass(frozen=True, slots=True)
-class UploadSummary:
-    """What the uploader did so far: checkpoints published and failed, bytes, retries, time."""
-
-    uploaded: int = 0
-    failed: int = 0
-    bytes_uploaded: int = 0
-    retries: int = 0
-    seconds: float = 0.0
-    pruned: int = 0
-    errors: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        rate = self.bytes_uploaded / self.seconds / MiB if self.seconds > 0 else 0.0
-        return (
-            f"{self.uploaded} uploaded ({self.bytes_uploaded / MiB:.1f} MiB, {rate:.1f} MiB/s), "
-            f"{self.failed} failed, {self.retries} retries, {self.pruned} pruned, "
-            f"{self.seconds:.2f}s uploading"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Shard:
-    """One uploaded file of a checkpoint, relative to its step prefix."""
-
-    rel: str
-    size: int
-    sha256: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.rel, "size": self.size, "sha256": self.sha256}
 
 
 def _expected_hex(digest: str | None) -> str | None:
@@ -141,14 +119,26 @@ class CheckpointUploader(Callback):
         store: an `ObjectStore` to write to instead of opening one from `dest`.
         journal: record each upload in the run's upload journal first, and finish the open
             ones of an earlier process when a run starts again on the same out dir.
+        preflight: before the first step, prove the destination can be written (a small
+            probe object put and deleted under the run's prefix, within `preflight_timeout`
+            seconds); a destination that cannot work raises DestinationError then.
+        snapshot: upload from a snapshot (hard links, else a copy) taken in `on_checkpoint`,
+            so a checkpoint the framework rotates away mid-upload is still published.
+        part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
+            passed to `S3Store` when `dest` is an `s3://` URL.
+        store_options: any other `S3Store` keyword by name, such as `verify_etag`,
+            `multipart_threshold`, `addressing_style` or `checksum_crc32` (they win over the
+            keywords above). Recorded in the journal, so `loopbridge resume` reopens the
+            store the same way; never credentials.
+        upload_in: for an `s3://` dest, where checkpoint files are read, hashed and sent:
+            "process" (default), one worker process started on first use, so the bytes never
+            hold the training process's GIL; or "thread", the bridge's threads in this process.
         ranks: under torchrun, "zero" (the default: only global rank 0 uploads, other ranks
             do nothing) or "sharded" (every rank uploads its files of each step; rank 0
             publishes the step once all ranks' files are in the store).
         rank_timeout: with "sharded", how long rank 0 waits for the other ranks' files of a
             step before failing it (on the background loop, never the training thread).
         rank: the rank to act as; detected from torchrun's environment by default.
-        part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
-            passed to `S3Store` when `dest` is an `s3://` URL.
 
     Raises:
         ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
@@ -167,6 +157,11 @@ class CheckpointUploader(Callback):
         call_timeout: float = 120.0,
         max_attempts: int = 5,
         journal: bool = True,
+        store_options: Mapping[str, Any] | None = None,
+        preflight: bool = True,
+        preflight_timeout: float = 10.0,
+        snapshot: bool = True,
+        upload_in: Literal["process", "thread"] = "process",
         ranks: RankMode = "zero",
         rank_timeout: float = 600.0,
         rank: RankInfo | None = None,
@@ -185,52 +180,55 @@ class CheckpointUploader(Callback):
         # Rank-0 saving: on the other ranks the uploader is left out of the callback list.
         self.rank_zero_only = ranks == "zero"
         self._sharded = ShardedCommit(rank, rank_timeout) if ranks == "sharded" else None
+        if upload_in not in ("process", "thread"):
+            msg = (
+                f"upload_in={upload_in!r}: give 'process' (a worker process sends the bytes) "
+                f"or 'thread' (the bridge's threads in this process do)"
+            )
+            raise ValueError(msg)
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             msg = f"keep_last={keep_last!r}: give a whole number of at least 1, or None to keep all"
             raise ValueError(msg)
-        self.keep_last = keep_last
-        if store is None:
-            text = os.fspath(dest)
-            if text.startswith("s3://"):
-                store = open_store(
-                    text,
-                    part_size=part_size,
-                    max_concurrency=max_concurrency,
-                    endpoint_url=endpoint_url,
-                    region=region,
-                    call_timeout=call_timeout,
-                    max_attempts=max_attempts,
-                )
-            else:
-                store = open_store(text)
-            self._prefix = ""
-        else:
-            self._prefix = normalize_prefix(os.fspath(dest))
+        explicit = {
+            "part_size": part_size,
+            "max_concurrency": max_concurrency,
+            "endpoint_url": endpoint_url,
+            "region": region,
+            "call_timeout": call_timeout,
+            "max_attempts": max_attempts,
+        }
+        user_store = store
+        store, self._prefix, options = open_upload_store(dest, store, explicit, store_options)
+        # What reopening the store needs besides its URL (for `loopbridge resume`).
+        self._store_options = journal_options(store, options)
+        if upload_in == "process" and isinstance(store, S3Store) and store is not user_store:
+            # The bytes are read, hashed and sent under the worker's GIL, not training's.
+            store = ProcessStore(store)
         self.store: ObjectStore = store
+        self._publisher = Publisher(store, keep_last)
         self._ctx: LogContext | None = None
         self._bridge_with_close: Bridge | None = None
-        # Manifests per run prefix; only touched by that run's upload tasks, which run in order.
-        self._manifests: dict[str, list[dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-        self._uploaded = 0
-        self._failed = 0
-        self._bytes = 0
-        self._seconds = 0.0
-        self._active = 0
-        self._busy_since = 0.0
+        self._tally = UploadTally()
         # The last link of each run's chain (training thread only), and per-loop limits.
         self._tails: dict[str, Future[None]] = {}
         self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-        self._pruned = 0
-        self._errors: list[str] = []
         self._retries_at_start = store.retries
         self.journal = journal
+        self.preflight, self.preflight_timeout, self._preflight_ok = (
+            preflight,
+            preflight_timeout,
+            False,
+        )
+        self.snapshot = snapshot
         self._journals = JournalBook()
-        self._journal_errors: set[JournalError] = set()  # already reported (kept, so by identity)
-        self._store_options = store_options(store)
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
+
+    @property
+    def keep_last(self) -> int | None:
+        """How many newest checkpoints per run are kept remotely; None keeps all."""
+        return self._publisher.keep_last
 
     @property
     def destination(self) -> str:
@@ -240,16 +238,9 @@ class CheckpointUploader(Callback):
     @property
     def summary(self) -> UploadSummary:
         """A snapshot of what was uploaded so far; complete after the loop's drain."""
-        with self._lock:
-            return UploadSummary(
-                uploaded=self._uploaded,
-                failed=self._failed,
-                bytes_uploaded=self._bytes,
-                retries=self.store.retries - self._retries_at_start,
-                seconds=self._seconds,
-                pruned=self._pruned,
-                errors=tuple(self._errors),
-            )
+        return self._tally.summary(
+            retries=self.store.retries - self._retries_at_start, pruned=self._publisher.pruned
+        )
 
     # -- hooks (training thread) -----------------------------------------------------------
 
@@ -259,56 +250,67 @@ class CheckpointUploader(Callback):
 
     def on_train_start(self, state: LoopState) -> None:
         """Open the run's journal; queue the uploads an earlier process left unfinished in it."""
+        if self.preflight and not self._preflight_ok:  # a dead destination fails before step 1
+            self._close_store_with(self._attached_bridge())
+            check_destination(
+                self.store,
+                self.run_prefix(state),
+                self._attached_bridge(),
+                timeout=self.preflight_timeout,
+                need_delete=self.keep_last is not None,
+            )
+            self._preflight_ok = True
         if self._sharded is not None:
             self._sharded.write_ranks_file(state.out_dir)
+        if state.step > 0:
+            self._publisher.supersede_after(self.run_prefix(state), state.step)
         if not self.journal:
             return
         # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs.
-        journal = self._journal(state.out_dir)
-        if journal is None:
+        found = self._journals.unfinished(state.out_dir, self.store.url, after=state.step)
+        if isinstance(found, JournalError):
+            self._report_journal_error(found)
             return
-        try:
-            intents = journal.open_intents()
-        except JournalError as exc:
-            self._report_journal_error(exc)
+        if not found:
+            # Created (the costly part) but not held open: a run that fails before its first
+            # checkpoint spawns nothing, so no bridge shutdown would ever close it.
+            self._journals.close(state.out_dir)
             return
-        mine = [i for i in intents if i.dest == self.store.url]
-        if len(mine) < len(intents):
-            logger.warning(
-                "%s: %d open uploads to other destinations are left for `loopbridge resume`",
-                journal.path,
-                len(intents) - len(mine),
-            )
-        if mine:
-            logger.info("%s: resuming %d unfinished uploads", journal.path, len(mine))
-            self._close_store_with(self._attached_bridge())
-        for intent in mine:
-            self._spawn_upload(
-                intent.row,
-                intent.run_prefix,
-                self._journals.entry(state.out_dir, journal, intent.id),
-                resume=True,
-            )
+        self._close_store_with(self._attached_bridge())
+        for intent, entry in found:
+            self._spawn_upload(intent.row, intent.run_prefix, entry, resume=True)
 
     def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
         """Record the upload in the journal, then start it; it publishes after earlier ones."""
+        # The digest is hashed as the upload reads the file, not on this thread.
+        claim = claim_digest(row)
+        try:
+            if self.snapshot:
+                row = take_snapshot(row)  # the upload and the journal read the snapshot
+                if claim is not None:
+                    claim.follow(row.path)
+            self._record_and_spawn(state, row, claim)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+
+    def _record_and_spawn(
+        self, state: LoopState, row: ManifestRow, claim: PendingDigest | None
+    ) -> None:
         run_prefix = self.run_prefix(state)
         self._close_store_with(self._attached_bridge())
         entry = None
         if self.journal:
-            journal = self._journal(state.out_dir)
-            if journal is not None:
-                try:
-                    intent_id = journal.record_intent(
-                        self.store.url, run_prefix, row, self._store_options
-                    )
-                except JournalError as exc:
-                    # Reported once; later checkpoints of this out dir skip the journal.
-                    self._journals.set_broken(state.out_dir, exc)
-                    self._report_journal_error(exc)
-                else:
-                    entry = self._journals.entry(state.out_dir, journal, intent_id)
-        self._spawn_upload(row, run_prefix, entry)
+            recorded = self._journals.record(
+                state.out_dir, self.store.url, run_prefix, row, self._store_options
+            )
+            if isinstance(recorded, JournalError):
+                # Reported once; later checkpoints of this out dir skip the journal.
+                self._report_journal_error(recorded)
+            else:
+                entry = recorded
+        self._spawn_upload(row, run_prefix, entry, claim=claim)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         """Log the summary once this run's uploads are done; then close the run's journal."""
@@ -321,29 +323,28 @@ class CheckpointUploader(Callback):
         self._journals.close(state.out_dir)
 
     def _spawn_upload(
-        self, row: ManifestRow, run_prefix: str, entry: JournalEntry | None, *, resume: bool = False
+        self,
+        row: ManifestRow,
+        run_prefix: str,
+        entry: JournalEntry | None,
+        *,
+        resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> None:
         """Queue one checkpoint's upload on its run's chain."""
         again = "resume " if resume else ""
         self._spawn_in_order(
             run_prefix,
-            lambda previous: self._upload(row, run_prefix, previous, entry, resume=resume),
+            lambda previous: self._upload(
+                row, run_prefix, previous, entry, resume=resume, claim=claim
+            ),
             name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
         )
 
-    def _journal(self, out_dir: Path) -> UploadJournal | None:
-        """The out dir's journal, or None (its error reported once) when it cannot be used."""
-        journal = self._journals.get(out_dir)
-        if isinstance(journal, JournalError):
-            self._report_journal_error(journal)
-            return None
-        return journal
-
     def _report_journal_error(self, exc: JournalError) -> None:
         """Put a journal failure in the drain report once; uploads go on without the journal."""
-        if exc in self._journal_errors:
+        if not self._journals.first_report(exc):
             return
-        self._journal_errors.add(exc)
         logger.error("%s; uploads continue without crash protection", exc)
 
         async def fail() -> None:
@@ -412,6 +413,20 @@ class CheckpointUploader(Callback):
         entry = JournalEntry(journal, intent.id)
         return await self._upload(intent.row, intent.run_prefix, None, entry, resume=True)
 
+    async def sweep_unpublished(self, run_prefix: str) -> list[str]:
+        """Delete what failed uploads left under the run's unpublished steps; return them.
+
+        Only for runs no live process uploads to (`loopbridge resume` checks the journal's
+        lock).
+
+        Raises:
+            StoreError: the run's manifest is unreadable, or a delete failed.
+        """
+        if self._sharded is not None:
+            # Other ranks' parts of a step wait there, unpublished, until rank 0 publishes it.
+            return []
+        return await self._publisher.sweep_unpublished(run_prefix)
+
     # -- background work (bridge loop) -----------------------------------------------------
 
     async def _upload(
@@ -422,9 +437,13 @@ class CheckpointUploader(Callback):
         entry: JournalEntry | None = None,
         *,
         resume: bool = False,
+        claim: PendingDigest | None = None,
     ) -> int:
-        """Upload, verify and publish one checkpoint; clean up what it sent if it fails."""
-        self._busy(+1)
+        """Upload, verify and publish one checkpoint; clean up what it sent if it fails.
+
+        With `claim`, the row's digest is computed here from the bytes read for upload.
+        """
+        self._tally.busy(+1)
         step_dir = f"step-{row.step:08d}"
         step_prefix = join_key(run_prefix, step_dir)
         sent: list[str] = []
@@ -438,15 +457,16 @@ class CheckpointUploader(Callback):
             elif resume:
                 done = await resume_shortcut(self.store, row, step_prefix, MARKER)
             if done is not None:
-                shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
+                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
             else:
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
                     if await asyncio.to_thread(row.path.is_dir):
-                        shards = await self._upload_dir(row, step_prefix, sent)
+                        shards = await self._upload_dir(row, step_prefix, sent, claim)
                     else:
-                        shards = await self._upload_file(row, step_prefix, sent)
+                        shards = await self._upload_file(row, step_prefix, sent, claim)
                 total = sum(shard.size for shard in shards)
+                row = await self._digest_known(row, shards, entry)
             size = sum(shard.size for shard in shards)
             if size != row.size_bytes:
                 msg = (
@@ -461,42 +481,78 @@ class CheckpointUploader(Callback):
             if previous is not None:
                 await _wait_for(previous)
             if sharded is None:
-                await self._publish(row, run_prefix, step_dir, shards)
+                await self._publisher.publish(row, run_prefix, step_dir, shards)
             elif sharded.publishes:
-                row, files = await sharded.gather(self.store, row, step_prefix)
-                shards = [_Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
-                await self._publish(row, run_prefix, step_dir, shards)
+                whole, files = await sharded.gather(self.store, row, step_prefix)
+                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+                await self._publisher.publish(whole, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
+            await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
             if self._sharded is not None:
                 await self._sharded.report_failure(self.store, row, step_prefix, exc)
-            await self._discard(sent)
+            await self._discard(row, step_prefix, sent, exc)
+            if claim is not None and entry is not None and not claim.future.done():
+                # The journal keeps the save-time digest for the resume that retries it.
+                with contextlib.suppress(Exception):
+                    entry.digest_known(await asyncio.to_thread(claim.compute))
+            if entry is None:  # nothing will retry it; an open journal intent keeps it
+                await asyncio.to_thread(release_snapshot, row.path)
             if entry is not None:
                 entry.failed(exc)
-            with self._lock:
-                self._failed += 1
-                self._errors.append(f"step {row.step}: {exc}")
-                del self._errors[:-_MAX_ERRORS_KEPT]
+            self._tally.failed(row.step, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            # Cancelled by the drain's deadline: still clear what was sent, briefly.
+            await self._discard(row, step_prefix, sent, exc)
             raise
         finally:
-            self._busy(-1)
+            if claim is not None:
+                claim.release()  # a no-op once the digest is known
+            self._tally.busy(-1)
             if entry is not None:
                 entry.done()
-        with self._lock:
-            self._uploaded += 1
-            self._bytes += total
+        self._tally.published(total)
         return total
 
-    def _busy(self, delta: int) -> None:
-        """Count uploads in progress; `seconds` is the time at least one was."""
-        now = time.monotonic()
-        with self._lock:
-            if self._active == 0 and delta > 0:
-                self._busy_since = now
-            self._active += delta
-            if self._active == 0:
-                self._seconds += now - self._busy_since
+    async def _discard(
+        self, row: ManifestRow, step_prefix: str, sent: list[str], error: BaseException
+    ) -> None:
+        """Delete a failed checkpoint's objects; if that fails too, say so in `error`."""
+        try:
+            if self._sharded is None:
+                await self._publisher.discard(step_prefix, sent)
+            else:  # this rank's files only: the step's other files are other ranks'
+                await self._sharded.discard(self.store, row, step_prefix, sent)
+        except StoreError as exc:
+            logger.error("checkpoint %s failed (%s), and %s", step_prefix, error, exc)
+            # Its type kept, so callers still tell a refusal from an integrity failure.
+            error.args = (f"{error}; and {exc}",)
+
+    async def _digest_known(
+        self, row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
+    ) -> ManifestRow:
+        """The row with the digest hashed during its upload, recorded for a later resume.
+
+        A row resumed from the journal of a process that died before hashing it gets it here,
+        and so does its waiting line in the run's manifest.jsonl.
+        """
+        if row.digest is None:
+            if await asyncio.to_thread(row.path.is_dir):
+                digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+            else:
+                digest = "sha256:" + shards[0].sha256
+            if entry is not None:
+                manifest = entry.journal.path.parent / MANIFEST_FILE
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(
+                        patch_manifest_digest, manifest, row.step, row.created_at, digest
+                    )
+            row = dataclasses.replace(row, digest=digest)
+        if entry is not None and row.digest is not None:
+            entry.digest_known(row.digest)
+        return row
 
     def _slots(self) -> asyncio.Semaphore:
         """The running loop's limit on checkpoints sending bytes at once."""
@@ -504,18 +560,30 @@ class CheckpointUploader(Callback):
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
     async def _upload_file(
-        self, row: ManifestRow, step_prefix: str, sent: list[str]
-    ) -> list[_Shard]:
-        """Upload a single-file checkpoint, checked against the row's digest while streamed."""
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
+    ) -> list[Shard]:
+        """Upload a single-file checkpoint, checked against the row's digest while streamed.
+
+        With `claim`, the file is checked against its stamp at save time instead, before and
+        after the upload, and the sha256 hashed while streaming becomes the row's digest.
+        """
         key = join_key(step_prefix, row.path.name)
-        result = await self.store.put_file(key, row.path, expected_sha256=_expected_hex(row.digest))
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+        expected = None if claim is not None else _expected_hex(row.digest)
+        result = await self.store.put_file(key, row.path, expected_sha256=expected)
         sent.append(key)
-        return [_Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
+        return [Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
 
     async def _upload_dir(
-        self, row: ManifestRow, step_prefix: str, sent: list[str]
-    ) -> list[_Shard]:
+        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
+    ) -> list[Shard]:
         """Upload a directory of shards file by file, then check the set and the digest."""
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
         files = await asyncio.to_thread(shard_files, row.path)
         rels = [file.relative_to(row.path).as_posix() for file in files]
         if not files:
@@ -526,7 +594,7 @@ class CheckpointUploader(Callback):
             key = join_key(step_prefix, rel)
             result = await self.store.put_file(key, file)
             sent.append(key)
-            shards.append(_Shard(rel=rel, size=result.size, sha256=result.sha256))
+            shards.append(Shard(rel=rel, size=result.size, sha256=result.sha256))
         now = await asyncio.to_thread(shard_files, row.path)
         if [file.relative_to(row.path).as_posix() for file in now] != rels:
             msg = (
@@ -541,87 +609,10 @@ class CheckpointUploader(Callback):
                 f"the saved {row.digest}; a shard changed after it was saved"
             )
             raise IntegrityError(msg, key=step_prefix)
+        if claim is not None:
+            await asyncio.to_thread(claim.check_unchanged, step_prefix)
+            await asyncio.to_thread(claim.set, digest)  # writes the manifest line
         return shards
-
-    async def _publish(
-        self, row: ManifestRow, run_prefix: str, step_dir: str, shards: list[_Shard]
-    ) -> None:
-        """Write the marker, then the manifest, then `latest`; then prune past keep_last."""
-        digest = row.digest or combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
-        entry = {
-            "step": row.step,
-            "prefix": step_dir,
-            "digest": digest,
-            "size_bytes": row.size_bytes,
-            "is_final": row.is_final,
-            "created_at": row.created_at,
-            "uploaded_at": time.time(),
-            "source": str(row.path),
-            "files": [shard.to_json() for shard in shards],
-        }
-        await self.store.put_bytes(join_key(run_prefix, step_dir, MARKER), _json(entry))
-        entries = await self._manifest(run_prefix)
-        entries[:] = sorted(
-            [e for e in entries if e["step"] != row.step] + [entry], key=lambda e: int(e["step"])
-        )
-        doomed: list[dict[str, Any]] = []
-        if self.keep_last is not None and len(entries) > self.keep_last:
-            # Never the newest and never the one `latest` is about to point at.
-            doomed = [e for e in entries[: -self.keep_last] if e["prefix"] != step_dir]
-            entries[:] = [e for e in entries if e not in doomed]
-        manifest = {"version": 1, "run": run_prefix, "checkpoints": entries}
-        await self.store.put_bytes(join_key(run_prefix, MANIFEST), _json(manifest))
-        # The newest step, not this one: a resumed older checkpoint must not move it back.
-        newest = entries[-1]
-        latest = {
-            "step": newest["step"],
-            "prefix": newest["prefix"],
-            "digest": newest["digest"],
-            "manifest": MANIFEST,
-        }
-        await self.store.put_bytes(join_key(run_prefix, LATEST), _json(latest))
-        for old in doomed:
-            await self._prune(run_prefix, str(old["prefix"]))
-
-    async def _manifest(self, run_prefix: str) -> list[dict[str, Any]]:
-        """The run's manifest entries, read from the store the first time (to resume)."""
-        entries = self._manifests.get(run_prefix)
-        if entries is None:
-            raw = await self.store.get_bytes(join_key(run_prefix, MANIFEST))
-            entries = []
-            if raw is not None:
-                try:
-                    entries = list(json.loads(raw)["checkpoints"])
-                except (ValueError, KeyError, TypeError):
-                    logger.warning(
-                        "the remote manifest of %s is unreadable; starting a new one", run_prefix
-                    )
-            self._manifests[run_prefix] = entries
-        return entries
-
-    async def _prune(self, run_prefix: str, step_dir: str) -> None:
-        """Delete an older checkpoint already dropped from the manifest."""
-        prefix = join_key(run_prefix, step_dir) + "/"
-        try:
-            objects = await self.store.list(prefix)
-            # The marker goes last, so a half-pruned checkpoint never looks complete.
-            markers = [o.key for o in objects if o.key.endswith("/" + MARKER)]
-            await self.store.delete(o.key for o in objects if o.key not in markers)
-            await self.store.delete(markers)
-        except Exception as exc:
-            logger.warning("could not prune %s from %s: %s", prefix, self.store.url, exc)
-            return
-        with self._lock:
-            self._pruned += 1
-
-    async def _discard(self, keys: list[str]) -> None:
-        """Best-effort removal of what a failed upload sent; it is unreferenced either way."""
-        if not keys:
-            return
-        # Bounded: the store may be what failed, and the keys are unreferenced anyway.
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(_DISCARD_TIMEOUT):
-                await self.store.delete(keys)
 
     async def _log_summary(self, run_prefix: str, previous: Future[None] | None) -> None:
         """Log the uploader's summary once a run's uploads are done."""
@@ -650,8 +641,3 @@ async def _wait_for(link: Future[None]) -> None:
 
     link.add_done_callback(wake)
     await waiter
-
-
-def _json(data: dict[str, Any]) -> bytes:
-    """Encode a small JSON document for the store."""
-    return json.dumps(data, indent=1, sort_keys=True).encode()

@@ -6,7 +6,7 @@ import math
 from typing import Literal
 
 from loopbridge._callback import Callback
-from loopbridge._types import LoopArtifacts, LoopState
+from loopbridge._types import LoopArtifacts, LoopState, TrainingBatch
 
 __all__ = ["EarlyStopping"]
 
@@ -20,6 +20,11 @@ class EarlyStopping(Callback):
     more than `min_delta`. After `patience` evals in a row without improvement, the run stops
     at the end of the current step, with a reason naming the metric, its best value and step.
     A NaN or infinite value counts as no improvement, or stops at once with `stop_on_nonfinite`.
+
+    A monitor that no evaluator reports is a ValueError listing the keys there are: at once
+    when `eval_name` is given, otherwise right after the first round of evals (one step
+    later). A run of at least one step that saw no eval at all, and was not stopped by
+    anyone else, fails at train end.
 
     Args:
         monitor: the metric's key in the eval metrics, e.g. "loss".
@@ -73,8 +78,11 @@ class EarlyStopping(Callback):
         self.stopped_step: int | None = None
         """The step at which this callback asked the run to stop, if it did."""
         self._source: str | None = self.eval_name
+        self._found = False
         self._round_step: int | None = None
         self._missing: dict[str, list[str]] = {}
+        self._in_step_metrics = False
+        self._start_step = 0
 
     def __repr__(self) -> str:
         return (
@@ -85,14 +93,27 @@ class EarlyStopping(Callback):
     def on_train_start(self, state: LoopState) -> None:
         """Forget the previous run's best."""
         self._reset()
+        self._start_step = state.step
+
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
+    ) -> None:
+        """Until the monitor is found: fail as soon as a round of evals went by without it."""
+        if self._found:
+            return
+        if self._round_step is not None:
+            # The evals of the previous step all ran, and none of them reported the metric.
+            self._raise_missing(self._missing)
+        if self.monitor in metrics:
+            self._in_step_metrics = True
 
     def on_eval(
         self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
     ) -> None:
         """Compare the monitored metric with the best so far; request a stop past patience."""
-        if self._source is None:
+        if not self._found:
             self._find_source(step_idx, eval_name, metrics)
-            if self._source is None:
+            if not self._found:
                 return
         if eval_name != self._source:
             return
@@ -112,28 +133,54 @@ class EarlyStopping(Callback):
             self._stop(state, why)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        """Fail loudly if no evaluator ever reported the monitored metric."""
-        if self._source is None and self._missing:
+        """Fail loudly if no evaluator reported the monitored metric, or no eval ran at all."""
+        if self._found:
+            return
+        if self._missing:
             self._raise_missing(self._missing)
+        if state.stop_reason is not None or state.step == self._start_step:
+            return  # stopped by someone else, or no step taken: nothing was missed
+        where = f"the evaluator {self.eval_name!r}" if self.eval_name else "any evaluator"
+        msg = (
+            f"EarlyStopping(monitor={self.monitor!r}) saw no eval from {where} in the "
+            f"{state.step - self._start_step} steps of run {state.run_name!r}, so it could "
+            f"never stop it{self._step_hint()}; pass TrainLoop(evaluators={{name: fn}}, "
+            f"eval_every=N) with N at most the run's length, or remove EarlyStopping"
+        )
+        raise ValueError(msg)
 
     def _find_source(self, step_idx: int, eval_name: str, metrics: dict[str, float]) -> None:
+        if self.eval_name is not None and eval_name != self.eval_name:
+            # Another evaluator: noted, in case the one named never reports.
+            self._missing.setdefault(eval_name, sorted(metrics))
+            return
         if self.monitor in metrics:
             self._source = eval_name
+            self._found = True
             return
-        if self._round_step is not None and step_idx != self._round_step:
-            # A whole round of evals went by and none of them reported the metric.
-            self._raise_missing(self._missing)
+        if self.eval_name is not None:
+            self._raise_missing({eval_name: sorted(metrics)})
         self._round_step = step_idx
         self._missing[eval_name] = sorted(metrics)
+
+    def _step_hint(self) -> str:
+        if not self._in_step_metrics:
+            return ""
+        return (
+            f" ({self.monitor!r} is a metric of the step function, but EarlyStopping watches "
+            f"eval metrics)"
+        )
 
     def _raise_missing(self, seen: dict[str, list[str]]) -> None:
         where = "; ".join(
             f"{name!r} has {', '.join(keys) or 'no metrics'}" for name, keys in seen.items()
         )
+        named = "" if self.eval_name is None else f" of the evaluator {self.eval_name!r}"
         msg = (
-            f"EarlyStopping(monitor={self.monitor!r}): no such metric in the eval results "
-            f"({where}); set monitor to one of those keys"
+            f"EarlyStopping(monitor={self.monitor!r}): no such metric in the eval results"
+            f"{named} ({where}){self._step_hint()}; set monitor to one of those keys"
             + ("" if self.eval_name is None else " or change eval_name")
+            + ", or have an evaluator return it"
         )
         raise ValueError(msg)
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loopbridge._callback import Callback
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -66,7 +67,7 @@ from loopbridge.callbacks._http import (
     PermanentHttpError,
     RetryingClient,
 )
-from loopbridge.callbacks._redact import Redactor, redact_url
+from loopbridge.callbacks._redact import Redactor
 
 if TYPE_CHECKING:
     pass
@@ -97,13 +98,16 @@ class HttpDashboard(Callback):
     """Posts a run's metrics and events to an HTTP endpoint in ordered JSON batches.
 
     Args:
-        url: where each batch is POSTed; credentials in it are never logged.
+        url: where each batch is POSTed. Logs, errors and the repr show only its origin
+            (scheme, host, port): its path and query may hold a token.
         headers: sent with every request (e.g. Authorization); secret ones are never logged.
         max_batch_rows: rows per request at most; a full batch is sent at once.
         flush_interval_s: a partial batch is sent once its oldest row is this old.
         max_buffer_rows: step rows waiting at most; beyond it the oldest are dropped.
         timeout: seconds for each HTTP request.
         retry: the retry policy for 5xx, 429, 408, connection errors and timeouts.
+        log_full_urls: show the whole URL in logs and errors (userinfo and secret-looking
+            query values stay hidden); for debugging, when the path holds no secret.
     """
 
     rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
@@ -118,6 +122,7 @@ class HttpDashboard(Callback):
         max_buffer_rows: int = 50_000,
         timeout: float = 10.0,
         retry: HttpRetryPolicy | None = None,
+        log_full_urls: bool = False,
     ) -> None:
         if max_batch_rows < 1 or max_buffer_rows < 1 or flush_interval_s <= 0:
             msg = (
@@ -127,8 +132,8 @@ class HttpDashboard(Callback):
             raise ValueError(msg)
         self._url = url
         self._headers = dict(headers or {})
-        self._redactor = Redactor(url, self._headers)
-        self._safe_url = redact_url(url)
+        self._redactor = Redactor(url, self._headers, full=log_full_urls)
+        self._safe_url = self._redactor.url(url)
         self._max_batch_rows = max_batch_rows
         self._flush_interval_s = flush_interval_s
         self._max_buffer_rows = max_buffer_rows
@@ -322,7 +327,8 @@ class HttpDashboard(Callback):
 
     def _open(self, run: dict[str, Any]) -> RunStream:
         self._run_counter += 1
-        stream = RunStream(run, (_SOURCE, id(self), self._run_counter))
+        label = f"{_SOURCE} run {run.get('run_name') or self._run_counter}"
+        stream = RunStream(run, TaskKey(label, (id(self), self._run_counter)))
         self._stream = stream
         return stream
 

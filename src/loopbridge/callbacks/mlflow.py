@@ -8,8 +8,20 @@ hook returns. A plain TrainLoop gets its experiment and run at `on_train_start`.
 Metric names: step metrics as given; evals as `<eval name>/<metric>`; benchmarks as
 `bench/<name>/<metric>` and `bench/<name>/<slice>/<metric>`, all at step `state.step` (steps
 completed). Benchmark predictions go to the artifact `benchmarks/<name>/step-<N>.json`
-(`final.json` after training) through the server's proxied artifact API, which needs
-`mlflow server --serve-artifacts` (the default since MLflow 2).
+(`final.json` after training).
+
+Artifacts go where the run's `artifact_uri` says, as the mlflow client would put them:
+`mlflow-artifacts:` through the server's proxied artifact API (`--serve-artifacts`, the
+default since MLflow 2); `s3://bucket/...` straight to the bucket through loopbridge's own
+`S3Store`, with the usual AWS credentials and `MLFLOW_S3_ENDPOINT_URL` honoured as mlflow
+honours it (or `artifact_store_options`, passed to `S3Store`); a local path or `file://`
+URI (a server with `--default-artifact-root /dir --no-serve-artifacts` on a shared disk)
+through `LocalStore`. Any other scheme is reported as a loss, naming it.
+
+Blocking at run boundaries is kept to what `ctx.ids` needs: `on_experiment_start` looks up (or
+creates) the experiment, `on_group_start` and `on_run_start` wait for `runs/create` only. The
+params, extra tags and the final status are sent by ordered bridge tasks; the Experiment
+drains them right after `on_run_end`, and a failure is in that run's drain report.
 
 MLflow's limits are kept explicitly: at most 1000 metrics, 100 params and 100 tags per
 log-batch; keys over 250 characters, or with characters MLflow refuses, are made safe
@@ -25,14 +37,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
-from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from loopbridge._callback import Callback
+from loopbridge._taskkey import TaskKey
 from loopbridge._types import (
     ArmResult,
     EvalResult,
@@ -59,7 +72,10 @@ from loopbridge.callbacks._mlflow_limits import (
     log_batches,
     mlflow_value,
 )
-from loopbridge.callbacks._redact import Redactor, redact_url
+from loopbridge.callbacks._redact import Redactor, safe_url
+from loopbridge.stores.local import LocalStore
+from loopbridge.stores.protocol import ObjectStore
+from loopbridge.stores.s3 import S3Store
 
 if TYPE_CHECKING:
     from loopbridge._bridge import Bridge
@@ -72,6 +88,8 @@ _SOURCE = "MLflowLogger"
 
 # A step row as the loop thread queues it: (step, unix ms, {key: value}).
 _Row = tuple[int, int, dict[str, float]]
+# What runs/create leaves for later: the tags beyond its limit, and shortened long values.
+_Setup = tuple[list[dict[str, str]], LongValues]
 
 
 @dataclass
@@ -82,7 +100,7 @@ class _Run:
     experiment_id: str
     artifact_uri: str
     name: str
-    key: tuple[str, int, str]
+    key: TaskKey
     group_run_id: str | None = None
     owns_lifecycle: bool = False  # created at on_train_start (no Experiment): ended there too
     rows: list[_Row] = field(default_factory=list)
@@ -102,8 +120,12 @@ class MLflowLogger(Callback):
         flush_points: step-metric points buffered before a log-batch is sent.
         flush_interval_s: a partial buffer is sent once its oldest row is this old.
         timeout: seconds for each HTTP request.
-        call_timeout: seconds a hook waits for a run to be created or closed.
+        call_timeout: seconds a hook waits for the experiment or a run to be created.
         retry: the retry policy for 5xx, 429, connection errors and timeouts.
+        artifact_store_options: keyword arguments for the `S3Store` that writes artifacts
+            when the run's artifact root is `s3://` (e.g. `endpoint_url`, `region`).
+        log_full_urls: show whole URLs in logs and errors; by default only the server's
+            origin (scheme, host, port) is shown, userinfo never.
     """
 
     rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
@@ -119,19 +141,21 @@ class MLflowLogger(Callback):
         timeout: float = 15.0,
         call_timeout: float = 120.0,
         retry: HttpRetryPolicy | None = None,
+        artifact_store_options: Mapping[str, Any] | None = None,
+        log_full_urls: bool = False,
     ) -> None:
         scheme = urlsplit(tracking_uri).scheme
         if scheme not in ("http", "https"):
             msg = (
-                f"MLflowLogger({redact_url(tracking_uri)!r}): the tracking URI must be an "
+                f"MLflowLogger({safe_url(tracking_uri)!r}): the tracking URI must be an "
                 f"http(s) URL of an MLflow server, e.g. http://127.0.0.1:5000"
             )
             raise ValueError(msg)
         self._base = tracking_uri.rstrip("/")
-        self._safe_base = redact_url(self._base)
+        self._safe_base = safe_url(self._base, full=log_full_urls)
         self._experiment_name = experiment_name
         self._headers = dict(headers or {})
-        self._redactor = Redactor(tracking_uri, self._headers)
+        self._redactor = Redactor(tracking_uri, self._headers, full=log_full_urls)
         self._flush_points = max(1, flush_points)
         self._flush_interval_s = flush_interval_s
         self._timeout = timeout
@@ -144,6 +168,9 @@ class MLflowLogger(Callback):
         self._run: _Run | None = None
         # Shortened keys, filled on the bridge loop: original -> short.
         self._limits = KeyShortener()
+        self._store_options = dict(artifact_store_options or {})
+        # Artifact stores by root (an S3 bucket or a local directory), used on the bridge loop.
+        self._stores: dict[str, ObjectStore] = {}
 
     def __repr__(self) -> str:
         return f"MLflowLogger({self._safe_base!r})"
@@ -164,12 +191,13 @@ class MLflowLogger(Callback):
         tags = {"loopbridge.kind": "group", "loopbridge.group": group_name}
         if ctx.arm_name is not None:
             tags["loopbridge.arm"] = ctx.arm_name
-        info = self.call(
-            self._create_run(experiment_id, group_name, tags, flatten_config(ctx.run_config)),
-            timeout=self._call_timeout,
+        info, setup = self.call(
+            self._create_run(experiment_id, group_name, tags), timeout=self._call_timeout
         )
         ctx.ids[f"group:{group_name}"] = info["run_id"]
         self._groups[info["run_id"]] = "FINISHED"
+        key = (_SOURCE, id(self), str(info["run_id"]))
+        self._spawn_setup(info, setup, flatten_config(ctx.run_config), key)
 
     def on_run_start(self, ctx: LogContext) -> None:
         """Create the run under its group (or experiment); store `ctx.ids['run_id']`."""
@@ -190,12 +218,13 @@ class MLflowLogger(Callback):
         parent = ctx.ids.get(f"group:{ctx.group_name}") if ctx.group_name else None
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
-        info = self.call(
-            self._create_run(experiment_id, name, tags, flatten_config(ctx.run_config)),
-            timeout=self._call_timeout,
+        info, setup = self.call(
+            self._create_run(experiment_id, name, tags), timeout=self._call_timeout
         )
         ctx.ids["run_id"] = info["run_id"]
-        self._run = self._new_run(info, name, group_run_id=parent)
+        run = self._new_run(info, name, group_run_id=parent)
+        self._run = run
+        self._spawn_setup(info, setup, flatten_config(ctx.run_config), run.key)
 
     def on_train_start(self, state: LoopState) -> None:
         """Without an Experiment, create the experiment and the run here."""
@@ -210,15 +239,14 @@ class MLflowLogger(Callback):
         tags = {"loopbridge.kind": "run", "loopbridge.run_id": state.run_id}
         if state.world_size > 1:
             tags["loopbridge.rank"] = str(state.rank)
-        info = self.call(
-            self._create_run(
-                self._experiment_id, state.run_name, tags, flatten_config(state.config)
-            ),
+        info, setup = self.call(
+            self._create_run(self._experiment_id, state.run_name, tags),
             timeout=self._call_timeout,
         )
         run = self._new_run(info, state.run_name, group_run_id=None)
         run.owns_lifecycle = True
         self._run = run
+        self._spawn_setup(info, setup, flatten_config(state.config), run.key)
 
     def on_step_end(
         self, state: LoopState, step_idx: int, batch: TrainingBatch, metrics: dict[str, float]
@@ -290,7 +318,7 @@ class MLflowLogger(Callback):
             self._run = None
 
     def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
-        """Send what is left and set the final status (FINISHED or FAILED); wait for it."""
+        """Send what is left and set the final status (FINISHED or FAILED), in the background."""
         run = self._run
         if run is None:
             return
@@ -300,18 +328,9 @@ class MLflowLogger(Callback):
         if failed and run.group_run_id in self._groups:
             self._groups[run.group_run_id] = "FAILED"
         self._flush(run)
-        future = self.spawn(self._end_run(run.run_id, status), name=f"{_SOURCE}.end", key=run.key)
-        # The status must be set before the next run starts; a failure is in the drain report.
-        try:
-            error = future.exception(timeout=self._call_timeout)
-        except CancelledError:
-            logger.error("%s: closing run %s was cancelled", _SOURCE, run.name)
-            return
-        except TimeoutError:
-            logger.error("%s: run %s not closed within %s s", _SOURCE, run.name, self._call_timeout)
-            return
-        if error is not None:
-            logger.error("%s: could not close run %s: %s", _SOURCE, run.name, error)
+        # Not waited for here: the Experiment drains right after this hook, so the status is
+        # set before the next run starts, and a failure lands in this run's drain report.
+        self.spawn(self._end_run(run.run_id, status), name=f"{_SOURCE}.end", key=run.key)
 
     def on_experiment_end(self, ctx: LogContext, result: ExperimentResult) -> None:
         """Close every group's parent run (FAILED if one of its runs failed)."""
@@ -329,6 +348,7 @@ class MLflowLogger(Callback):
             # A plain TrainLoop whose step raised never reaches on_train_end; its bridge
             # closes on the way out, and the run must not stay RUNNING forever.
             bridge.add_shutdown_callback(self._fail_open_run)
+            bridge.add_shutdown_callback(self._close_stores)
         self._clients.register(bridge)
 
     def _experiment_for(self, ctx: LogContext) -> str:
@@ -346,9 +366,15 @@ class MLflowLogger(Callback):
             experiment_id=str(info["experiment_id"]),
             artifact_uri=str(info.get("artifact_uri", "")),
             name=name,
-            key=(_SOURCE, id(self), run_id),
+            key=TaskKey(f"{_SOURCE} run {name}", (id(self), run_id)),
             group_run_id=group_run_id,
         )
+
+    def _spawn_setup(
+        self, info: Mapping[str, Any], setup: _Setup, params: dict[str, str], key: object
+    ) -> None:
+        """Send a new run's params and remaining tags first in its ordered queue."""
+        self.spawn(self._log_setup(info, setup, params), name=f"{_SOURCE}.params", key=key)
 
     def _flush(self, run: _Run, tags: Mapping[str, str] | None = None) -> None:
         rows, run.rows, run.points = run.rows, [], 0
@@ -415,9 +441,9 @@ class MLflowLogger(Callback):
         raise HttpRequestError(msg, url=self._safe_base)
 
     async def _create_run(
-        self, experiment_id: str, name: str, tags: dict[str, str], params: dict[str, str]
-    ) -> dict[str, Any]:
-        """Create a run with its tags, then log its params; return the run's info."""
+        self, experiment_id: str, name: str, tags: dict[str, str]
+    ) -> tuple[dict[str, Any], _Setup]:
+        """Create a run with its first tags; return its info and what `_log_setup` sends."""
         tags = {**tags, "mlflow.runName": name}
         long_values: LongValues = {}
         safe_tags = self._limits.tags(tags, long_values)
@@ -429,15 +455,21 @@ class MLflowLogger(Callback):
         }
         _, created = await self._api("POST", "runs/create", body=body)
         info: dict[str, Any] = created["run"]["info"]
+        return info, (safe_tags[MAX_TAGS_PER_BATCH:], long_values)
+
+    async def _log_setup(
+        self, info: Mapping[str, Any], setup: _Setup, params: dict[str, str]
+    ) -> None:
+        """Log a new run's params and the tags runs/create did not take."""
         run_id = str(info["run_id"])
+        rest_tags, long_values = setup
         safe_params = self._limits.params(params, long_values)
-        extra_tags = safe_tags[MAX_TAGS_PER_BATCH:] + self._limits.tag_originals(long_values)
+        extra_tags = rest_tags + self._limits.tag_originals(long_values)
         for batch in log_batches(run_id, [], safe_params, extra_tags):
             await self._api("POST", "runs/log-batch", body=batch)
         if long_values:
             content = json.dumps(long_values, indent=1, sort_keys=True).encode()
             await self._put_artifact(info, "loopbridge/long_values.json", content)
-        return info
 
     async def _log_rows(self, run: _Run, rows: list[_Row], tags: dict[str, str]) -> None:
         """Send queued metric rows (and tags) as log-batch requests within MLflow's limits."""
@@ -477,19 +509,53 @@ class MLflowLogger(Callback):
         await self._put_artifact({"artifact_uri": run.artifact_uri}, path, content)
 
     async def _put_artifact(self, info: Mapping[str, Any], path: str, content: bytes) -> None:
-        """PUT a file through the server's proxied artifact API (`--serve-artifacts`)."""
+        """Store an artifact where the run's artifact URI says, as the mlflow client would."""
         uri = str(info.get("artifact_uri", ""))
         parts = urlsplit(uri)
-        if parts.scheme != "mlflow-artifacts":
+        if parts.scheme == "mlflow-artifacts":
+            await self._put_proxied(parts.path, path, content)
+            return
+        if parts.scheme == "s3" and parts.netloc:
+            store = self._store(f"s3://{parts.netloc}", lambda: self._s3_store(parts.netloc))
+            key = f"{parts.path.strip('/')}/{path}".lstrip("/")
+        elif parts.scheme == "file" or (not parts.scheme and uri.startswith("/")):
+            root = unquote(parts.path) if parts.scheme == "file" else uri
+            store = self._store(root, lambda: LocalStore(root))
+            key = path
+        else:
             detail = (
-                f"artifact {path!r} not uploaded: the run's artifact root {uri!r} is not "
-                f"served by the tracking server; start it with --serve-artifacts"
+                f"artifact {path!r} not stored: the run's artifact root {uri!r} is neither "
+                f"mlflow-artifacts:, s3:// nor a local path; start the server with "
+                f"--serve-artifacts to proxy it"
             )
             bridge = self._clients.bridge
             if bridge is not None:
                 bridge.report_loss(_SOURCE, 1, detail)
             return
-        root = parts.path.strip("/")
+        await store.put_bytes(key, content, content_type="application/json")
+
+    def _store(self, root: str, make: Any) -> ObjectStore:
+        store = self._stores.get(root)
+        if store is None:
+            store = self._stores[root] = make()
+        return store
+
+    def _s3_store(self, bucket: str) -> S3Store:
+        options = dict(self._store_options)
+        # mlflow's own S3 artifact repository reads this variable; so do we.
+        endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        if endpoint and "endpoint_url" not in options:
+            options["endpoint_url"] = endpoint
+        return S3Store(bucket, **options)
+
+    async def _close_stores(self) -> None:
+        """At bridge close: release the artifact stores' clients opened on its loop."""
+        for store in self._stores.values():
+            await store.aclose()
+
+    async def _put_proxied(self, artifact_path: str, path: str, content: bytes) -> None:
+        """PUT a file through the server's proxied artifact API (`--serve-artifacts`)."""
+        root = artifact_path.strip("/")
         url = f"{self._base}/api/2.0/mlflow-artifacts/artifacts/{quote(root)}/{quote(path)}"
         client = self._clients.get()
         await client.request(

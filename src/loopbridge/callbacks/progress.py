@@ -1,23 +1,28 @@
-"""ConsoleProgress: a progress line with live metrics and the state of the background work.
+"""ConsoleProgress: a progress bar with live metrics and the state of the background work.
 
-On a terminal the line is redrawn in place (`\\r`) at most `refresh_per_second` times a second;
-on a pipe or file a plain line is written every `interval_s` seconds instead. Each step costs the
-loop thread one clock read and a comparison; the line is formatted only when it is drawn.
+tqdm renders it: in a Jupyter notebook as a live widget (tqdm.auto's notebook bar, one updating
+display), on a terminal as one line redrawn in place (`\\r`), at most `refresh_per_second`
+times a second in both. On a pipe or file, where a redrawn line would be a mess of carriage
+returns, a plain line is written every `interval_s` seconds instead. Each step costs the loop
+thread one clock read and a comparison, as before tqdm; the bar is updated only when drawn.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from loopbridge._callback import Callback
 from loopbridge._types import LoopArtifacts, LoopState, ManifestRow, TrainingBatch
 
 __all__ = ["ConsoleProgress", "format_metrics"]
+
+logger = logging.getLogger(__name__)
 
 StatusFn = Callable[[], str]
 """Returns a short extra status, such as "ckpt 3/4 up", shown at the end of the line."""
@@ -36,6 +41,8 @@ class ConsoleProgress(Callback):
         width: the bar's width in characters.
         max_metrics: how many metrics to show when `metrics` is None.
         clock: the time source, `time.monotonic` by default.
+        notebook: render as a Jupyter widget (True), never (False), or when running in a
+            notebook kernel with no `stream` given (None); needs ipywidgets in the kernel.
     """
 
     rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
@@ -52,6 +59,7 @@ class ConsoleProgress(Callback):
         width: int = 20,
         max_metrics: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        notebook: bool | None = None,
     ) -> None:
         if refresh_per_second <= 0 or interval_s <= 0:
             msg = (
@@ -82,9 +90,11 @@ class ConsoleProgress(Callback):
         self._eval: dict[str, float] = {}
         self._checkpoints = 0
         self._done_at_start = 0
-        self._last_len = 0
+        self._notebook_setting = notebook
+        self._bar: Any = None  # the run's tqdm bar, created at its first draw
+        self._bar_class: Any = None
         self.lines_written = 0
-        """How many lines (or in-place redraws) were written, for tests and curiosity."""
+        """How many lines (or in-place redraws, or widget updates) were drawn."""
 
     @property
     def stream(self) -> TextIO:
@@ -92,9 +102,13 @@ class ConsoleProgress(Callback):
         return self._stream if self._stream is not None else sys.stderr
 
     def on_train_start(self, state: LoopState) -> None:
-        """Reset for a new run and pick terminal or plain output."""
+        """Reset for a new run and pick widget, terminal or plain output."""
+        self._close_bar()
         stream = self.stream
-        if self._tty_setting is None:
+        self._bar_class = self._widget_class()
+        if self._bar_class is not None:
+            self._tty = True
+        elif self._tty_setting is None:
             isatty = getattr(stream, "isatty", None)
             self._tty = bool(isatty()) if callable(isatty) else False
         else:
@@ -108,7 +122,6 @@ class ConsoleProgress(Callback):
         self._eval = {}
         self._checkpoints = 0
         self._done_at_start = self._finished_tasks()
-        self._last_len = 0
         self._started = self._clock()
         # The first line comes one period in, so a short run is not all progress lines.
         self._next_draw = self._started + self._period
@@ -156,11 +169,28 @@ class ConsoleProgress(Callback):
         failed = f", {stats.failed} failed" if stats.failed else ""
         return f"bg {running} in flight, {finished - self._done_at_start} done{failed}"
 
+    def _widget_class(self) -> Any:
+        """tqdm.auto's notebook bar when it should be used, else None (text output)."""
+        wanted = self._notebook_setting
+        if wanted is False or (wanted is None and self._stream is not None):
+            return None
+        if wanted is None and "ipykernel" not in sys.modules:
+            return None  # not in a Jupyter kernel: skip importing the notebook machinery
+        from tqdm.auto import tqdm as auto_tqdm
+
+        if any(c.__module__ == "tqdm.notebook" for c in auto_tqdm.__mro__):
+            return auto_tqdm
+        if wanted:
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm
+        return None
+
     def _draw(
         self, step: int, metrics: dict[str, float], now: float, final: str | None = None
     ) -> None:
         elapsed = max(now - self._started, 1e-9)
-        parts = [self._run, self._bar(step), f"{step / elapsed:.0f} steps/s"]
+        parts = [f"{step / elapsed:.0f} steps/s"]
         shown = format_metrics(metrics, self._metrics, self._max_metrics)
         if shown:
             parts.append(shown)
@@ -174,26 +204,87 @@ class ConsoleProgress(Callback):
             parts.append(self._status())
         if final is not None:
             parts.append(f"done in {elapsed:.1f} s ({final})")
-        line = " | ".join(parts)
-        self._write(line, final=final is not None)
-
-    def _bar(self, step: int) -> str:
-        total = self._max_steps
-        if total is None or self._width == 0:
-            return f"step {step}"
-        filled = min(self._width, self._width * step // total)
-        bar = "#" * filled + "." * (self._width - filled)
-        return f"[{bar}] {step}/{total}"
-
-    def _write(self, line: str, *, final: bool) -> None:
-        stream = self.stream
+        # Braces in metric names or status would be read as tqdm's format fields.
+        text = " | ".join(parts).replace("{", "{{").replace("}", "}}")
+        bar_format = self._bar_format(widget=self._bar_class is not None) + text
         if self._tty:
-            line = line[: max(self._columns - 1, 10)]
-            pad = " " * max(0, self._last_len - len(line))
-            self._last_len = len(line)
-            stream.write("\r" + line + pad + ("\n" if final else ""))
+            self._redraw(step, bar_format, final=final is not None)
         else:
-            stream.write(line + "\n")
+            self._write_plain(step, bar_format)
+
+    def _bar_format(self, *, widget: bool) -> str:
+        """tqdm's format for the start of the line: the run, the bar and the count."""
+        if self._max_steps is None:
+            return "{desc} | step {n} | "
+        if widget:
+            return "{desc} | {bar} {n}/{total} | "
+        if self._width == 0:
+            return "{desc} | {n}/{total} | "
+        return "{desc} | [{bar:" + str(self._width) + "}] {n}/{total} | "
+
+    def _redraw(self, step: int, bar_format: str, *, final: bool) -> None:
+        """Update the run's tqdm bar (a widget or a terminal line); create it on first use."""
+        bar = self._bar
+        if bar is None:
+            bar = self._new_bar(step, bar_format)
+        else:
+            bar.n = step
+            bar.bar_format = bar_format
+            if not final:
+                bar.refresh()
+                self.lines_written += 1
+        if final:
+            self._close_bar()
+
+    def _new_bar(self, step: int, bar_format: str) -> Any:
+        from tqdm import tqdm as std_tqdm
+
+        options: dict[str, Any] = {
+            "total": self._max_steps,
+            "initial": step,
+            "desc": self._run,
+            "bar_format": bar_format,
+            "ascii": ".#",
+            "leave": True,
+            "dynamic_ncols": False,
+        }
+        bar_class = self._bar_class
+        if bar_class is None:
+            bar_class = std_tqdm
+            options.update(file=self.stream, ncols=max(self._columns - 1, 10))
+        try:
+            bar = bar_class(**options)  # draws once
+        except ImportError as exc:  # a notebook without ipywidgets: terminal lines instead
+            logger.warning("ConsoleProgress: no Jupyter widget (%s); drawing text lines", exc)
+            self._bar_class = None
+            return self._new_bar(
+                step, bar_format.replace("{bar}", "[{bar:" + str(self._width) + "}]")
+            )
+        self._bar = bar
+        self.lines_written += 1
+        return bar
+
+    def _close_bar(self) -> None:
+        """End the run's bar: a terminal line gets its last redraw and a newline."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+            self.lines_written += 1
+
+    def _write_plain(self, step: int, bar_format: str) -> None:
+        """A whole line, formatted by tqdm, for streams that are not terminals."""
+        from tqdm import tqdm as std_tqdm
+
+        line = std_tqdm.format_meter(
+            step,
+            self._max_steps,
+            0,
+            prefix=self._run,
+            ascii=".#",
+            bar_format=bar_format,
+        )
+        stream = self.stream
+        stream.write(line + "\n")
         stream.flush()
         self.lines_written += 1
 

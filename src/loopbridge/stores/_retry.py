@@ -7,13 +7,13 @@ timeout, which also covers the `Expect: 100-continue` wait that ignores `read_ti
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
@@ -199,7 +199,7 @@ async def call_with_retries(
         async for attempt in retrying:
             with attempt:
                 attempts += 1
-                async with asyncio.timeout(policy.call_timeout):
+                with anyio.fail_after(policy.call_timeout):
                     return await call()
     except StoreError:
         raise

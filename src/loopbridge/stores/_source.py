@@ -12,10 +12,13 @@ import contextlib
 import hashlib
 import os
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from loopbridge._exceptions import IntegrityError
 
@@ -23,51 +26,53 @@ T = TypeVar("T")
 
 __all__ = ["SourceFile", "hash_thread"]
 
-# Reading and hashing (sha256 of the file, MD5 of each part) is most of an upload's CPU. It
-# runs on these threads, at a slightly lower priority (a Linux nice per thread), so that when
-# the cores are busy the scheduler favours the training thread over background hashing.
+# Reading and hashing is most of an upload's CPU. It runs on anyio's worker threads, at most
+# `_HASH_THREADS` at once per event loop, and each such thread runs at a slightly lower priority
+# (a Linux nice per thread), so that when the cores are busy the scheduler favours the training
+# thread over background hashing. anyio keeps its worker threads per event loop: on the bridge's
+# loop these are loopbridge's own.
 _NICE = 5
 _HASH_THREADS = 4
+_THREAD_NAME = "loopbridge-hash"
+
+_limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+_lowered = threading.local()
 
 
 def _lower_priority() -> None:
-    """Worker initializer: lower this thread's priority (where the OS allows it)."""
+    """Lower this worker thread's priority once (where the OS allows it)."""
+    if getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
 
 
-class _HashPool:
-    """The process's hashing threads, started on first use and again after a fork."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.executor: ThreadPoolExecutor | None = None
-
-    def get(self) -> ThreadPoolExecutor:
-        executor = self.executor
-        if executor is None:
-            with self.lock:
-                if self.executor is None:
-                    self.executor = ThreadPoolExecutor(
-                        _HASH_THREADS, "loopbridge-hash", initializer=_lower_priority
-                    )
-                executor = self.executor
-        return executor
-
-    def forget(self) -> None:
-        """In a forked child the threads are gone: start afresh on first use."""
-        self.lock = threading.Lock()
-        self.executor = None
+def _limiter() -> anyio.CapacityLimiter:
+    """The running loop's bound on threads reading and hashing at once."""
+    loop = asyncio.get_running_loop()
+    limiter = _limiters.get(loop)
+    if limiter is None:
+        limiter = _limiters[loop] = anyio.CapacityLimiter(_HASH_THREADS)
+    return limiter
 
 
-_pool = _HashPool()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_pool.forget)
+def _on_hash_thread(func: Callable[..., T], *args: Any) -> T:
+    """Run `func` in a worker thread, named and niced as a hashing thread while it runs."""
+    _lower_priority()
+    thread = threading.current_thread()
+    name, thread.name = thread.name, _THREAD_NAME
+    try:
+        return func(*args)
+    finally:
+        thread.name = name
 
 
 async def hash_thread(func: Callable[..., T], *args: Any) -> T:
-    """Run read-and-hash work on the stores' own lower-priority threads."""
-    return await asyncio.get_running_loop().run_in_executor(_pool.get(), func, *args)
+    """Run read-and-hash work on a lower-priority worker thread, a bounded number at once."""
+    return await anyio.to_thread.run_sync(_on_hash_thread, func, *args, limiter=_limiter())
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -94,7 +99,7 @@ class SourceFile:
             IntegrityError: the file is gone (deleted while its upload was queued).
         """
         try:
-            handle = await asyncio.to_thread(path.open, "rb")
+            handle = await anyio.to_thread.run_sync(path.open, "rb")
         except FileNotFoundError as exc:
             msg = f"cannot upload {key!r}: the local file {str(path)!r} disappeared before upload"
             raise IntegrityError(msg, key=key) from exc
@@ -110,16 +115,17 @@ class SourceFile:
         """Hex sha256 of the bytes read so far."""
         return self._sha.hexdigest()
 
-    def _read_part(self, size: int) -> bytes:
-        """Read and hash up to `size` bytes; runs in a worker thread (hashing frees the GIL)."""
+    def _read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
+        """Read up to `size` bytes and hash them (sha256 and `checksums`), in one worker thread
+        trip, while they are fresh in the cache; hashing frees the GIL."""
         data = self._handle.read(size)
         self._sha.update(data)
         self._read += len(data)
-        return data
+        return data, checksums(data)
 
-    async def read_part(self, size: int) -> bytes:
-        """The next `size` bytes (fewer at the end)."""
-        return await hash_thread(self._read_part, size)
+    async def read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
+        """The next `size` bytes (fewer at the end), with `checksums(data)` computed as read."""
+        return await hash_thread(self._read_part, size, checksums)
 
     def _problem(self, expected_sha256: str | None) -> str | None:
         """What changed since the file was opened, or None."""
@@ -137,7 +143,7 @@ class SourceFile:
 
     async def check_unchanged(self, expected_sha256: str | None = None) -> None:
         """Raise IntegrityError if the file changed or vanished, or its bytes are not expected."""
-        problem = await asyncio.to_thread(self._problem, expected_sha256)
+        problem = await anyio.to_thread.run_sync(self._problem, expected_sha256)
         if problem is not None:
             msg = f"refusing to publish {self.key!r}: the local file {str(self.path)!r} {problem}"
             raise IntegrityError(msg, key=self.key)

@@ -8,7 +8,6 @@ disk and shared filesystems alike.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import hashlib
@@ -17,8 +16,11 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+import anyio.to_thread
+
 from loopbridge._digest import CHUNK_BYTES
 from loopbridge._exceptions import IntegrityError, StoreError
+from loopbridge.stores._source import hash_thread
 from loopbridge.stores.keys import join_key
 from loopbridge.stores.protocol import ClosingStore, ObjectInfo, PutResult
 
@@ -65,20 +67,20 @@ class LocalStore(ClosingStore):
     ) -> PutResult:
         """Copy `path` to `key` through a temporary file; refuse it if the source changed."""
         target = self._path(key)
-        return await asyncio.to_thread(self._copy_file, key, Path(path), target, expected_sha256)
+        return await hash_thread(self._copy_file, key, Path(path), target, expected_sha256)
 
     async def put_bytes(
         self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
     ) -> PutResult:
         """Write `data` to `key` through a temporary file."""
         target = self._path(key)
-        return await asyncio.to_thread(self._write_bytes, key, data, target)
+        return await anyio.to_thread.run_sync(self._write_bytes, key, data, target)
 
     async def get_bytes(self, key: str) -> bytes | None:
         """Read the file for `key`, or None when there is none."""
         target = self._path(key)
         try:
-            return await asyncio.to_thread(target.read_bytes)
+            return await anyio.to_thread.run_sync(target.read_bytes)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -86,26 +88,26 @@ class LocalStore(ClosingStore):
         """Size and modification time of the file for `key`, or None when there is none."""
         target = self._path(key)
         try:
-            st = await asyncio.to_thread(target.stat)
+            st = await anyio.to_thread.run_sync(target.stat)
         except (FileNotFoundError, NotADirectoryError):
             return None
         return ObjectInfo(key=key, size=st.st_size, last_modified=st.st_mtime)
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every file whose key starts with `prefix`, skipping unfinished temporary files."""
-        return await asyncio.to_thread(self._list, prefix)
+        return await anyio.to_thread.run_sync(self._list, prefix)
 
     async def delete(self, keys: Iterable[str]) -> None:
         """Remove the files for `keys`, then any directories that became empty."""
         targets = [self._path(key) for key in keys]
-        await asyncio.to_thread(self._delete, targets)
+        await anyio.to_thread.run_sync(self._delete, targets)
 
     async def aclose(self) -> None:
         """Nothing to release: files are opened and closed per call."""
 
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Remove temporary files under `prefix` left by a dead process; returns how many."""
-        return await asyncio.to_thread(self._remove_stale, prefix)
+        return await anyio.to_thread.run_sync(self._remove_stale, prefix)
 
     def _remove_stale(self, prefix: str) -> int:
         """Unlink unfinished temporary files whose key starts with `prefix`; a worker thread."""

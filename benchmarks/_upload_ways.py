@@ -1,0 +1,297 @@
+"""bench_upload.py's parts: the S3 server, the step kinds, the ways of uploading, CPU clocks."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+import loopbridge as lb
+from loopbridge._types import LoopArtifacts, LoopState, ManifestRow
+
+MiB = 1 << 20
+BUCKET = "bench-upload"
+SERVER_CPU = 1  # the core the S3 server is pinned to; the training thread gets the other one
+TRAIN_CPU = 0
+
+_MOTO = textwrap.dedent(
+    """
+    import logging, sys
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    print(server.get_host_and_port()[1], flush=True)
+    sys.stdin.read()
+    server.stop()
+    """
+)
+
+
+def _pin_and_lower() -> None:
+    """In the server's process before it starts: its own core (if there are two), nice 19."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {SERVER_CPU})
+    os.nice(19)
+
+
+@contextmanager
+def moto_server() -> Iterator[tuple[str, str]]:
+    """moto's S3 server in its own process, pinned and niced; yields (endpoint, how)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MOTO],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_pin_and_lower,  # noqa: PLW1509 - no threads yet in the child's parent side
+    )
+    try:
+        line = proc.stdout.readline().strip() if proc.stdout is not None else ""
+        if not line.isdigit():
+            raise RuntimeError("moto's S3 server did not start in the benchmark's subprocess")
+        pinned = (os.cpu_count() or 1) > 1
+        how = (
+            f"moto S3 server in its own process (pid {proc.pid}), "
+            + (f"pinned to CPU {SERVER_CPU}, " if pinned else "")
+            + "at nice 19; the training thread pinned to CPU "
+            + f"{TRAIN_CPU} while it trains, the clients' background threads and worker "
+            + f"processes to CPU {SERVER_CPU}; the same for every way"
+        )
+        yield f"http://127.0.0.1:{line}", how
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pin_training_thread(pin: bool) -> None:
+    """Pin the calling (training) thread to its core, away from the S3 server's, or unpin it.
+
+    Only while it trains: threads and processes started from a pinned thread inherit its
+    mask, so every way's client threads and workers are started before (all cores).
+    """
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {TRAIN_CPU} if pin else set(range(os.cpu_count() or 1)))
+
+
+def pin_to_client_core() -> None:
+    """Pin the calling thread (and what it starts later) to the clients' core, the server's."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {SERVER_CPU})
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 client with its defaults (path-style addressing for the local server)."""
+    return boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+
+
+def empty_bucket(client: Any) -> None:
+    """Delete everything, so the server's memory stays flat across repeats."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+
+def run_queue_wait() -> float:
+    """Seconds the calling thread has been runnable but waiting for a core (Linux schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- step kinds ----------------------------------------------------------------------------
+
+
+def _burn(n: int) -> int:
+    """Pure-Python work that holds the GIL, like a Python-heavy training step."""
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) & 0xFFFF
+    return x
+
+
+def python_step(target_s: float = 0.010) -> Callable[[], None]:
+    """A pure-Python step of about `target_s` on this machine right now."""
+    n = 10_000
+    while True:
+        started = time.perf_counter()
+        _burn(n)
+        if time.perf_counter() - started > 0.002:
+            break
+        n *= 2
+    samples = []
+    for _ in range(5):
+        started = time.perf_counter()
+        _burn(n)
+        samples.append(time.perf_counter() - started)
+    work = max(1, int(n * target_s / statistics.median(samples)))
+
+    def step() -> None:
+        _burn(work)
+
+    return step
+
+
+def torch_step() -> Callable[[], None] | None:
+    """A real torch step (MLP forward, backward, SGD) on one CPU thread; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 512), torch.randn(64, 512)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    return step
+
+
+# -- ways of uploading -------------------------------------------------------------------------
+
+
+class Timer(lb.Callback):
+    """Step starts, user save times, and the training thread's CPU and wall while it trains."""
+
+    def __init__(self) -> None:
+        self.step_starts: list[float] = []
+        self.saves: list[tuple[float, float]] = []  # (user save began, user save returned)
+        self.save_ended_cpu = 0.0
+        self.added_cpu: list[float] = []  # training-thread CPU after save(), per checkpoint
+        self.added_wall: list[float] = []
+        self.train_wall = 0.0
+        self.train_cpu = 0.0
+        self.train_queued = 0.0  # runnable but waiting for a core (other tenants' load)
+
+    def on_train_start(self, state: LoopState) -> None:
+        pin_training_thread(True)
+        self.train_wall = -time.perf_counter()
+        self.train_cpu = -time.thread_time()
+        self.train_queued = -run_queue_wait()
+
+    def step_began(self) -> None:
+        """Called first thing in each step: closes the checkpoint's added time, if any."""
+        now = time.perf_counter()
+        if self.saves and len(self.added_wall) < len(self.saves):
+            self.added_wall.append(now - self.saves[-1][1])
+            self.added_cpu.append(time.thread_time() - self.save_ended_cpu)
+        self.step_starts.append(now)
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        # Registered first, so this runs before a pool's wait at train end.
+        self.train_wall += time.perf_counter()
+        self.train_cpu += time.thread_time()
+        self.train_queued += run_queue_wait()
+        pin_training_thread(False)
+
+    def step_times(self) -> list[float]:
+        """Gaps between step starts, minus the user's own save() inside each gap."""
+        gaps = []
+        for before, after in zip(self.step_starts, self.step_starts[1:], strict=False):
+            saving = sum(end - start for start, end in self.saves if before <= start < after)
+            gaps.append(after - before - saving)
+        return gaps
+
+
+class InlineBoto3(lb.Callback):
+    """boto3 upload_file inside the hook: the loop waits for every upload."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client, self.prefix, self.seconds, self.bytes = client, prefix, 0.0, 0
+
+    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+        started = time.perf_counter()
+        self.client.upload_file(str(row.path), BUCKET, f"{self.prefix}/{row.path.name}")
+        self.seconds += time.perf_counter() - started
+        self.bytes += row.size_bytes
+
+    def worker_pids(self) -> list[int]:
+        return []
+
+
+def _upload_file(endpoint: str, path: str, key: str) -> float:
+    """boto3 upload_file with its defaults (in a pool's worker); returns its seconds."""
+    client = _pool_client(endpoint)
+    started = time.perf_counter()
+    client.upload_file(path, BUCKET, key)
+    return time.perf_counter() - started
+
+
+_clients: dict[str, Any] = {}
+
+
+def _pool_client(endpoint: str) -> Any:
+    client = _clients.get(endpoint)
+    if client is None:
+        client = _clients[endpoint] = s3_client(endpoint)
+    return client
+
+
+class PoolBoto3(lb.Callback):
+    """boto3 upload_file in a one-worker thread or process pool, awaited at train end."""
+
+    def __init__(self, endpoint: str, prefix: str, *, processes: bool) -> None:
+        self.endpoint, self.prefix, self.bytes, self.seconds = endpoint, prefix, 0, 0.0
+        self.pool: ThreadPoolExecutor | ProcessPoolExecutor
+        if processes:
+            # As Composer's RemoteUploaderDownloader does: upload_file in worker processes.
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="bench-upload")
+        self.futures: list[Future[float]] = []
+
+    def warm(self, path: Path) -> None:
+        """Start the pool's worker and its client before training, as a long job would."""
+        self.pool.submit(pin_to_client_core).result()
+        self.pool.submit(_upload_file, self.endpoint, str(path), f"{self.prefix}/warm").result()
+
+    def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+        key = f"{self.prefix}/{row.path.name}"
+        self.futures.append(self.pool.submit(_upload_file, self.endpoint, str(row.path), key))
+        self.bytes += row.size_bytes
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        self.seconds = sum(future.result() for future in self.futures)
+
+    def worker_pids(self) -> list[int]:
+        processes = getattr(self.pool, "_processes", None) or {}
+        return list(processes)
+
+    def close(self) -> None:
+        self.pool.shutdown()

@@ -1,0 +1,77 @@
+"""Single-request puts of `S3Store`: bytes, and files at or under the multipart threshold."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from loopbridge.stores._s3_client import Checksums, S3Connection, _Counter, _etag
+from loopbridge.stores._source import SourceFile
+from loopbridge.stores.protocol import PutResult
+
+__all__ = ["SinglePut"]
+
+
+def _body(data: bytes) -> Any:
+    """A request body aiohttp sends in one write (aiohttp comes with the s3 extra)."""
+    from loopbridge.stores._body import PartBody
+
+    return PartBody(data)
+
+
+class SinglePut(S3Connection):
+    """PutObject of bytes or of a small file, checked against what was sent."""
+
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> PutResult:
+        """Store `data` at `key` in one verified request."""
+        full_key = self._full_key(key)
+        counter = _Counter()
+        etag, _ = await self._put_object(
+            full_key, data, self._checksums(data), counter, content_type
+        )
+        sha = hashlib.sha256(data).hexdigest()
+        return PutResult(key=key, size=len(data), sha256=sha, etag=etag, retries=counter.retries)
+
+    async def _put_object(
+        self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str
+    ) -> tuple[str, bool]:
+        """PutObject with the store's checksums: the checked ETag, and whether the store
+        confirmed the body's CRC32 (then the stored object needs no HEAD to be trusted)."""
+        client = await self._client()
+
+        async def put() -> dict[str, Any]:
+            # A fresh stream per attempt; it shares `data` rather than copying it.
+            result: dict[str, Any] = await client.put_object(
+                Bucket=self._bucket,
+                Key=full_key,
+                Body=_body(data),
+                ContentLength=len(data),
+                ContentType=content_type,
+                **sums.headers(),
+            )
+            return result
+
+        response = await self._call("PutObject", full_key, put, counter)
+        self._check_sent(full_key, response, sums, "PutObject")
+        confirmed = sums.crc32 is not None and response.get("ChecksumCRC32") == sums.crc32
+        return _etag(response), confirmed
+
+    async def _put_small(
+        self, key: str, full_key: str, source: SourceFile, expected_sha256: str | None
+    ) -> PutResult:
+        """Read the whole (small) file, check it, then PutObject and HEAD it."""
+        counter = _Counter()
+        # One pass over the bytes: read, sha256 and the request's checksums together.
+        data, sums = await source.read_part(self._threshold + 1, self._checksums)
+        # Checked before sending: a changed file never reaches the key.
+        await source.check_unchanged(expected_sha256)
+        etag, confirmed = await self._put_object(
+            full_key, data, sums, counter, content_type="application/octet-stream"
+        )
+        if not confirmed:
+            await self._verify_stored(full_key, len(data), etag, counter)
+        return PutResult(
+            key=key, size=len(data), sha256=source.sha256, etag=etag, retries=counter.retries
+        )

@@ -1,0 +1,56 @@
+"""The adapters under DDP: two CPU ranks by torchrun; hooks on rank 0, one stop for both."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+EVAL_EVERY = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _torchrun(framework: str, out: Path) -> list[dict[str, object]]:
+    command = [
+        str(TORCHRUN),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(WORKER),
+        framework,
+        str(out),
+    ]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        command, cwd=root, capture_output=True, text=True, timeout=110, check=False
+    )
+    assert done.returncode == 0, done.stderr[:6000]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_hooks_fire_on_rank_0_and_a_stop_stops_every_rank(framework: str, tmp_path: Path) -> None:
+    """Rank 1 sees no hook; rank 0's EarlyStopping ends both ranks at the same step."""
+    rank0, rank1 = _torchrun(framework, tmp_path)
+    assert rank1["hooks"] == []
+    hooks = rank0["hooks"]
+    assert isinstance(hooks, list)
+    assert hooks[:2] == ["on_run_start", "on_train_start"]
+    assert hooks[-2:] == ["on_train_end", "on_run_end"]
+    assert hooks.count("on_eval") == 2
+    assert rank0["step"] == rank1["step"] == 2 * EVAL_EVERY

@@ -1,0 +1,117 @@
+"""Checkpoint snapshots: hard links (or copies) that survive the framework deleting the original."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from loopbridge import ManifestRow
+from loopbridge.callbacks._snapshot import (
+    SNAPSHOT_DIR,
+    release_snapshot,
+    snapshot_of,
+    take_snapshot,
+)
+
+
+def _row(path: Path, step: int = 3) -> ManifestRow:
+    return ManifestRow(step=step, path=path, size_bytes=0, digest=None, created_at=0.0)
+
+
+def _shards(path: Path) -> None:
+    (path / "nested").mkdir(parents=True)
+    (path / "a.bin").write_bytes(b"a" * 100)
+    (path / "nested" / "b.json").write_bytes(b"{}")
+
+
+class TestTake:
+    def test_a_file_is_hard_linked_next_to_it(self, tmp_path: Path) -> None:
+        """The snapshot keeps the name, shares the inode, and lies under .loopbridge-snapshots."""
+        original = tmp_path / "epoch=0-step=3.ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        assert snap.name == original.name
+        assert snap.parent.parent == tmp_path / SNAPSHOT_DIR
+        assert snap.stat().st_ino == original.stat().st_ino
+        assert snapshot_of(snap) == snap.parent
+
+    def test_deleting_the_original_leaves_the_snapshot(self, tmp_path: Path) -> None:
+        """Rotation deletes the original; the snapshot still has every byte."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights" * 100)
+        snap = take_snapshot(_row(original)).path
+        original.unlink()
+        assert snap.read_bytes() == b"weights" * 100
+
+    def test_rewriting_the_original_in_place_shows_in_the_snapshot(self, tmp_path: Path) -> None:
+        """A hard link shares the inode, so the upload's digest check sees an in-place rewrite."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"first")
+        snap = take_snapshot(_row(original)).path
+        with original.open("r+b") as fh:
+            fh.write(b"SECON")
+        assert snap.read_bytes() == b"SECON"
+
+    def test_a_directory_is_mirrored_file_by_file(self, tmp_path: Path) -> None:
+        """Every shard is linked at the same relative path; the original can then go."""
+        original = tmp_path / "checkpoint-5"
+        _shards(original)
+        snap = take_snapshot(_row(original, 5)).path
+        rels = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
+        assert rels == ["a.bin", "nested/b.json"]
+        for path in sorted(original.rglob("*"), reverse=True):
+            if path.is_file():
+                path.unlink()
+            else:
+                path.rmdir()
+        assert (snap / "a.bin").read_bytes() == b"a" * 100
+
+    def test_a_refused_link_falls_back_to_a_copy(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another filesystem (EXDEV) gets a copy: its own inode, the same bytes."""
+
+        def refuse(src: object, dst: object) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", refuse)
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        assert snap.read_bytes() == b"weights"
+        assert snap.stat().st_ino != original.stat().st_ino
+
+    def test_a_missing_checkpoint_is_logged_and_its_row_kept(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Nothing to snapshot: the row comes back unchanged, a warning says why."""
+        row = _row(tmp_path / "gone")
+        with caplog.at_level(logging.WARNING):
+            assert take_snapshot(row) is row
+        assert "no snapshot of" in caplog.text
+        assert not any((tmp_path / SNAPSHOT_DIR).rglob("*"))
+
+
+class TestRelease:
+    def test_release_removes_the_snapshot_only(self, tmp_path: Path) -> None:
+        """The snapshot's directory goes; the original stays."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        release_snapshot(snap)
+        assert not snap.parent.exists()
+        assert original.read_bytes() == b"weights"
+        release_snapshot(snap)  # twice is harmless
+
+    def test_a_path_that_is_no_snapshot_is_left_alone(self, tmp_path: Path) -> None:
+        """A checkpoint the uploader did not snapshot is never deleted."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        release_snapshot(original)
+        assert original.exists()
+        assert snapshot_of(original) is None
+        assert os.path.exists(original)
