@@ -15,13 +15,14 @@ import pytest
 
 import loopbridge as lb
 from loopbridge._rank_reports import RankTaskError, _report_of, _summary, gather_reports
-from loopbridge.callbacks import CheckpointUploader, JsonlLogger
+from loopbridge.callbacks import CheckpointUploader, JsonlLogger, TensorBoardLogger, WandbLogger
 from loopbridge.callbacks._sharded import (
     RANKS_FILE,
     ShardedCommit,
     failed_marker,
     read_ranks_file,
 )
+from loopbridge.integrations._run import ForeignRun
 from loopbridge.stores import LocalStore
 
 
@@ -99,6 +100,8 @@ class TestGating:
     def test_loggers_act_on_rank_zero_by_default(self) -> None:
         """The built-in loggers and the default uploader are rank-0-only; sharded is not."""
         assert JsonlLogger.rank_zero_only
+        assert TensorBoardLogger.rank_zero_only
+        assert WandbLogger.rank_zero_only
         assert CheckpointUploader("/tmp/unused").rank_zero_only
         assert not CheckpointUploader("/tmp/unused", ranks="sharded").rank_zero_only
 
@@ -115,6 +118,24 @@ class TestGating:
         assert (loop.ctx.rank, loop.ctx.world_size) == (1, 2)
         loop.run()
         assert seen.steps == [1, 2]
+
+    def test_run_loggers_on_every_rank_name_each_ranks_run(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """Made to act on every rank, TensorBoard gets one run directory per rank."""
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        logger = lb.every_rank(TensorBoardLogger(tmp_path / "tb"))
+        loop = lb.TrainLoop(
+            lambda s, b: {"loss": 1.0},
+            range(2),
+            out_dir=tmp_path / "out",
+            callbacks=[logger],
+            run_name="r",
+        )
+        loop.run()
+        assert [p.name for p in (tmp_path / "tb").iterdir()] == ["r.rank-1"]
 
     def test_bad_mode_is_named(self) -> None:
         """An unknown saving mode names both choices."""
@@ -179,6 +200,37 @@ class TestShardedCommit:
             asyncio.run(
                 ShardedCommit(lb.RankInfo(0, 2)).gather(store, _row(1, tmp_path), "run/step-1")
             )
+
+    def test_a_failed_rank_discards_only_its_own_files(self, tmp_path: Path) -> None:
+        """A rank's failure deletes what it sent, never another rank's part of the step."""
+        store = LocalStore(tmp_path / "store")
+        local = tmp_path / "ckpt"
+        local.mkdir()
+        (local / "shard-0").write_bytes(b"0")
+        other = ShardedCommit(lb.RankInfo(1, 2))
+        files = _files(store, "run/step-1/shard-1", b"1")
+        asyncio.run(other.commit(store, _row(1, tmp_path), "run/step-1", files, []))
+        _files(store, "run/step-1/shard-0", b"0")
+        failing = ShardedCommit(lb.RankInfo(0, 2))
+        sent = ["run/step-1/_RANK-00000.json"]
+        asyncio.run(failing.report_failure(store, _row(1, local), "run/step-1", OSError("x")))
+        asyncio.run(failing.discard(store, _row(1, local), "run/step-1", sent))
+        keys = sorted(info.key for info in asyncio.run(store.list("run/step-1/")))
+        assert keys == [
+            f"run/step-1/{failed_marker(0)}",
+            "run/step-1/_RANK-00001.json",
+            "run/step-1/shard-1",
+        ]
+
+    def test_resume_never_sweeps_other_ranks_parts(self, tmp_path: Path) -> None:
+        """A sharded rank's resume leaves unpublished steps alone: other ranks' parts wait."""
+        store = LocalStore(tmp_path / "store")
+        _files(store, "run/step-00000001/shard-1", b"1")
+        uploader = CheckpointUploader(
+            "", store=store, journal=False, ranks="sharded", rank=lb.RankInfo(1, 2)
+        )
+        assert asyncio.run(uploader.sweep_unpublished("run")) == []
+        assert asyncio.run(store.get_bytes("run/step-00000001/shard-1")) == b"1"
 
     def test_ranks_file_round_trip(self, tmp_path: Path) -> None:
         """The out dir remembers the rank for `loopbridge resume`."""
@@ -273,6 +325,25 @@ class TestGatherOverTCPStore:
         assert merged.completed == 3
         assert [r.name for r in merged.failed] == ["rank 1: upload step 2"]
         assert "shard-1.bin" in merged.summary()
+
+    def test_a_foreign_run_on_every_rank_gathers_on_rank_zero(
+        self, tcp_store: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """An adapter firing on every rank ends its run with every rank's report on rank 0."""
+        failed = lb.TaskRecord("upload step 2", None, OSError("denied"))
+        gather_reports(
+            lb.DrainReport(failed=(failed,)), lb.RankInfo(1, 2), run_name="fr", timeout=10
+        )
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        run = ForeignRun([], all_ranks=True, drain_timeout=5)
+        run.start(run_name="fr", experiment_name="e", out_dir=tmp_path, max_steps=1)
+        with pytest.raises(lb.DrainError, match="rank 1: upload step 2"):
+            run.end("max_steps")
+        # Firing on rank 0 only (the adapters' default), no other rank reports: none awaited.
+        alone = ForeignRun([], drain_timeout=5)
+        alone.start(run_name="fr", experiment_name="e", out_dir=tmp_path, max_steps=1)
+        assert alone.end("max_steps").ok
 
     def test_a_silent_rank_is_a_failure_on_rank_zero(self, tcp_store: Any) -> None:
         """A rank that sends no report within the bound fails rank 0's report, named."""
