@@ -33,6 +33,7 @@ from loopbridge._experiment import Experiment
 from loopbridge._future import TaskFuture
 from loopbridge._loop import TrainLoop
 from loopbridge._profile import HookProfiler, TimingRow
+from loopbridge._ranks import RankInfo, detect_rank, every_rank
 from loopbridge._registration import not_a_hook
 from loopbridge._report import BridgeStats, DrainReport, Loss, TaskRecord
 from loopbridge._run_policy import RunPolicy, close_run
@@ -86,6 +87,7 @@ __all__ = [
     "ObjectNotFoundError",
     "OutDirInUseError",
     "PermanentStoreError",
+    "RankInfo",
     "RestoreError",
     "Restored",
     "RunPolicy",
@@ -101,6 +103,8 @@ __all__ = [
     "arestore",
     "callbacks",
     "close_run",
+    "detect_rank",
+    "every_rank",
     "not_a_hook",
     "restore",
     "stores",

@@ -57,6 +57,12 @@ class Callback:
     # super().__init__().
     _loopbridge_bridge: "Bridge | None" = None
 
+    rank_zero_only: bool = False
+    """Under torchrun, fire this callback's hooks on global rank 0 only (the loggers set it).
+
+    Set it to False on an instance (or use `loopbridge.every_rank(cb)`) to act on every rank.
+    """
+
     def on_experiment_start(self, ctx: LogContext) -> None:
         """Called once before the first arm; create the experiment record here."""
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from loopbridge._callback import HOOK_NAMES, Callback
 from loopbridge._exceptions import CallbackValidationError
 from loopbridge._profile import HookProfiler
+from loopbridge._ranks import RankInfo, detect_rank
 from loopbridge._registration import (
     LIVE_LISTS,
     check_hook_names,
@@ -195,6 +196,8 @@ class CallbackList:
         callbacks: the callbacks, checked against the hook contract as they are added.
         bridge: where `Callback.spawn` sends background work.
         profile: True, or a HookProfiler to share, to time every hook call per callback.
+        rank: this process's rank (detected from torchrun's environment by default); a
+            callback with `rank_zero_only` is left out on every rank but 0, so it costs nothing.
     """
 
     def __init__(
@@ -203,7 +206,9 @@ class CallbackList:
         *,
         bridge: Bridge | None = None,
         profile: bool | HookProfiler = False,
+        rank: RankInfo | None = None,
     ) -> None:
+        self.rank = detect_rank() if rank is None else rank
         self._callbacks: list[Callback] = []
         self._overrides: list[dict[str, Method]] = []
         self._bridge = bridge
@@ -264,6 +269,8 @@ class CallbackList:
         check_unique(callbacks, self._callbacks)
         check_not_live_elsewhere(callbacks, self, self._bridge)
         for callback, overrides in checked:
+            if callback.rank_zero_only and not self.rank.is_zero:
+                continue  # checked like the others, then left out: this rank never calls it
             _attach(callback, self._bridge)
             self._callbacks.append(callback)
             self._overrides.append(overrides)

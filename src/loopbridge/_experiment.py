@@ -118,7 +118,8 @@ class Experiment:
             self._bridge = Bridge(name=f"loopbridge-{self.name}")
         bridge = self._bridge
         self.callbacks.bridge = bridge
-        ctx = LogContext(experiment_name=self.name)
+        rank = self.callbacks.rank
+        ctx = LogContext(experiment_name=self.name, rank=rank.rank, world_size=rank.world_size)
         result = ExperimentResult(name=self.name, arms={}, duration_s=0.0, ids=ctx.ids)
         try:
             self.callbacks.on_experiment_start(ctx)
@@ -166,6 +167,8 @@ class Experiment:
                 group_name=group,
                 run_config=dict(config),
                 ids=exp_ctx.ids,
+                rank=exp_ctx.rank,
+                world_size=exp_ctx.world_size,
             )
             self.callbacks.on_group_start(group_ctx, group)
         resume_from: ManifestRow | None = None
@@ -183,6 +186,8 @@ class Experiment:
                 # A copy, so one run's ids (its run_id) do not leak into the next run.
                 ids=dict(exp_ctx.ids),
                 resume_from=resume_from,
+                rank=exp_ctx.rank,
+                world_size=exp_ctx.world_size,
             )
             run = self._run_one(ctx, arm_result)
             arm_result.runs.append(run)

@@ -179,12 +179,20 @@ class TrainLoop:
             out_dir=self.out_dir,
             config=dict(config or {}),
             step=start_step,
+            rank=self.callbacks.rank.rank,
+            world_size=self.callbacks.rank.world_size,
         )
         self._start_step = start_step
         self.resume_from = resume_from
         self.load = load
         self.restored: Restored | None = None
-        self.ctx = LogContext(experiment_name=name, run_name=name, run_config=dict(config or {}))
+        self.ctx = LogContext(
+            experiment_name=name,
+            run_name=name,
+            run_config=dict(config or {}),
+            rank=self.state.rank,
+            world_size=self.state.world_size,
+        )
         self.artifacts: LoopArtifacts | None = None
         self._profile_mark: ProfileMark | None = None
         self._ran = False

@@ -1,6 +1,7 @@
 """How a run ends, for TrainLoop and for foreign loops (the framework adapters) alike.
 
-`RunPolicy.end_training` fires `on_train_end`, then drains the bridge into a `DrainReport`;
+`RunPolicy.end_training` fires `on_train_end`, then drains the bridge into a `DrainReport`
+(under torchrun, rank 0's report then holds every rank's: `loopbridge._rank_reports`);
 `RunPolicy.enforce` turns a report that is not ok into `DrainError` (the default) or a
 warning. `close_run` fires `on_run_end` for a run that is not part of an `Experiment`, with
 the run's real `RunResult` inside a one-run `ArmResult`, so loggers can close what they
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from loopbridge._exceptions import DrainError
+from loopbridge._rank_reports import gather_reports
 from loopbridge._row_digest import wait_for_digests
 from loopbridge._types import ArmResult, LogContext, LoopArtifacts, LoopState, RunResult, RunStatus
 
@@ -55,17 +57,31 @@ class RunPolicy:
             raise ValueError(msg)
 
     def end_training(
-        self, callbacks: CallbackList, state: LoopState, artifacts: LoopArtifacts, bridge: Bridge
+        self,
+        callbacks: CallbackList,
+        state: LoopState,
+        artifacts: LoopArtifacts,
+        bridge: Bridge,
+        *,
+        gather_ranks: bool = True,
     ) -> DrainReport:
         """Fire `on_train_end`, then drain; the report and the bridge's stats go on `artifacts`.
 
         Work still pending at the deadline is cancelled, so it cannot leak into the report of
-        the next run on the same bridge.
+        the next run on the same bridge. Under torchrun with `gather_ranks` (every rank ends
+        its run here), rank 0's report also holds every other rank's (docs/distributed.md).
         """
         callbacks.on_train_end(state, artifacts)
         report = bridge.drain(
             self.drain_timeout, cancel_pending=True, cancel_grace=self.cancel_grace
         )
+        if gather_ranks:
+            report = gather_reports(
+                report,
+                callbacks.rank,
+                run_name=state.run_name,
+                timeout=(self.drain_timeout or 300.0) + 30.0,
+            )
         # Digests hashed in the background (by an uploader or on their own) are known, and in
         # manifest.jsonl where the loop writes one, once the run returns.
         wait_for_digests(artifacts.manifest, timeout=self.drain_timeout)

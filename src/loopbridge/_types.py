@@ -43,6 +43,10 @@ class LoopState:
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     stop_reason: str | None = None
+    rank: int = 0
+    """This process's global rank in a distributed run (0 when there is one process)."""
+    world_size: int = 1
+    """How many processes the run has (torchrun's WORLD_SIZE)."""
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step; the first reason given is kept."""
@@ -206,6 +210,10 @@ class LogContext:
     run_config: dict[str, Any] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
     resume_from: ManifestRow | None = None
+    rank: int = 0
+    """This process's global rank in a distributed run (0 when there is one process)."""
+    world_size: int = 1
+    """How many processes the run has (torchrun's WORLD_SIZE)."""
 
 
 @dataclass

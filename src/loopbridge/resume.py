@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loopbridge._exceptions import JournalError, LoopbridgeError
+from loopbridge.callbacks._sharded import ShardedCommit, read_ranks_file
 from loopbridge.callbacks._store_options import decode_options
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
 from loopbridge.journal import RESUME_HOLDER, UploadIntent, UploadJournal, find_journals
@@ -114,7 +115,9 @@ async def _resume_all(
 ) -> None:
     """Open every journal and store, then resume each run's open intents on this loop."""
     journals: list[UploadJournal] = []
-    uploaders: dict[tuple[str, tuple[tuple[str, str], ...]], CheckpointUploader | str] = {}
+    uploaders: dict[
+        tuple[str, tuple[tuple[str, str], ...], ShardedCommit | None], CheckpointUploader | str
+    ] = {}
     runs: dict[tuple[Path, str, str], list[tuple[UploadJournal, UploadIntent]]] = {}
     # Every run a journal names, open uploads or not: each is swept for stale leftovers.
     known: dict[tuple[Path, str, str], UploadIntent] = {}
@@ -143,9 +146,11 @@ async def _resume_all(
         for (path, dest, run_prefix), first in known.items():
             options = {**first.store_options, **overrides}
             url = store or dest
-            key = (url, tuple(sorted(options.items())))
+            # A sharded rank's out dir says which rank it was (docs/distributed.md).
+            sharded = read_ranks_file(path.parent)
+            key = (url, tuple(sorted(options.items())), sharded)
             if key not in uploaders:
-                uploaders[key] = _uploader(url, options)
+                uploaders[key] = _uploader(url, options, sharded)
             items = runs.get((path, dest, run_prefix), [])
             tasks.append(
                 _resume_run(report, path, uploaders[key], items, finished, run_prefix=run_prefix)
@@ -164,8 +169,10 @@ async def _resume_all(
             journal.close()
 
 
-def _uploader(url: str, options: dict[str, str]) -> CheckpointUploader | str:
-    """An uploader over the store `url` names, or why that store cannot be opened."""
+def _uploader(
+    url: str, options: dict[str, str], sharded: ShardedCommit | None = None
+) -> CheckpointUploader | str:
+    """An uploader over the store `url` names (as the recorded rank), or why it cannot open."""
     try:
         kwargs: dict[str, Any] = decode_options(options) if url.startswith("s3://") else {}
         store = open_store(url, **kwargs)
@@ -174,7 +181,16 @@ def _uploader(url: str, options: dict[str, str]) -> CheckpointUploader | str:
             f"cannot open the store {url}: {exc}; pass --store URL (and --endpoint-url, "
             f"--store-option NAME=VALUE)"
         )
-    return CheckpointUploader("", store=store, journal=False)
+    if sharded is None:
+        return CheckpointUploader("", store=store, journal=False)
+    return CheckpointUploader(
+        "",
+        store=store,
+        journal=False,
+        ranks="sharded",
+        rank=sharded.rank,
+        rank_timeout=sharded.timeout,
+    )
 
 
 async def _resume_run(

@@ -10,6 +10,9 @@ bridge loop themselves.
 A run opened at `on_run_start` (an Experiment) is closed at `on_run_end`, after its
 post-training benchmarks; one opened at `on_train_start` (a plain TrainLoop) is closed at
 `on_train_end`, or as failed when its bridge closes after the loop raised.
+
+Under torchrun both log on global rank 0 only; made to act on every rank
+(`loopbridge.every_rank`), each rank's run is its own, named `<run name>.rank-<N>`.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class RunLogger(Callback):
     source = "RunLogger"
     """The name used in task names, logs and the drain report."""
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(self, *, flush_interval_s: float = 2.0, flush_rows: int = 1000) -> None:
         if flush_interval_s <= 0 or flush_rows < 1:
             msg = (
@@ -102,7 +107,7 @@ class RunLogger(Callback):
     def on_run_start(self, ctx: LogContext) -> None:
         """Open the run's sink (an Experiment run); it is closed at on_run_end."""
         self._start(
-            name=ctx.run_name or ctx.arm_name or "run",
+            name=self._ranked(ctx.run_name or ctx.arm_name or "run", ctx.rank, ctx.world_size),
             run_id=None,
             experiment=ctx.experiment_name,
             arm=ctx.arm_name,
@@ -118,7 +123,7 @@ class RunLogger(Callback):
         run = self._run
         if run is None or run.train_started:
             run = self._start(
-                name=state.run_name,
+                name=self._ranked(state.run_name, state.rank, state.world_size),
                 run_id=state.run_id,
                 experiment=None,
                 arm=None,
@@ -217,6 +222,12 @@ class RunLogger(Callback):
         self._spawn_close(run, end)
 
     # ------------------------------------------------------------------ loop-thread helpers
+
+    def _ranked(self, name: str, rank: int, world_size: int) -> str:
+        """The run's name; on every rank of a torchrun job, with the rank, one run per rank."""
+        if world_size > 1 and not self.rank_zero_only:
+            return f"{name}.rank-{rank}"
+        return name
 
     def _start(self, *, owns: bool, **fields: Any) -> RunSink:
         bridge = self._attached_bridge()

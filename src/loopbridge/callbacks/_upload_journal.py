@@ -248,14 +248,17 @@ class JournalBook:
 
 
 async def resume_shortcut(
-    store: ObjectStore, row: ManifestRow, step_prefix: str, marker: str
+    store: ObjectStore, row: ManifestRow, step_prefix: str, marker: str, *, clean_stale: bool = True
 ) -> list[dict[str, Any]] | None:
     """Prepare a resumed upload: the marker's file list if it is already complete, else None.
+
+    `clean_stale=False` leaves unfinished uploads under the step alone (a sharded rank clears
+    only its own files' uploads, since other ranks may be uploading into the same step).
 
     Raises:
         IntegrityError: it is not complete remotely and the local checkpoint is gone.
     """
-    if isinstance(store, CleansStaleUploads):
+    if clean_stale and isinstance(store, CleansStaleUploads):
         # Best effort: stale parts cost storage, never correctness, so a store that cannot
         # list them must not turn a publishable checkpoint into a failure.
         try:

@@ -39,6 +39,11 @@ credentials) are recorded with each intent. When a run continues on the same out
 withdrawn, and its first publish drops the remote steps past N, which it saves anew.
 `loopbridge resume OUT_DIR` finishes open intents without training, then removes what
 failed uploads left under unpublished steps. Publishing a checkpoint twice is harmless.
+
+Under torchrun (`ranks=`, see docs/distributed.md): by default only global rank 0 uploads
+(DDP: rank 0 saves the whole checkpoint); with `ranks="sharded"` every rank uploads the files
+it saved into the step and rank 0 publishes it once every rank's files are verified in the
+store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from loopbridge._callback import Callback
 from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError, StoreError
 from loopbridge._loop import MANIFEST_FILE
+from loopbridge._ranks import RankInfo, detect_rank
 from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
 from loopbridge._types import (
     ArmResult,
@@ -68,6 +74,7 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._sharded import RankMode, ShardedCommit
 from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
@@ -126,6 +133,12 @@ class CheckpointUploader(Callback):
         upload_in: for an `s3://` dest, where checkpoint files are read, hashed and sent:
             "process" (default), one worker process started on first use, so the bytes never
             hold the training process's GIL; or "thread", the bridge's threads in this process.
+        ranks: under torchrun, "zero" (the default: only global rank 0 uploads, other ranks
+            do nothing) or "sharded" (every rank uploads its files of each step; rank 0
+            publishes the step once all ranks' files are in the store).
+        rank_timeout: with "sharded", how long rank 0 waits for the other ranks' files of a
+            step before failing it (on the background loop, never the training thread).
+        rank: the rank to act as; detected from torchrun's environment by default.
 
     Raises:
         ValueError: `dest` or an option is invalid (checked here, on the caller's thread).
@@ -149,7 +162,24 @@ class CheckpointUploader(Callback):
         preflight_timeout: float = 10.0,
         snapshot: bool = True,
         upload_in: Literal["process", "thread"] = "process",
+        ranks: RankMode = "zero",
+        rank_timeout: float = 600.0,
+        rank: RankInfo | None = None,
     ) -> None:
+        if ranks not in ("zero", "sharded"):
+            msg = (
+                f"CheckpointUploader(ranks={ranks!r}): use 'zero' (rank 0 saves the whole "
+                f"checkpoint, as with DDP) or 'sharded' (every rank saves its own files)"
+            )
+            raise ValueError(msg)
+        if not rank_timeout > 0:
+            msg = f"CheckpointUploader(rank_timeout={rank_timeout!r}): give seconds, > 0"
+            raise ValueError(msg)
+        rank = detect_rank() if rank is None else rank
+        self.ranks: RankMode = ranks
+        # Rank-0 saving: on the other ranks the uploader is left out of the callback list.
+        self.rank_zero_only = ranks == "zero"
+        self._sharded = ShardedCommit(rank, rank_timeout) if ranks == "sharded" else None
         if upload_in not in ("process", "thread"):
             msg = (
                 f"upload_in={upload_in!r}: give 'process' (a worker process sends the bytes) "
@@ -230,6 +260,8 @@ class CheckpointUploader(Callback):
                 need_delete=self.keep_last is not None,
             )
             self._preflight_ok = True
+        if self._sharded is not None:
+            self._sharded.write_ranks_file(state.out_dir)
         if state.step > 0:
             self._publisher.supersede_after(self.run_prefix(state), state.step)
         if not self.journal:
@@ -390,6 +422,9 @@ class CheckpointUploader(Callback):
         Raises:
             StoreError: the run's manifest is unreadable, or a delete failed.
         """
+        if self._sharded is not None:
+            # Other ranks' parts of a step wait there, unpublished, until rank 0 publishes it.
+            return []
         return await self._publisher.sweep_unpublished(run_prefix)
 
     # -- background work (bridge loop) -----------------------------------------------------
@@ -416,7 +451,11 @@ class CheckpointUploader(Callback):
         try:
             if entry is not None:
                 entry.attempt()
-            done = await resume_shortcut(self.store, row, step_prefix, MARKER) if resume else None
+            done = None
+            if resume and self._sharded is not None:
+                done = await self._sharded.resume_shortcut(self.store, row, step_prefix)
+            elif resume:
+                done = await resume_shortcut(self.store, row, step_prefix, MARKER)
             if done is not None:
                 shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
             else:
@@ -435,14 +474,25 @@ class CheckpointUploader(Callback):
                     f"manifest row says {row.size_bytes}; it was modified after it was saved"
                 )
                 raise IntegrityError(msg, key=step_prefix)
+            sharded = self._sharded
+            if sharded is not None:
+                files = [shard.to_json() for shard in shards]
+                await sharded.commit(self.store, row, step_prefix, files, sent)
             if previous is not None:
                 await _wait_for(previous)
-            await self._publisher.publish(row, run_prefix, step_dir, shards)
+            if sharded is None:
+                await self._publisher.publish(row, run_prefix, step_dir, shards)
+            elif sharded.publishes:
+                whole, files = await sharded.gather(self.store, row, step_prefix)
+                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+                await self._publisher.publish(whole, run_prefix, step_dir, shards)
             if entry is not None:
                 entry.published()
             await asyncio.to_thread(release_snapshot, row.path)
         except Exception as exc:
-            await self._discard(step_prefix, sent, exc)
+            if self._sharded is not None:
+                await self._sharded.report_failure(self.store, row, step_prefix, exc)
+            await self._discard(row, step_prefix, sent, exc)
             if claim is not None and entry is not None and not claim.future.done():
                 # The journal keeps the save-time digest for the resume that retries it.
                 with contextlib.suppress(Exception):
@@ -455,7 +505,7 @@ class CheckpointUploader(Callback):
             raise
         except asyncio.CancelledError as exc:
             # Cancelled by the drain's deadline: still clear what was sent, briefly.
-            await self._discard(step_prefix, sent, exc)
+            await self._discard(row, step_prefix, sent, exc)
             raise
         finally:
             if claim is not None:
@@ -466,10 +516,15 @@ class CheckpointUploader(Callback):
         self._tally.published(total)
         return total
 
-    async def _discard(self, step_prefix: str, sent: list[str], error: BaseException) -> None:
+    async def _discard(
+        self, row: ManifestRow, step_prefix: str, sent: list[str], error: BaseException
+    ) -> None:
         """Delete a failed checkpoint's objects; if that fails too, say so in `error`."""
         try:
-            await self._publisher.discard(step_prefix, sent)
+            if self._sharded is None:
+                await self._publisher.discard(step_prefix, sent)
+            else:  # this rank's files only: the step's other files are other ranks'
+                await self._sharded.discard(self.store, row, step_prefix, sent)
         except StoreError as exc:
             logger.error("checkpoint %s failed (%s), and %s", step_prefix, error, exc)
             # Its type kept, so callers still tell a refusal from an integrity failure.

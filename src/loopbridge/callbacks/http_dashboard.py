@@ -9,7 +9,8 @@ Payload, `schema_version` 1 (one JSON object per POST, `Content-Type: applicatio
     {
       "schema_version": 1,
       "run": {"run_name": str|null, "run_id": str|null, "experiment": str|null,
-              "arm": str|null, "group": str|null, "repeat": int|null, "stage": int|null},
+              "arm": str|null, "group": str|null, "repeat": int|null, "stage": int|null,
+              "rank": int, "world_size": int},   # rank fields only under torchrun
       "batch": int,                     # 0, 1, 2... per run, in posting order
       "events": [event, ...]            # in the order the hooks fired ("seq" ascending)
     }
@@ -109,6 +110,8 @@ class HttpDashboard(Callback):
             query values stay hidden); for debugging, when the path holds no secret.
     """
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(
         self,
         url: str,
@@ -179,6 +182,7 @@ class HttpDashboard(Callback):
                 "group": ctx.group_name,
                 "repeat": ctx.repeat_index,
                 "stage": ctx.stage_index,
+                **_rank_of(ctx.rank, ctx.world_size),
             }
         )
         self._event(stream, {"type": "run_start", "config": ctx.run_config})
@@ -188,7 +192,13 @@ class HttpDashboard(Callback):
         stream = self._stream
         if stream is None or stream.train_started:
             # A plain TrainLoop (no on_run_start), or a second loop in the same run.
-            stream = self._open({"run_name": state.run_name, "run_id": state.run_id})
+            stream = self._open(
+                {
+                    "run_name": state.run_name,
+                    "run_id": state.run_id,
+                    **_rank_of(state.rank, state.world_size),
+                }
+            )
         else:
             stream.run = {**stream.run, "run_name": state.run_name, "run_id": state.run_id}
         self._register_shutdown()
@@ -515,3 +525,8 @@ async def _pause(stream: RunStream, seconds: float) -> None:
             await wake.wait()
     except TimeoutError:
         pass
+
+
+def _rank_of(rank: int, world_size: int) -> dict[str, int]:
+    """The run's `rank` and `world_size` fields under torchrun; none in a single process."""
+    return {"rank": rank, "world_size": world_size} if world_size > 1 else {}

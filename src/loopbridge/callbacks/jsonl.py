@@ -19,7 +19,8 @@ Rows (one JSON object per line; "time" is unix seconds)::
     {"kind": "train_end", "run": str, "step": int, "time": t, "stop_reason": str}
 
 `step` counts the steps completed, as `LoopState.step` does. NaN and infinities are written as
-the strings "NaN", "Infinity" and "-Infinity".
+the strings "NaN", "Infinity" and "-Infinity". Under torchrun the logger acts on rank 0 only;
+made to act on every rank (`loopbridge.every_rank`), each row also carries `"rank": int`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class JsonlLogger(Callback):
         fsync: fsync the file after each batch, for logs that must survive a power cut.
     """
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -88,6 +91,7 @@ class JsonlLogger(Callback):
         self._oldest = 0.0
         self._path: Path | None = None
         self._run = ""
+        self._rank: int | None = None  # set under torchrun, when acting on every rank
         self.batches_spawned = 0
         """How many batches were handed to the background writer."""
         self.rows_written = 0
@@ -112,6 +116,7 @@ class JsonlLogger(Callback):
         self._flush()
         self._path = self._file_for(state)
         self._run = state.run_name
+        self._rank = state.rank if state.world_size > 1 else None
         self._add(
             "train_start",
             None,
@@ -196,16 +201,21 @@ class JsonlLogger(Callback):
         )
 
     async def _write(self, path: Path, rows: list[_Row]) -> int:
-        written = await asyncio.to_thread(_append, path, rows, self._fsync)
+        if self._rank is None:
+            written = await asyncio.to_thread(_append, path, rows, self._fsync)
+        else:
+            written = await asyncio.to_thread(_append, path, rows, self._fsync, self._rank)
         self.rows_written += written
         return written
 
 
-def _append(path: Path, rows: list[_Row], fsync: bool) -> int:
+def _append(path: Path, rows: list[_Row], fsync: bool, rank: int | None = None) -> int:
     """Encode the rows and append them to `path` in one write; return how many were written."""
     lines = []
     for kind, run, step, when, payload in rows:
         obj: dict[str, Any] = {"kind": kind, "run": run, "step": step, "time": when}
+        if rank is not None:
+            obj["rank"] = rank
         if kind == "step":
             obj["metrics"] = payload  # nested here, off the loop thread, not per step there
         elif kind == "checkpoint":

@@ -128,6 +128,8 @@ class MLflowLogger(Callback):
             origin (scheme, host, port) is shown, userinfo never.
     """
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(
         self,
         tracking_uri: str,
@@ -211,6 +213,8 @@ class MLflowLogger(Callback):
         ):
             if value is not None:
                 tags[tag] = str(value)
+        if ctx.world_size > 1:  # acting on every rank (loopbridge.every_rank): say which
+            tags["loopbridge.rank"] = str(ctx.rank)
         parent = ctx.ids.get(f"group:{ctx.group_name}") if ctx.group_name else None
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
@@ -233,6 +237,8 @@ class MLflowLogger(Callback):
                 self._ensure_experiment(name), timeout=self._call_timeout
             )
         tags = {"loopbridge.kind": "run", "loopbridge.run_id": state.run_id}
+        if state.world_size > 1:
+            tags["loopbridge.rank"] = str(state.rank)
         info, setup = self.call(
             self._create_run(self._experiment_id, state.run_name, tags),
             timeout=self._call_timeout,

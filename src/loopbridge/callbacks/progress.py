@@ -45,6 +45,8 @@ class ConsoleProgress(Callback):
             notebook kernel with no `stream` given (None); needs ipywidgets in the kernel.
     """
 
+    rank_zero_only = True  # under torchrun, one set of rows: rank 0's (every_rank() to change)
+
     def __init__(
         self,
         stream: TextIO | None = None,
@@ -117,6 +119,8 @@ class ConsoleProgress(Callback):
         self._period = self._period_tty if self._tty else self._period_plain
         self._columns = shutil.get_terminal_size((120, 24)).columns if self._tty else 10_000
         self._run = state.run_name
+        if state.world_size > 1:  # acting on every rank (loopbridge.every_rank): say which
+            self._run = f"{state.run_name} [rank {state.rank}]"
         self._max_steps = state.max_steps
         self._eval = {}
         self._checkpoints = 0

@@ -67,6 +67,8 @@ class ForeignRun:
             adapter names them (the framework, and its output directory).
         profile: True, or a shared HookProfiler, to time every hook call.
         hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        all_ranks: the adapter fires hooks on every rank, so under torchrun every rank ends
+            its run here and rank 0's report gathers every rank's (docs/distributed.md).
     """
 
     def __init__(
@@ -81,7 +83,9 @@ class ForeignRun:
         run_name: str | None = None,
         profile: bool | HookProfiler = False,
         hash_checkpoints: bool = True,
+        all_ranks: bool = False,
     ) -> None:
+        self.all_ranks = all_ranks
         self.policy = RunPolicy(drain_timeout, on_drain_failure, interrupt_grace)
         self.callbacks = CallbackList(callbacks, bridge=bridge, profile=profile)
         self.experiment_name = experiment_name
@@ -137,11 +141,15 @@ class ForeignRun:
             out_dir=out_dir,
             config=settings,
             step=step,
+            rank=self.callbacks.rank.rank,
+            world_size=self.callbacks.rank.world_size,
         )
         ctx = LogContext(
             experiment_name=self.experiment_name or experiment_name,
             run_name=name,
             run_config=settings,
+            rank=state.rank,
+            world_size=state.world_size,
         )
         self.state, self.ctx = state, ctx
         try:
@@ -187,7 +195,9 @@ class ForeignRun:
         )
         self.artifacts = artifacts
         try:
-            report = self.policy.end_training(self.callbacks, state, artifacts, self.bridge)
+            report = self.policy.end_training(
+                self.callbacks, state, artifacts, self.bridge, gather_ranks=self.all_ranks
+            )
             profiler = self.callbacks.profiler
             if profiler is not None:
                 artifacts.hook_timings = profiler.rows()

@@ -89,6 +89,7 @@ class LoopbridgeCallback(pl.Callback):
             run_name=run_name,
             profile=profile,
             hash_checkpoints=hash_checkpoints,
+            all_ranks=all_ranks,
         )
         self.all_ranks = all_ranks
         self._state: LoopState | None = None  # set while a fit runs on a firing rank

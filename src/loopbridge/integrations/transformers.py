@@ -92,6 +92,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             run_name=run_name,
             profile=profile,
             hash_checkpoints=hash_checkpoints,
+            all_ranks=all_ranks,
         )
         self.all_ranks = all_ranks
         self._state: LoopState | None = None  # set while train() runs on a firing process
