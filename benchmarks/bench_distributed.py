@@ -53,7 +53,7 @@ def _worker(config_path: str) -> int:
 
     import loopbridge as lb
     from loopbridge.callbacks import CheckpointUploader
-    from loopbridge.stores import LocalStore, ObjectInfo, PutResult
+    from loopbridge.stores import GetResult, LocalStore, ObjectInfo, PutResult
 
     cfg: dict[str, Any] = json.loads(Path(config_path).read_text())
     dist.init_process_group("gloo")
@@ -85,6 +85,18 @@ def _worker(config_path: str) -> int:
 
         async def get_bytes(self, key: str) -> bytes | None:
             return await self.inner.get_bytes(key)
+
+        async def get_file(
+            self,
+            key: str,
+            path: Path,
+            *,
+            expected_sha256: str | None = None,
+            expected_size: int | None = None,
+        ) -> GetResult:
+            return await self.inner.get_file(
+                key, path, expected_sha256=expected_sha256, expected_size=expected_size
+            )
 
         async def head(self, key: str) -> ObjectInfo | None:
             return await self.inner.head(key)

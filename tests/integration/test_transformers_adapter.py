@@ -164,7 +164,8 @@ class TestFailures:
         with pytest.raises(lb.DrainError) as caught:
             _train(tmp_path, [_uploader(s3_bucket, fault_proxy.url), recorder], max_steps=6)
         assert caught.value.report.failed
-        assert "upload step 5" in caught.value.report.failed[0].name
+        # Every checkpoint fails; the report lists them in the order they ended.
+        assert any("upload step 5" in r.name for r in caught.value.report.failed)
         assert recorder.hooks[-2:] == ["on_train_end", "on_run_end"]
 
     def test_warn_policy_only_logs(
