@@ -50,20 +50,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
-from loopbridge._digest import combine_shard_digests, shard_files
 from loopbridge._exceptions import IntegrityError, JournalError, StoreError
-from loopbridge._loop import MANIFEST_FILE
 from loopbridge._ranks import RankInfo, detect_rank
-from loopbridge._row_digest import PendingDigest, claim_digest, patch_manifest_digest
+from loopbridge._row_digest import PendingDigest, claim_digest
 from loopbridge._types import (
     ArmResult,
     LogContext,
@@ -74,9 +71,11 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._run_chain import RunChains, wait_for
 from loopbridge.callbacks._sharded import RankMode, ShardedCommit
 from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
+from loopbridge.callbacks._transfer import digest_known, upload_dir, upload_file
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
@@ -95,17 +94,6 @@ __all__ = ["CheckpointUploader", "UploadSummary"]
 logger = logging.getLogger(__name__)
 
 _CHECKPOINTS_IN_FLIGHT = 2
-
-
-def _expected_hex(digest: str | None) -> str | None:
-    """The hex part of a `sha256:<hex>` digest."""
-    if digest is None:
-        return None
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm != "sha256" or not hexdigest:
-        msg = f"unsupported checkpoint digest {digest!r}: expected 'sha256:<hex>'"
-        raise ValueError(msg)
-    return hexdigest
 
 
 class CheckpointUploader(Callback):
@@ -210,7 +198,7 @@ class CheckpointUploader(Callback):
         self._bridge_with_close: Bridge | None = None
         self._tally = UploadTally()
         # The last link of each run's chain (training thread only), and per-loop limits.
-        self._tails: dict[str, Future[None]] = {}
+        self._chains = RunChains()
         self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._retries_at_start = store.retries
         self.journal = journal
@@ -359,30 +347,8 @@ class CheckpointUploader(Callback):
         *,
         name: str,
     ) -> None:
-        """Spawn work that gets the previous link of the run's chain and ends the next one.
-
-        Uploads of a run overlap (the next one sends its bytes while the server assembles the
-        last), but each publishes only after the one before it has finished, so the manifest
-        and `latest` move forward in order. A link ends once its task has ended, however it
-        ended, and the link before it has ended too: a checkpoint that fails early must not let
-        the next one publish ahead of the one before it.
-        """
-        previous = self._tails.get(run_prefix)
-        link: Future[None] = Future()
-        self._tails[run_prefix] = link
-
-        def task_ended(_: object) -> None:
-            if previous is None:
-                _resolve(link)
-            else:
-                previous.add_done_callback(lambda _: _resolve(link))
-
-        try:
-            task = self.spawn(make(previous), name=name)
-        except BaseException:
-            task_ended(None)
-            raise
-        task.add_done_callback(task_ended)
+        """Spawn work on the run's chain: it gets the link before it (see `_run_chain`)."""
+        self._chains.spawn(run_prefix, make, lambda work: self.spawn(work, name=name))
 
     def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: ArmResult) -> None:
         """Forget the run's context."""
@@ -462,11 +428,11 @@ class CheckpointUploader(Callback):
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
                     if await asyncio.to_thread(row.path.is_dir):
-                        shards = await self._upload_dir(row, step_prefix, sent, claim)
+                        shards = await upload_dir(self.store, row, step_prefix, sent, claim)
                     else:
-                        shards = await self._upload_file(row, step_prefix, sent, claim)
+                        shards = await upload_file(self.store, row, step_prefix, sent, claim)
                 total = sum(shard.size for shard in shards)
-                row = await self._digest_known(row, shards, entry)
+                row = await digest_known(row, shards, entry)
             size = sum(shard.size for shard in shards)
             if size != row.size_bytes:
                 msg = (
@@ -479,7 +445,7 @@ class CheckpointUploader(Callback):
                 files = [shard.to_json() for shard in shards]
                 await sharded.commit(self.store, row, step_prefix, files, sent)
             if previous is not None:
-                await _wait_for(previous)
+                await wait_for(previous)
             if sharded is None:
                 await self._publisher.publish(row, run_prefix, step_dir, shards)
             elif sharded.publishes:
@@ -530,114 +496,13 @@ class CheckpointUploader(Callback):
             # Its type kept, so callers still tell a refusal from an integrity failure.
             error.args = (f"{error}; and {exc}",)
 
-    async def _digest_known(
-        self, row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
-    ) -> ManifestRow:
-        """The row with the digest hashed during its upload, recorded for a later resume.
-
-        A row resumed from the journal of a process that died before hashing it gets it here,
-        and so does its waiting line in the run's manifest.jsonl.
-        """
-        if row.digest is None:
-            if await asyncio.to_thread(row.path.is_dir):
-                digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
-            else:
-                digest = "sha256:" + shards[0].sha256
-            if entry is not None:
-                manifest = entry.journal.path.parent / MANIFEST_FILE
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(
-                        patch_manifest_digest, manifest, row.step, row.created_at, digest
-                    )
-            row = dataclasses.replace(row, digest=digest)
-        if entry is not None and row.digest is not None:
-            entry.digest_known(row.digest)
-        return row
-
     def _slots(self) -> asyncio.Semaphore:
         """The running loop's limit on checkpoints sending bytes at once."""
         loop = asyncio.get_running_loop()
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
-    async def _upload_file(
-        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
-    ) -> list[Shard]:
-        """Upload a single-file checkpoint, checked against the row's digest while streamed.
-
-        With `claim`, the file is checked against its stamp at save time instead, before and
-        after the upload, and the sha256 hashed while streaming becomes the row's digest.
-        """
-        key = join_key(step_prefix, row.path.name)
-        if claim is not None:
-            await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        expected = None if claim is not None else _expected_hex(row.digest)
-        result = await self.store.put_file(key, row.path, expected_sha256=expected)
-        sent.append(key)
-        if claim is not None:
-            await asyncio.to_thread(claim.check_unchanged, step_prefix)
-            await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
-        return [Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
-
-    async def _upload_dir(
-        self, row: ManifestRow, step_prefix: str, sent: list[str], claim: PendingDigest | None
-    ) -> list[Shard]:
-        """Upload a directory of shards file by file, then check the set and the digest."""
-        if claim is not None:
-            await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        files = await asyncio.to_thread(shard_files, row.path)
-        rels = [file.relative_to(row.path).as_posix() for file in files]
-        if not files:
-            msg = f"checkpoint step {row.step}: the directory {row.path} has no files to upload"
-            raise IntegrityError(msg, key=step_prefix)
-        shards = []
-        for file, rel in zip(files, rels, strict=True):
-            key = join_key(step_prefix, rel)
-            result = await self.store.put_file(key, file)
-            sent.append(key)
-            shards.append(Shard(rel=rel, size=result.size, sha256=result.sha256))
-        now = await asyncio.to_thread(shard_files, row.path)
-        if [file.relative_to(row.path).as_posix() for file in now] != rels:
-            msg = (
-                f"checkpoint step {row.step}: files were added to or removed from {row.path} "
-                f"while it was uploaded"
-            )
-            raise IntegrityError(msg, key=step_prefix)
-        digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
-        if row.digest is not None and digest != row.digest:
-            msg = (
-                f"checkpoint step {row.step}: the shards in {row.path} hash to {digest}, not "
-                f"the saved {row.digest}; a shard changed after it was saved"
-            )
-            raise IntegrityError(msg, key=step_prefix)
-        if claim is not None:
-            await asyncio.to_thread(claim.check_unchanged, step_prefix)
-            await asyncio.to_thread(claim.set, digest)  # writes the manifest line
-        return shards
-
     async def _log_summary(self, run_prefix: str, previous: Future[None] | None) -> None:
         """Log the uploader's summary once a run's uploads are done."""
         if previous is not None:
-            await _wait_for(previous)
+            await wait_for(previous)
         logger.info("checkpoint uploads to %s (%s): %s", self.store.url, run_prefix, self.summary)
-
-
-def _resolve(link: Future[None]) -> None:
-    """End a link of a run's chain (once; from any thread)."""
-    with contextlib.suppress(InvalidStateError):
-        link.set_result(None)
-
-
-async def _wait_for(link: Future[None]) -> None:
-    """Wait for a link to end, without cancelling it if this waiter is cancelled."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def settle() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def wake(_: Future[None]) -> None:
-        loop.call_soon_threadsafe(settle)
-
-    link.add_done_callback(wake)
-    await waiter

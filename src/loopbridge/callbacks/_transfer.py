@@ -1,0 +1,126 @@
+"""Moving one checkpoint's bytes: its file or shards to the store, verified, and its digest.
+
+The uploader's background half for one checkpoint, below the per-run ordering and above the
+store: every file is sent with `put_file`, checked against the row's digest (or, when the
+uploader claimed the digest, against the file's stamps at save time, the sha256 hashed while
+streaming becoming the digest), and the shard set is checked unchanged after the upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+
+from loopbridge._digest import combine_shard_digests, shard_files
+from loopbridge._exceptions import IntegrityError
+from loopbridge._loop import MANIFEST_FILE
+from loopbridge._row_digest import PendingDigest, patch_manifest_digest
+from loopbridge._types import ManifestRow
+from loopbridge.callbacks._publish import Shard
+from loopbridge.callbacks._upload_journal import JournalEntry
+from loopbridge.stores import ObjectStore
+from loopbridge.stores.keys import join_key
+
+__all__ = ["digest_known", "expected_hex", "upload_dir", "upload_file"]
+
+
+def expected_hex(digest: str | None) -> str | None:
+    """The hex part of a `sha256:<hex>` digest."""
+    if digest is None:
+        return None
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm != "sha256" or not hexdigest:
+        msg = f"unsupported checkpoint digest {digest!r}: expected 'sha256:<hex>'"
+        raise ValueError(msg)
+    return hexdigest
+
+
+async def upload_file(
+    store: ObjectStore,
+    row: ManifestRow,
+    step_prefix: str,
+    sent: list[str],
+    claim: PendingDigest | None,
+) -> list[Shard]:
+    """Upload a single-file checkpoint, checked against the row's digest while streamed.
+
+    With `claim`, the file is checked against its stamp at save time instead, before and
+    after the upload, and the sha256 hashed while streaming becomes the row's digest.
+    """
+    key = join_key(step_prefix, row.path.name)
+    if claim is not None:
+        await asyncio.to_thread(claim.check_unchanged, step_prefix)
+    expected = None if claim is not None else expected_hex(row.digest)
+    result = await store.put_file(key, row.path, expected_sha256=expected)
+    sent.append(key)
+    if claim is not None:
+        await asyncio.to_thread(claim.check_unchanged, step_prefix)
+        await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
+    return [Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
+
+
+async def upload_dir(
+    store: ObjectStore,
+    row: ManifestRow,
+    step_prefix: str,
+    sent: list[str],
+    claim: PendingDigest | None,
+) -> list[Shard]:
+    """Upload a directory of shards file by file, then check the set and the digest."""
+    if claim is not None:
+        await asyncio.to_thread(claim.check_unchanged, step_prefix)
+    files = await asyncio.to_thread(shard_files, row.path)
+    rels = [file.relative_to(row.path).as_posix() for file in files]
+    if not files:
+        msg = f"checkpoint step {row.step}: the directory {row.path} has no files to upload"
+        raise IntegrityError(msg, key=step_prefix)
+    shards = []
+    for file, rel in zip(files, rels, strict=True):
+        key = join_key(step_prefix, rel)
+        result = await store.put_file(key, file)
+        sent.append(key)
+        shards.append(Shard(rel=rel, size=result.size, sha256=result.sha256))
+    now = await asyncio.to_thread(shard_files, row.path)
+    if [file.relative_to(row.path).as_posix() for file in now] != rels:
+        msg = (
+            f"checkpoint step {row.step}: files were added to or removed from {row.path} "
+            f"while it was uploaded"
+        )
+        raise IntegrityError(msg, key=step_prefix)
+    digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+    if row.digest is not None and digest != row.digest:
+        msg = (
+            f"checkpoint step {row.step}: the shards in {row.path} hash to {digest}, not "
+            f"the saved {row.digest}; a shard changed after it was saved"
+        )
+        raise IntegrityError(msg, key=step_prefix)
+    if claim is not None:
+        await asyncio.to_thread(claim.check_unchanged, step_prefix)
+        await asyncio.to_thread(claim.set, digest)  # writes the manifest line
+    return shards
+
+
+async def digest_known(
+    row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
+) -> ManifestRow:
+    """The row with the digest hashed during its upload, recorded for a later resume.
+
+    A row resumed from the journal of a process that died before hashing it gets it here,
+    and so does its waiting line in the run's manifest.jsonl.
+    """
+    if row.digest is None:
+        if await asyncio.to_thread(row.path.is_dir):
+            digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+        else:
+            digest = "sha256:" + shards[0].sha256
+        if entry is not None:
+            manifest = entry.journal.path.parent / MANIFEST_FILE
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(
+                    patch_manifest_digest, manifest, row.step, row.created_at, digest
+                )
+        row = dataclasses.replace(row, digest=digest)
+    if entry is not None and row.digest is not None:
+        entry.digest_known(row.digest)
+    return row
