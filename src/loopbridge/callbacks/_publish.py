@@ -20,6 +20,7 @@ from typing import Any
 from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import StoreError
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER
 from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
 
@@ -27,9 +28,6 @@ __all__ = ["LATEST", "MANIFEST", "MARKER", "Publisher", "Shard"]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
-MARKER = "_COMPLETE"
-MANIFEST = "manifest.json"
-LATEST = "latest"
 _DISCARD_TIMEOUT = 10.0
 _STEP_DIR = re.compile(r"step-[0-9]{8,}")
 
