@@ -225,6 +225,14 @@ class EvalResult:
     breakdowns: dict[str, dict[str, float]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
+    def flat_metrics(self, prefix: str = "bench") -> dict[str, float]:
+        """Metrics and breakdowns under one key each: `<prefix>/<name>/[<slice>/]<metric>`."""
+        head = f"{prefix}/{self.name}"
+        values = {f"{head}/{key}": value for key, value in self.metrics.items()}
+        for slice_name, slice_metrics in self.breakdowns.items():
+            values.update({f"{head}/{slice_name}/{k}": v for k, v in slice_metrics.items()})
+        return values
+
 
 class RunStatus(enum.StrEnum):
     """How a run ended."""

@@ -176,9 +176,7 @@ class RunLogger(Callback):
             return
         name = eval_result.name
         at = run.last_step if step is None else step
-        values: dict[str, Any] = {f"bench/{name}/{k}": v for k, v in eval_result.metrics.items()}
-        for slice_name, slice_metrics in eval_result.breakdowns.items():
-            values.update({f"bench/{name}/{slice_name}/{k}": v for k, v in slice_metrics.items()})
+        values: dict[str, Any] = eval_result.flat_metrics()
         run.rows.append((at, time.time(), values))
         self._flush(run)
         # Copies: the caller may reuse the result and the rows after the hook.

@@ -291,9 +291,7 @@ class MLflowLogger(Callback):
             return
         name = eval_result.name
         at = run.last_step if step is None else step
-        values = {f"bench/{name}/{k}": v for k, v in eval_result.metrics.items()}
-        for slice_name, slice_metrics in eval_result.breakdowns.items():
-            values.update({f"bench/{name}/{slice_name}/{k}": v for k, v in slice_metrics.items()})
+        values = eval_result.flat_metrics()
         run.rows.append((at, int(time.time() * 1000), values))
         run.points += len(values)
         tags = {f"bench.{name}.{k}": str(v) for k, v in eval_result.tags.items()}
