@@ -6,13 +6,17 @@ training thread each hand-off can wait a whole switch interval, so chunking halv
 throughput and costs the training thread more. `PartBody` is a read-only stream over the
 bytes (for botocore, which may hash or rewind it), and its payload writes them at once: the
 transport then sends as much as the socket takes per wake-up.
+
+In the upload worker process no training thread shares the GIL, and there a body is written
+in pieces instead (`PartBody.piece`): what the socket does not take at once is then at most
+one piece, not most of the part, copied into the transport's buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import payload
 
@@ -21,6 +25,9 @@ __all__ = ["PartBody"]
 
 class PartBody:
     """A seekable, read-only view of bytes, sent by aiohttp in a single write."""
+
+    piece: ClassVar[int | None] = None
+    """Send bodies in writes of this many bytes, in this process; None: one write each."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -76,8 +83,13 @@ class _PartBodyPayload(payload.Payload):
         writer.send_headers()
         # A memoryview, so the part the socket does not take at once is copied only once,
         # into the transport's buffer, not sliced into a new bytes object first.
+        piece = PartBody.piece
         try:
-            await writer.write(view)
+            if piece is None or len(view) <= piece:
+                await writer.write(view)
+            else:
+                for start in range(0, len(view), piece):
+                    await writer.write(view[start : start + piece])
         except asyncio.CancelledError:
             # Half sent, the connection is useless. A graceful close would wait for the
             # peer to read the rest, which a stuck server never does: the socket would

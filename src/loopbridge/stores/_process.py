@@ -1,16 +1,18 @@
-"""`ProcessStore`: an S3Store whose file uploads run in a worker process.
+"""`ProcessStore`: an S3Store whose requests run in a worker process.
 
 Reading, hashing and sending a checkpoint's bytes is Python and C work under a GIL; in a
 thread of the training process it takes that GIL from the training thread thousands of times
-per upload. `ProcessStore` sends each `put_file` to one worker process (started on first
-use, reused, see `_upload_worker`) and awaits its answer on the caller's event loop, so
-everything above the store (retries, journal, drain, cancellation, resume) is unchanged. The
-small calls (manifests, markers, listings, deletes) stay in-process on the wrapped store.
+per upload, and each S3 request costs about a millisecond of botocore there too.
+`ProcessStore` sends every call (`put_file`, and the small ones: markers, manifests,
+listings, deletes) to one worker process (started on first use, reused, see
+`_upload_worker`) and awaits its answer on the caller's event loop, so everything above the
+store (retries, journal, drain, cancellation, resume) is unchanged. Only `get_file` (restore,
+before training) runs in-process on the wrapped store.
 
-- A cancelled `put_file` is cancelled in the worker too, and waits (bounded) until the worker
-  has aborted its multipart upload.
-- A worker that dies fails the puts it had with a `StoreError` naming each key and the exit
-  status; the next put starts a new worker.
+- A cancelled call is cancelled in the worker too, and waits (bounded) until the worker has
+  cleaned up (a put aborts its multipart upload).
+- A worker that dies fails the calls it had with a `StoreError` naming each key and the exit
+  status; the next call starts a new worker.
 - `aclose()` stops the worker within `_STOP_TIMEOUT` seconds (then kills it); the bridge
   runs it at close, and its exit handler closes unclosed bridges. A process that exits
   without that (work abandoned by a third Ctrl-C, a crash) leaves the worker to see its
@@ -79,6 +81,7 @@ class _Worker:
         self.lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
         self.dead: str | None = None
+        self.retries = 0  # the worker's running total of retries, from its answers
         self.reader = threading.Thread(
             target=self._read, name="loopbridge-upload-worker", daemon=True
         )
@@ -134,12 +137,18 @@ def _settle(entry: _Pending, message: tuple[Any, ...]) -> None:
         loop.call_soon_threadsafe(settle)
 
 
-def _error(message: tuple[Any, ...], key: str, url: str, dead: str | None) -> StoreError:
-    """The exception a worker's answer stands for, of the same loopbridge class."""
+def _error(message: tuple[Any, ...], key: str, what: str, dead: str | None) -> StoreError:
+    """The exception a worker's answer stands for, of the same loopbridge class.
+
+    `what` is the failed call, as in "upload s3://bucket/key".
+    """
     if message[0] == "died":
-        msg = f"cannot upload {url}: {dead or 'the upload worker process exited'}"
+        msg = f"cannot {what}: {dead or 'the upload worker process exited'}"
         return StoreError(msg, key=key)
-    _, _, name, text, err_key = message
+    if message[0] == "cancelled":
+        msg = f"cannot {what}: the upload worker process cancelled it while stopping"
+        return StoreError(msg, key=key)
+    _, _, name, text, err_key, _ = message
     cls = getattr(_exceptions, name, None)
     if not (isinstance(cls, type) and issubclass(cls, StoreError)):
         return StoreError(f"{name}: {text}", key=err_key or key)
@@ -147,7 +156,7 @@ def _error(message: tuple[Any, ...], key: str, url: str, dead: str | None) -> St
 
 
 class ProcessStore(ClosingStore):
-    """An `S3Store` whose `put_file` runs in a worker process; everything else in-process."""
+    """An `S3Store` whose requests run in a worker process; downloads to files stay here."""
 
     def __init__(self, store: S3Store) -> None:
         self.inner = store
@@ -155,7 +164,7 @@ class ProcessStore(ClosingStore):
         self._worker: _Worker | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._worker_retries = 0
+        self._retired_retries = 0  # made by workers that have since stopped or died
         _stores.add(self)
 
     def __repr__(self) -> str:
@@ -169,12 +178,16 @@ class ProcessStore(ClosingStore):
     @property
     def retries(self) -> int:
         """Retries here and in the worker process."""
-        return self.inner.retries + self._worker_retries
+        worker = self._worker
+        current = worker.retries if worker is not None else 0
+        return self.inner.retries + self._retired_retries + current
 
     def _started(self) -> _Worker:
         with self._lock:
             worker = self._worker
             if worker is None or worker.dead is not None:
+                if worker is not None:
+                    self._retired_retries += worker.retries
                 worker = self._worker = _Worker(self._options)
             return worker
 
@@ -183,10 +196,11 @@ class ProcessStore(ClosingStore):
         self._lock = threading.Lock()
         self._worker = None
 
-    async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
-    ) -> PutResult:
-        """Upload `path` to `key` in the worker process, as `S3Store.put_file` does."""
+    async def _call(self, verb: str, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped store's `method` in the worker process and return its result.
+
+        `verb` and `key` name what failed in an error: "cannot upload s3://bucket/key".
+        """
         worker = self._worker
         if worker is None or worker.dead is not None:
             # Starting a process blocks for a moment: not on the event loop.
@@ -196,8 +210,10 @@ class ProcessStore(ClosingStore):
         answer: asyncio.Future[tuple[Any, ...]] = loop.create_future()
         with worker.lock:
             worker.pending[ident] = (loop, answer, key)
+        full_key = f"{self.inner.prefix}/{key}" if self.inner.prefix else key
+        url = f"s3://{self.inner.bucket}/{full_key}"
         try:
-            worker.send(("put", ident, key, str(path), expected_sha256))
+            worker.send(("call", ident, method, args, kwargs))
             message = await asyncio.shield(answer)
         except asyncio.CancelledError:
             await self._cancel(worker, ident, answer)
@@ -205,20 +221,28 @@ class ProcessStore(ClosingStore):
         except (StoreError, OSError) as exc:
             with worker.lock:
                 worker.pending.pop(ident, None)
-            full_key = self.inner._full_key(key)
-            msg = f"cannot upload s3://{self.inner.bucket}/{full_key}: {exc}"
+            msg = f"cannot {verb} {url}: {exc}"
             raise StoreError(msg, key=full_key) from exc
         if message[0] == "ok":
-            result: PutResult = message[2]
-            self._worker_retries += result.retries
-            return result
-        full_key = self.inner._full_key(key)
-        raise _error(message, full_key, f"s3://{self.inner.bucket}/{full_key}", worker.dead)
+            worker.retries = max(worker.retries, message[3])
+            return message[2]
+        if message[0] == "error":
+            worker.retries = max(worker.retries, message[5])
+        raise _error(message, full_key, f"{verb} {url}", worker.dead)
+
+    async def put_file(
+        self, key: str, path: Path, *, expected_sha256: str | None = None
+    ) -> PutResult:
+        """Upload `path` to `key` in the worker process, as `S3Store.put_file` does."""
+        result: PutResult = await self._call(
+            "upload", key, "put_file", key, path, expected_sha256=expected_sha256
+        )
+        return result
 
     async def _cancel(
         self, worker: _Worker, ident: int, answer: asyncio.Future[tuple[Any, ...]]
     ) -> None:
-        """Cancel a put in the worker and wait, bounded, until it has cleaned up."""
+        """Cancel a call in the worker and wait, bounded, until it has cleaned up."""
         with contextlib.suppress(OSError, StoreError):
             worker.send(("cancel", ident))
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -230,12 +254,16 @@ class ProcessStore(ClosingStore):
     async def put_bytes(
         self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
     ) -> PutResult:
-        """Small objects (markers, manifests) go up in-process."""
-        return await self.inner.put_bytes(key, data, content_type=content_type)
+        """Upload a small object (a marker, a manifest) from the worker process."""
+        result: PutResult = await self._call(
+            "upload", key, "put_bytes", key, data, content_type=content_type
+        )
+        return result
 
     async def get_bytes(self, key: str) -> bytes | None:
         """Read the object at `key`, or None when there is none."""
-        return await self.inner.get_bytes(key)
+        data: bytes | None = await self._call("read", key, "get_bytes", key)
+        return data
 
     async def get_file(
         self,
@@ -252,23 +280,31 @@ class ProcessStore(ClosingStore):
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and ETag of the object at `key`, or None."""
-        return await self.inner.head(key)
+        info: ObjectInfo | None = await self._call("read", key, "head", key)
+        return info
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every object whose key starts with `prefix`, sorted by key."""
-        return await self.inner.list(prefix)
+        found: builtins.list[ObjectInfo] = await self._call("list", prefix, "list", prefix)
+        return found
 
     async def delete(self, keys: Iterable[str]) -> None:
         """Delete `keys`; missing keys are not an error."""
-        await self.inner.delete(keys)
+        keys = builtins.list(keys)
+        await self._call("delete", keys[0] if keys else "", "delete", keys)
 
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Abort unfinished multipart uploads under `prefix` (see `S3Store`)."""
-        return await self.inner.abort_stale_uploads(prefix)
+        aborted: int = await self._call(
+            "clean up multipart uploads under", prefix, "abort_stale_uploads", prefix
+        )
+        return aborted
 
     def _stop_worker(self) -> None:
         with self._lock:
             worker, self._worker = self._worker, None
+            if worker is not None:
+                self._retired_retries += worker.retries
         if worker is not None:
             worker.stop(_STOP_TIMEOUT)
 

@@ -224,6 +224,11 @@ class S3Connection(ClosingStore):
         return self._bucket
 
     @property
+    def prefix(self) -> str:
+        """The key prefix every key is under ("" for the bucket's root)."""
+        return self._prefix
+
+    @property
     def retries(self) -> int:
         """Requests retried since the store was created."""
         return self._retries
