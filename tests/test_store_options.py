@@ -30,7 +30,7 @@ def test_options_round_trip_through_the_journal_form() -> None:
     options = {
         "verify_etag": False,
         "sign_payload": True,
-        "checksum_crc32": False,
+        "checksum": "crc32",
         "content_md5": True,
         "part_size": 16 << 20,
         "multipart_threshold": 1 << 30,

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import pytest
 
 from loopbridge._exceptions import (
@@ -131,18 +132,25 @@ class TestRoundTrip:
         assert s3_bucket.sha256("pre/ckpt/big.bin") == sha
         assert len(fault_proxy.requests("PUT", r"partNumber=")) == 3
         assert s3_bucket.open_multipart_uploads() == []
-        # A checksum the server checks (CRC32, as boto3 sends) is on every body, so bodies are
+        # A checksum the server checks (CRC32C, by default) is on every body, so bodies are
         # not hashed a second time for signing, nor a third time for Content-MD5.
         puts = fault_proxy.requests("PUT")
         assert {r.headers["x-amz-content-sha256"] for r in puts} == {"UNSIGNED-PAYLOAD"}
-        assert all("x-amz-checksum-crc32" in r.headers for r in puts)
+        assert all("x-amz-checksum-crc32c" in r.headers for r in puts)
         assert not any("content-md5" in r.headers for r in puts)
 
     @pytest.mark.parametrize(
         ("option", "env", "sent"),
-        [(None, None, True), (False, None, False), (None, "when_required", False)],
+        [
+            (None, None, "crc32c"),
+            ("crc32c", None, "crc32c"),
+            ("crc32", None, "crc32"),
+            ("none", None, None),
+            (None, "when_required", None),
+            ("crc32", "when_required", "crc32"),
+        ],
     )
-    async def test_parts_carry_a_crc32_unless_configured_off(
+    async def test_bodies_carry_the_configured_crc(
         self,
         *,
         make_store: StoreFactory,
@@ -150,30 +158,47 @@ class TestRoundTrip:
         fault_proxy: FaultProxy,
         tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
-        option: bool | None,
+        option: str | None,
         env: str | None,
-        sent: bool,
+        sent: str | None,
     ) -> None:
-        """Parts carry the CRC32 S3 checks (as boto3 sends), off by option or AWS setting."""
+        """Parts and single puts carry the CRC S3 checks: CRC32C by default, CRC32 or none by
+        option, none by the AWS setting; multipart uploads declare it at creation."""
         if env is not None:
             monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", env)
         source = tmp_path / "big.bin"
         data = os.urandom(11 * MiB)
         source.write_bytes(data)
-        store = make_store(checksum_crc32=option, part_size=8 * MiB)
+        store = make_store(checksum=option, part_size=8 * MiB)
         result = await store.put_file("k", source)
+        await store.put_bytes("small", b"abc")
         assert result.parts == 2
         assert s3_bucket.sha256("pre/k") == hashlib.sha256(data).hexdigest()
         parts = fault_proxy.requests("PUT", r"partNumber=")
-        crcs = [r.headers.get("x-amz-checksum-crc32") for r in parts]
-        if sent:
-            expected = {
-                base64.b64encode(zlib.crc32(data[i : i + 8 * MiB]).to_bytes(4, "big")).decode()
-                for i in (0, 8 * MiB)
-            }
-            assert set(crcs) == expected
-        else:
-            assert crcs == [None, None]
+        (single,) = fault_proxy.requests("PUT", r"/pre/small")
+        (create,) = fault_proxy.requests("POST", r"\?uploads")
+        names = ("x-amz-checksum-crc32", "x-amz-checksum-crc32c")
+        if sent is None:
+            assert all(not {*names} & set(r.headers) for r in [*parts, single])
+            assert "x-amz-checksum-algorithm" not in create.headers
+            assert all("content-md5" in r.headers for r in [*parts, single])
+            return
+        compute = zlib.crc32 if sent == "crc32" else google_crc32c.value
+
+        def crc(body: bytes) -> str:
+            return base64.b64encode(compute(body).to_bytes(4, "big")).decode()
+
+        header = f"x-amz-checksum-{sent}"
+        expected = [crc(data[i : i + 8 * MiB]) for i in (0, 8 * MiB)]
+        assert sorted(r.headers.get(header, "") for r in parts) == sorted(expected)
+        assert single.headers.get(header) == crc(b"abc")
+        assert create.headers.get("x-amz-checksum-algorithm") == sent.upper()
+        assert all(not ({*names} - {header}) & set(r.headers) for r in [*parts, single])
+
+    def test_a_checksum_that_is_not_one_is_refused_naming_the_choices(self) -> None:
+        """checksum= takes 'crc32c', 'crc32' or 'none'."""
+        with pytest.raises(ValueError, match=r"checksum='md5'.*'crc32c', 'crc32' or 'none'"):
+            S3Store("bucket", checksum="md5")  # type: ignore[arg-type]
 
     async def test_content_md5_on_request_for_servers_that_check_only_it(
         self, make_store: StoreFactory, fault_proxy: FaultProxy, tmp_path: Path
@@ -187,7 +212,7 @@ class TestRoundTrip:
         small = await store.put_bytes("md5/small", b"abc")
         puts = fault_proxy.requests("PUT")
         assert len(puts) == 3
-        assert all({"content-md5", "x-amz-checksum-crc32"} <= set(r.headers) for r in puts)
+        assert all({"content-md5", "x-amz-checksum-crc32c"} <= set(r.headers) for r in puts)
         part_md5s = b"".join(
             hashlib.md5(data[i : i + 5 * MiB], usedforsecurity=False).digest() for i in (0, 5 * MiB)
         )

@@ -22,7 +22,7 @@ __all__ = [
     "open_upload_store",
 ]
 
-_BOOL = frozenset({"verify_etag", "sign_payload", "checksum_crc32", "content_md5"})
+_BOOL = frozenset({"verify_etag", "sign_payload", "content_md5"})
 _INT = frozenset({"part_size", "multipart_threshold", "max_concurrency", "max_attempts"})
 _FLOAT = frozenset(
     {
@@ -34,7 +34,7 @@ _FLOAT = frozenset(
         "retry_slowdown_delay",
     }
 )
-_STR = frozenset({"endpoint_url", "region", "profile", "addressing_style"})
+_STR = frozenset({"endpoint_url", "region", "profile", "addressing_style", "checksum"})
 S3_OPTIONS = _BOOL | _INT | _FLOAT | _STR
 """Every `S3Store` keyword an uploader or a resume can set by name."""
 

@@ -115,7 +115,7 @@ class CheckpointUploader(Callback):
         part_size, max_concurrency, endpoint_url, region, call_timeout, max_attempts:
             passed to `S3Store` when `dest` is an `s3://` URL.
         store_options: any other `S3Store` keyword by name, such as `verify_etag`,
-            `multipart_threshold`, `addressing_style` or `checksum_crc32` (they win over the
+            `multipart_threshold`, `addressing_style` or `checksum` (they win over the
             keywords above). Recorded in the journal, so `loopbridge resume` reopens the
             store the same way; never credentials.
         upload_in: for an `s3://` dest, where checkpoint files are read, hashed and sent:
@@ -138,7 +138,7 @@ class CheckpointUploader(Callback):
         *,
         keep_last: int | None = None,
         store: ObjectStore | None = None,
-        part_size: int = 8 * MiB,
+        part_size: int = 16 * MiB,
         max_concurrency: int = 8,
         endpoint_url: str | None = None,
         region: str | None = None,

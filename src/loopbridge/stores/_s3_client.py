@@ -26,12 +26,14 @@ from loopbridge.stores.keys import join_key, normalize_prefix
 from loopbridge.stores.protocol import ClosingStore, ObjectInfo
 
 __all__ = [
+    "CRC32",
+    "CRC32C",
+    "ChecksumName",
     "Checksums",
+    "Crc",
     "MiB",
     "S3Connection",
     "comparable_etag",
-    "composite_crc32",
-    "crc32_header",
 ]
 
 T = TypeVar("T")
@@ -56,10 +58,78 @@ def _import_aioboto3() -> Any:
     return aioboto3
 
 
-def _crc32_by_default() -> bool:
-    """Whether the AWS configuration asks for checksums when supported (the default)."""
-    setting = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
-    return setting.strip().lower() != "when_required"
+ChecksumName = Literal["crc32c", "crc32", "none"]
+"""The checksum S3 checks each body against: `x-amz-checksum-crc32c`, `-crc32`, or none."""
+
+_CHECKSUMS: tuple[ChecksumName, ...] = ("crc32c", "crc32", "none")
+
+
+class Crc(NamedTuple):
+    """A CRC that S3 checks bodies against, by its name in S3's API ("CRC32C", "CRC32")."""
+
+    name: str
+    compute: Callable[[bytes], int]
+
+    @property
+    def field(self) -> str:
+        """Its request parameter and reply field: `ChecksumCRC32C`, `ChecksumCRC32`."""
+        return f"Checksum{self.name}"
+
+    def header(self, data: bytes) -> str:
+        """The base64 big-endian CRC of `data`, as its `x-amz-checksum-*` header carries it."""
+        return base64.b64encode(self.compute(data).to_bytes(4, "big")).decode("ascii")
+
+    def composite(self, part_crcs: list[str]) -> str:
+        """S3's checksum of a multipart object: the CRC of the parts' CRCs, then `-N`."""
+        raw = b"".join(base64.b64decode(crc) for crc in part_crcs)
+        return f"{self.header(raw)}-{len(part_crcs)}"
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c
+
+    value: int = google_crc32c.value(data)
+    return value
+
+
+CRC32 = Crc("CRC32", zlib.crc32)
+CRC32C = Crc("CRC32C", _crc32c)
+
+
+def _hardware_crc32c() -> bool:
+    """Whether google-crc32c is installed with its C implementation (SSE4.2 / ARMv8 CRC)."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return False
+    return bool(google_crc32c.implementation == "c")
+
+
+def resolve_checksum(option: ChecksumName | None) -> Crc | None:
+    """The CRC a store sends, from its `checksum` option; None for none.
+
+    By default CRC32C, computed in hardware by google-crc32c (the s3 extra), about twice as
+    fast as zlib's CRC32; CRC32 where google-crc32c is missing or has no C implementation;
+    none where `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`, as for any AWS tool.
+    """
+    if option is None:
+        setting = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+        if setting.strip().lower() == "when_required":
+            return None
+        return CRC32C if _hardware_crc32c() else CRC32
+    if option not in _CHECKSUMS:
+        msg = (
+            f"S3Store(checksum={option!r}): use 'crc32c', 'crc32' or 'none' (or leave it "
+            f"unset: CRC32C where google-crc32c is installed, else CRC32)"
+        )
+        raise ValueError(msg)
+    if option == "crc32c" and not _hardware_crc32c():
+        msg = (
+            "S3Store(checksum='crc32c') needs google-crc32c with its C implementation: "
+            "pip install 'loopbridge[s3]', or use checksum='crc32'"
+        )
+        raise ValueError(msg)
+    return {"crc32c": CRC32C, "crc32": CRC32, "none": None}[option]
 
 
 def _etag(response: dict[str, Any]) -> str:
@@ -83,30 +153,20 @@ def comparable_etag(got: str, expected: str) -> bool:
     return _MULTIPART_ETAG.fullmatch(got) is not None
 
 
-def crc32_header(data: bytes | memoryview) -> str:
-    """The base64 big-endian CRC32 of `data`, as `x-amz-checksum-crc32` carries it."""
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
-
-
-def composite_crc32(part_crcs: list[str]) -> str:
-    """S3's checksum of a multipart object: the CRC32 of the parts' CRC32s, then `-N`."""
-    raw = b"".join(base64.b64decode(crc) for crc in part_crcs)
-    return f"{crc32_header(raw)}-{len(part_crcs)}"
-
-
 class Checksums(NamedTuple):
-    """What a body is sent with: its MD5 (Content-MD5) and CRC32, each when configured."""
+    """What a body is sent with: its MD5 (Content-MD5) and CRC, each when configured."""
 
     md5: bytes | None
-    crc32: str | None
+    crc: str | None
+    crc_field: str  # the CRC's botocore parameter: ChecksumCRC32C or ChecksumCRC32
 
     def headers(self) -> dict[str, str]:
         """botocore parameters for the checksums."""
         extra: dict[str, str] = {}
         if self.md5 is not None:
             extra["ContentMD5"] = base64.b64encode(self.md5).decode("ascii")
-        if self.crc32 is not None:
-            extra["ChecksumCRC32"] = self.crc32
+        if self.crc is not None:
+            extra[self.crc_field] = self.crc
         return extra
 
 
@@ -129,7 +189,7 @@ class S3Connection(ClosingStore):
         region: str | None = None,
         profile: str | None = None,
         addressing_style: Literal["auto", "path", "virtual"] | None = None,
-        part_size: int = 8 * MiB,
+        part_size: int = 16 * MiB,
         multipart_threshold: int | None = None,
         max_concurrency: int = 8,
         connect_timeout: float = 10.0,
@@ -141,7 +201,7 @@ class S3Connection(ClosingStore):
         retry_slowdown_delay: float = 1.0,
         verify_etag: bool = True,
         sign_payload: bool = False,
-        checksum_crc32: bool | None = None,
+        checksum: ChecksumName | None = None,
         content_md5: bool | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
@@ -177,7 +237,7 @@ class S3Connection(ClosingStore):
             "retry_slowdown_delay": retry_slowdown_delay,
             "verify_etag": verify_etag,
             "sign_payload": sign_payload,
-            "checksum_crc32": checksum_crc32,
+            "checksum": checksum,
             "content_md5": content_md5,
         }
         self._bucket = bucket
@@ -200,9 +260,9 @@ class S3Connection(ClosingStore):
         )
         self._verify_etag = verify_etag
         self._sign_payload = sign_payload
-        self._crc32 = _crc32_by_default() if checksum_crc32 is None else checksum_crc32
-        # MD5 only where no CRC32 is sent (or asked for): one checksum the server checks.
-        self._send_md5 = (not self._crc32) if content_md5 is None else content_md5
+        self._crc = resolve_checksum(checksum)
+        # MD5 only where no CRC is sent (or asked for): one checksum the server checks.
+        self._send_md5 = (self._crc is None) if content_md5 is None else content_md5
         self._retries = 0
         # One client per event loop: aiohttp sessions belong to the loop that made them.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, contextlib.AsyncExitStack]] = {}
@@ -279,7 +339,7 @@ class S3Connection(ClosingStore):
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             max_pool_connections=max(10, 2 * self._max_concurrency),
-            # We send Content-MD5 ourselves; skip botocore's extra CRC pass over every body.
+            # We send our own CRC (or Content-MD5); skip botocore's extra pass over every body.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -337,22 +397,27 @@ class S3Connection(ClosingStore):
     def _checksums(self, data: bytes) -> Checksums:
         """The checksums this store sends `data` with (CPU work: call it on a worker thread)."""
         md5 = hashlib.md5(data, usedforsecurity=False).digest() if self._send_md5 else None
-        return Checksums(md5, crc32_header(data) if self._crc32 else None)
+        crc = self._crc
+        if crc is None:
+            return Checksums(md5, None, "")
+        return Checksums(md5, crc.header(data), crc.field)
 
     def _check_sent(
         self, full_key: str, response: dict[str, Any], sums: Checksums, what: str
     ) -> None:
-        """Check a PutObject or UploadPart reply: ETag against our MD5, CRC32 against ours."""
+        """Check a PutObject or UploadPart reply: ETag against our MD5, CRC against ours."""
         if sums.md5 is not None:
             self._check_etag(full_key, _etag(response), sums.md5.hex(), what)
-        self._check_crc(full_key, response.get("ChecksumCRC32"), sums.crc32, what)
+        if sums.crc is not None:
+            self._check_crc(full_key, response.get(sums.crc_field), sums.crc, what)
 
     def _check_crc(self, full_key: str, got: object, expected: str | None, what: str) -> None:
-        """Raise IntegrityError when the server reports a CRC32 that is not what we sent."""
+        """Raise IntegrityError when the server reports a CRC that is not what we sent."""
         if expected is not None and got is not None and got != expected:
+            name = self._crc.name if self._crc is not None else "CRC"
             msg = (
-                f"{self._what(what, full_key)}: the store's CRC32 {got!r} is not the CRC32 of "
-                f"what was sent ({expected!r}); the object is not trusted"
+                f"{self._what(what, full_key)}: the store's {name} {got!r} is not the {name} "
+                f"of what was sent ({expected!r}); the object is not trusted"
             )
             raise IntegrityError(msg, key=full_key)
 

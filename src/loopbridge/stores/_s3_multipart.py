@@ -21,11 +21,11 @@ from loopbridge.stores._s3_client import (
     _MAX_PARTS,
     _MISSING,
     Checksums,
+    Crc,
     S3Connection,
     _Counter,
     _etag,
     comparable_etag,
-    composite_crc32,
 )
 from loopbridge.stores._s3_put import _body
 from loopbridge.stores._source import SourceFile
@@ -37,36 +37,36 @@ logger = logging.getLogger(__name__)
 
 
 class _Expected(NamedTuple):
-    """What a completed multipart object must show: its ETag (with MD5s) and CRC32 checksum."""
+    """What a completed multipart object must show: its ETag (with MD5s) and CRC checksum."""
 
     etag: str | None
-    crc32: str | None
+    crc: str | None
 
-    def matches(self, etag: str, crc32: str | None) -> bool:
+    def matches(self, etag: str, crc: str | None) -> bool:
         """Whether a stored object is this one, by every check we can make (at least one)."""
         checks = []
         if self.etag is not None and comparable_etag(etag, self.etag):
             checks.append(etag == self.etag)
-        if self.crc32 is not None and crc32 is not None:
-            checks.append(crc32 == self.crc32)
+        if self.crc is not None and crc is not None:
+            checks.append(crc == self.crc)
         # A store whose answers compare with nothing we sent (rclone: a whole-object MD5, no
-        # CRC32) is trusted here; the size check that follows a put still applies.
+        # CRC) is trusted here; the size check that follows a put still applies.
         return all(checks)
 
 
-def _expected(sums: Iterable[Checksums]) -> _Expected:
-    """The multipart ETag (MD5 of the parts' MD5s, `-N`) and composite CRC32, when known."""
+def _expected(sums: Iterable[Checksums], algorithm: Crc | None) -> _Expected:
+    """The multipart ETag (MD5 of the parts' MD5s, `-N`) and composite CRC, when known."""
     md5s, crcs = [], []
     for part in sums:
         md5s.append(part.md5)
-        crcs.append(part.crc32)
+        crcs.append(part.crc)
     etag = None
     if md5s and all(md5 is not None for md5 in md5s):
         joined = b"".join(md5 for md5 in md5s if md5 is not None)
         etag = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(md5s)}"
     crc = None
-    if crcs and all(crc is not None for crc in crcs):
-        crc = composite_crc32([c for c in crcs if c is not None])
+    if algorithm is not None and crcs and all(crc is not None for crc in crcs):
+        crc = algorithm.composite([c for c in crcs if c is not None])
     return _Expected(etag, crc)
 
 
@@ -92,7 +92,7 @@ class Multipart(S3Connection):
         part_size = max(self._part_size, -(-source.size // _MAX_PARTS))
 
         async def create() -> dict[str, Any]:
-            extra = {"ChecksumAlgorithm": "CRC32"} if self._crc32 else {}
+            extra = {"ChecksumAlgorithm": self._crc.name} if self._crc is not None else {}
             result: dict[str, Any] = await client.create_multipart_upload(
                 Bucket=self._bucket, Key=full_key, ContentType="application/octet-stream", **extra
             )
@@ -120,7 +120,7 @@ class Multipart(S3Connection):
             upload_id = str(created.result()["UploadId"])
             # Nothing is published until here: a file that changed while read is refused.
             await source.check_unchanged(expected_sha256)
-            expected = _expected(sums for _, sums in sent)
+            expected = _expected((sums for _, sums in sent), self._crc)
             etag, crc = await self._complete(
                 client=client,
                 full_key=full_key,
@@ -145,9 +145,9 @@ class Multipart(S3Connection):
                         )
         if expected.etag is not None:
             self._check_etag(full_key, etag, expected.etag, "CompleteMultipartUpload")
-        self._check_crc(full_key, crc, expected.crc32, "CompleteMultipartUpload")
-        if expected.crc32 is None or crc != expected.crc32:
-            # Unless the store confirmed the CRC32 of every part and of their assembly.
+        self._check_crc(full_key, crc, expected.crc, "CompleteMultipartUpload")
+        if expected.crc is None or crc != expected.crc:
+            # Unless the store confirmed the CRC of every part and of their assembly.
             await self._verify_stored(full_key, source.size, etag, counter)
         return PutResult(
             key=key,
@@ -211,8 +211,8 @@ class Multipart(S3Connection):
                 response = await self._call("UploadPart", full_key, upload, counter)
                 self._check_sent(full_key, response, sums, f"UploadPart #{number}")
                 part = {"PartNumber": number, "ETag": response["ETag"]}
-                if sums.crc32 is not None:
-                    part["ChecksumCRC32"] = sums.crc32
+                if sums.crc is not None:
+                    part[sums.crc_field] = sums.crc
                 sent[number] = (part, sums)
             finally:
                 slots.release()
@@ -252,7 +252,7 @@ class Multipart(S3Connection):
     ) -> tuple[str, str | None]:
         """CompleteMultipartUpload, accepting a lost reply when the object is already there.
 
-        Returns the ETag and the object's CRC32 checksum when the store reports one.
+        Returns the ETag and the object's CRC checksum when the store reports one.
         """
 
         async def complete() -> dict[str, Any]:
@@ -276,13 +276,13 @@ class Multipart(S3Connection):
             if found is None or not expected.matches(*found):
                 raise
             return found
-        crc = response.get("ChecksumCRC32")
+        crc = response.get(self._crc.field) if self._crc is not None else None
         return _etag(response), None if crc is None else str(crc)
 
     async def _stored(
         self, client: Any, full_key: str, counter: _Counter
     ) -> tuple[str, str | None] | None:
-        """ETag and CRC32 checksum of the object at `full_key`, or None when there is none."""
+        """ETag and CRC checksum of the object at `full_key`, or None when there is none."""
 
         async def head() -> dict[str, Any] | None:
             try:
@@ -298,7 +298,7 @@ class Multipart(S3Connection):
         response = await self._call("HeadObject", full_key, head, counter)
         if response is None:
             return None
-        crc = response.get("ChecksumCRC32")
+        crc = response.get(self._crc.field) if self._crc is not None else None
         return _etag(response), None if crc is None else str(crc)
 
     async def _abort(self, client: Any, full_key: str, upload_id: str) -> None:

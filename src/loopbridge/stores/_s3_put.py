@@ -38,7 +38,7 @@ class SinglePut(S3Connection):
         self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str
     ) -> tuple[str, bool]:
         """PutObject with the store's checksums: the checked ETag, and whether the store
-        confirmed the body's CRC32 (then the stored object needs no HEAD to be trusted)."""
+        confirmed the body's CRC (then the stored object needs no HEAD to be trusted)."""
         client = await self._client()
 
         async def put() -> dict[str, Any]:
@@ -55,7 +55,7 @@ class SinglePut(S3Connection):
 
         response = await self._call("PutObject", full_key, put, counter)
         self._check_sent(full_key, response, sums, "PutObject")
-        confirmed = sums.crc32 is not None and response.get("ChecksumCRC32") == sums.crc32
+        confirmed = sums.crc is not None and response.get(sums.crc_field) == sums.crc
         return _etag(response), confirmed
 
     async def _put_small(
