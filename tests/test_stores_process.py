@@ -163,3 +163,20 @@ async def test_settings_reach_the_worker_over_its_socket_not_its_command_line(
     assert argv[1:3] == ["-m", "loopbridge.stores._upload_worker"]
     assert len(argv) == 4
     assert argv[3].isdigit()
+
+
+async def test_the_worker_leaves_ctrl_c_to_the_training_process(
+    make_store: Factory, s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    """The worker is in its own session (a terminal's Ctrl-C does not reach it) and ignores
+    SIGINT sent to it anyway: the uploads in flight live on for the parent's grace period."""
+    store = make_store()
+    sha = _random_file(tmp_path / "f", 1000)
+    await store.put_file("k/f", tmp_path / "f")
+    pid = _worker_pid(store)
+    assert os.getsid(pid) == pid != os.getsid(0)
+    os.kill(pid, signal.SIGINT)
+    big = _random_file(tmp_path / "big", 11 * MiB)
+    result = await store.put_file("k/big", tmp_path / "big")
+    assert (result.sha256, _worker_pid(store)) == (big, pid)
+    assert s3_bucket.sha256("pre/k/f") == sha

@@ -74,6 +74,9 @@ class _Worker:
             [sys.executable, "-m", "loopbridge.stores._upload_worker", str(child.fileno())],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C (or SIGTSTP, SIGHUP) from the terminal reaches the
+            # training process, which decides what happens to the uploads, not the worker.
+            start_new_session=True,
         )
         child.close()
         self.conn = Connection(parent.detach())

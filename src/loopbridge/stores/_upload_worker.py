@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
@@ -109,7 +110,12 @@ class _Server:
 
 
 def main(argv: list[str]) -> None:
-    """Serve puts over the socket whose descriptor is `argv[0]` until told to stop."""
+    """Serve store calls over the socket whose descriptor is `argv[0]` until told to stop."""
+    # Ctrl-C is the parent's to handle: its first press lets in-flight uploads finish, which
+    # they could not if it killed this process too. The parent stops this worker (or its
+    # socket closes); `ProcessStore` also starts it in its own session, away from the
+    # terminal's signals.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="loopbridge upload worker: %(message)s")
     with contextlib.suppress(OSError, AttributeError):
         os.nice(_NICE)
