@@ -66,11 +66,10 @@ _SCRIPT = """
 
     def callbacks():
         # Every PUT hangs, the pre-flight probe's too: these runs must reach their steps.
-        # Uploads in this process: with the worker process, a third Ctrl-C at times ends the
-        # process with status 1 instead of by SIGINT (its cause is still open).
+        # The uploads run in the default upload worker process.
         uploader = CheckpointUploader(
             f"s3://{bucket}/run", endpoint_url=endpoint, max_attempts=1, call_timeout=600,
-            preflight=False, upload_in="thread",
+            preflight=False,
         )
         return [uploader, Stubborn()]
 
