@@ -109,3 +109,20 @@ def test_resume_refuses_a_bad_store_option_on_the_command_line(tmp_path: Path) -
         )
         assert done.returncode == 2, done
         assert "store-option" in done.stderr or "option" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("true", "crc32"), ("false", "none"), ("0", "none"), ("yes", "crc32")]
+)
+def test_journals_from_before_the_checksum_option_still_resume(old: str, new: str) -> None:
+    """A journal written with `checksum_crc32` reopens its store with the same checksum."""
+    assert decode_options({"checksum_crc32": old, "part_size": "5242880"}) == {
+        "checksum": new,
+        "part_size": 5 << 20,
+    }
+
+
+def test_a_bad_old_checksum_value_is_refused_naming_the_new_option() -> None:
+    """An unreadable `checksum_crc32` names what it became."""
+    with pytest.raises(ValueError, match=r"checksum_crc32='maybe'.*checksum=crc32\|none"):
+        decode_options({"checksum_crc32": "maybe"})

@@ -112,6 +112,7 @@ def decode_options(options: Mapping[str, str]) -> dict[str, Any]:
         ValueError: an option is unknown or its value is not of its type.
     """
     out: dict[str, Any] = {}
+    options = _renamed(options)
     for name, text in check_store_options("s3://", options).items():
         try:
             out[name] = _parse(name, str(text))
@@ -119,6 +120,22 @@ def decode_options(options: Mapping[str, str]) -> dict[str, Any]:
             msg = f"S3 store option {name}={text!r}: {_expected(name)}"
             raise ValueError(msg) from None
     return out
+
+
+def _renamed(options: Mapping[str, str]) -> Mapping[str, str]:
+    """Options as named now: journals from before `checksum` held `checksum_crc32`."""
+    if "checksum_crc32" not in options:
+        return options
+    renamed = dict(options)
+    old = str(renamed.pop("checksum_crc32")).strip().lower()
+    if old in {"true", "1", "yes"}:
+        renamed.setdefault("checksum", "crc32")
+    elif old in {"false", "0", "no"}:
+        renamed.setdefault("checksum", "none")
+    else:
+        msg = f"S3 store option checksum_crc32={old!r}: true or false (now checksum=crc32|none)"
+        raise ValueError(msg)
+    return renamed
 
 
 def _parse(name: str, text: str) -> Any:
