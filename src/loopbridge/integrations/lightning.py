@@ -1,11 +1,25 @@
 """loopbridge callbacks inside PyTorch Lightning: `Trainer(callbacks=[LoopbridgeCallback([...])])`.
 
 Lightning's `on_save_checkpoint` fires before the checkpoint file exists, so the adapter
-sees checkpoints where they are written: in `setup()` it wraps the strategy's current
-`CheckpointIO` (`trainer.strategy.checkpoint_io`, whatever plugin the user gave) in an
-observer that calls the inner plugin and then fires `on_checkpoint` with the finished file.
-`teardown()` (and `on_exception`) put the user's plugin back. Every save that goes through
-the strategy's CheckpointIO is seen: `ModelCheckpoint`, `trainer.save_checkpoint` during fit.
+sees checkpoints where they are written, at two levels, both set up in `setup()` and undone
+in `teardown()` (and `on_exception`):
+
+- the strategy's current `CheckpointIO` (`trainer.strategy.checkpoint_io`, whatever plugin
+  the user gave) is wrapped in an observer that calls the inner plugin and notes the file it
+  wrote. DDP calls it on global rank 0 only;
+- the strategy's `save_checkpoint` (an instance attribute over the class's method) is
+  wrapped too: FSDP's and ModelParallel's sharded saves, and a user's strategy that writes
+  torch.distributed.checkpoint directories, write on every rank without any CheckpointIO.
+
+Once the strategy's save returned, each rank fires `on_checkpoint` exactly once for what it
+wrote: the file its CheckpointIO wrote during the save, or else the checkpoint directory
+that exists now (a strategy that writes on every rank). A rank that wrote nothing (DDP's
+rank 1) fires nothing. A CheckpointIO called outside a strategy save fires at once. Every
+save during fit is seen: `ModelCheckpoint`, `trainer.save_checkpoint`.
+
+Under torchrun the hooks fire on global rank 0 only unless `all_ranks=True`; a callback
+that needs every rank (`CheckpointUploader(ranks="sharded")`, an `every_rank(...)` logger)
+is refused at `setup()` without it, on every rank (docs/distributed.md).
 
 The mapping of Lightning's events onto loopbridge's hooks is in docs/integrations.md.
 """
@@ -25,7 +39,7 @@ from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
-from loopbridge.integrations._run import ForeignRun, step_batch
+from loopbridge.integrations._run import ForeignRun, refuse_rank_zero_only, step_batch
 
 try:
     import lightning.pytorch as pl
@@ -95,6 +109,7 @@ class LoopbridgeCallback(pl.Callback):
         self._state: LoopState | None = None  # set while a fit runs on a firing rank
         self._fires = False
         self._observer: _ObservedCheckpointIO | None = None
+        self._save_watch: _StrategySaveWatch | None = None
         self._fire_step_end = self.run.callbacks.on_step_end
         self._listens = True
         self._progress: Any = None  # Lightning's optimizer-step counter, read per batch
@@ -121,6 +136,8 @@ class LoopbridgeCallback(pl.Callback):
         """Decide whether this rank fires hooks; observe the strategy's checkpoint writes."""
         if stage != "fit":
             return
+        if not self.all_ranks and trainer.world_size > 1:
+            refuse_rank_zero_only(self.run, "LoopbridgeCallback", trainer.world_size)
         self._fires = self.all_ranks or trainer.global_rank == 0
         if not self._fires:
             return
@@ -136,15 +153,19 @@ class LoopbridgeCallback(pl.Callback):
             raise ValueError(msg)
         self._observer = _ObservedCheckpointIO(current, self, trainer)
         strategy.checkpoint_io = self._observer
+        self._save_watch = _StrategySaveWatch(strategy, self, trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give the strategy its own CheckpointIO back."""
+        """Give the strategy its own CheckpointIO and `save_checkpoint` back."""
         self._unobserve(trainer)
 
     def _unobserve(self, trainer: pl.Trainer) -> None:
         observer, self._observer = self._observer, None
         if observer is not None and trainer.strategy.checkpoint_io is observer:
             trainer.strategy.checkpoint_io = observer.inner
+        watch, self._save_watch = self._save_watch, None
+        if watch is not None:
+            watch.restore()
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -239,7 +260,15 @@ class LoopbridgeCallback(pl.Callback):
         self._state = None
         self.run.fail(RuntimeError("LoopbridgeCallback.close() with the run still open"))
 
-    # -- checkpoints (called by the observer) ------------------------------------------------
+    # -- checkpoints (called by the observers) -----------------------------------------------
+
+    def _written(self, trainer: pl.Trainer, path: str, step: int) -> None:
+        """The CheckpointIO wrote `path`: fire now, or once the strategy's save returned."""
+        watch = self._save_watch
+        if watch is not None and watch.saving:
+            watch.written.append(path)
+        else:
+            self._saved(trainer, path, step)
 
     def _saved(self, trainer: pl.Trainer, path: str, step: int) -> None:
         """A checkpoint file is completely written: fire `on_checkpoint`."""
@@ -290,7 +319,7 @@ class _ObservedCheckpointIO(CheckpointIO):
     ) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         step = checkpoint.get("global_step", self._trainer.global_step)
-        self._adapter._saved(self._trainer, str(path), int(step))
+        self._adapter._written(self._trainer, str(path), int(step))
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         loaded: dict[str, Any] = self.inner.load_checkpoint(*args, **kwargs)
@@ -301,6 +330,60 @@ class _ObservedCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+class _StrategySaveWatch:
+    """The strategy's `save_checkpoint`, and one `on_checkpoint` per save for what this rank wrote.
+
+    Installed as an instance attribute over the strategy's own method (and over one a user
+    may have set on the instance, which `restore` puts back).
+    """
+
+    def __init__(self, strategy: Any, adapter: LoopbridgeCallback, trainer: Any) -> None:
+        self.strategy = strategy
+        self.saving = False
+        self.written: list[str] = []
+        self._adapter = adapter
+        self._trainer = trainer
+        previous = strategy.__dict__.get("save_checkpoint")
+        # A watch left by an earlier fit that ended abnormally: wrap what it wrapped.
+        self._previous = getattr(previous, "_loopbridge_wrapped", previous)
+        self._inner = self._previous or type(strategy).save_checkpoint.__get__(strategy)
+
+        def save_checkpoint(
+            checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+        ) -> None:
+            self.save(checkpoint, filepath, storage_options)
+
+        save_checkpoint._loopbridge_wrapped = self._previous  # type: ignore[attr-defined]
+        self._wrapper = save_checkpoint
+        strategy.save_checkpoint = save_checkpoint
+
+    def save(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any) -> None:
+        """Save through the strategy, then fire once for what this rank wrote."""
+        if self.saving:  # a strategy whose save calls save_checkpoint again: the outer fires
+            self._inner(checkpoint, filepath, storage_options=storage_options)
+            return
+        self.saving, self.written = True, []
+        try:
+            self._inner(checkpoint, filepath, storage_options=storage_options)
+        finally:
+            self.saving = False
+        step = int(checkpoint.get("global_step", self._trainer.global_step))
+        written = list(dict.fromkeys(self.written))
+        if not written and "://" not in str(filepath) and Path(filepath).is_dir():
+            written = [str(filepath)]  # written on every rank, not through the CheckpointIO
+        for path in written:
+            self._adapter._saved(self._trainer, path, step)
+
+    def restore(self) -> None:
+        """Put back the strategy's own `save_checkpoint` (or the one the user had set)."""
+        if self.strategy.__dict__.get("save_checkpoint") is not self._wrapper:
+            return
+        if self._previous is None:
+            del self.strategy.save_checkpoint
+        else:
+            self.strategy.save_checkpoint = self._previous
 
 
 def _step_sources(trainer: Any, pl_module: Any) -> tuple[Any, Any]:
