@@ -50,6 +50,7 @@ def ranks_file(rank: int) -> str:
     """The ranks file's name for a rank, beside its journal (see `journal.journal_file`)."""
     return RANKS_FILE if rank == 0 else f"loopbridge-ranks.rank-{rank:05d}.json"
 
+
 _MARKER_TIMEOUT = 10.0  # writing a failure marker is best effort: the store may be what failed
 _POLL_FIRST = 0.05
 _POLL_MAX = 1.0
