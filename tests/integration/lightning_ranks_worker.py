@@ -29,8 +29,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.utils.data import DataLoader, TensorDataset
 
 import loopbridge as lb
@@ -66,7 +66,7 @@ class DCPStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         path = Path(filepath)
-        dcp.save({"model": checkpoint["state_dict"]}, checkpoint_id=path)
+        dcp_save({"model": checkpoint["state_dict"]}, checkpoint_id=path)
         if self.is_global_zero:
             meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
             torch.save(meta, path / "meta.pt")
