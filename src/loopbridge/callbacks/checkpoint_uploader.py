@@ -43,7 +43,10 @@ failed uploads left under unpublished steps. Publishing a checkpoint twice is ha
 Under torchrun (`ranks=`, see docs/distributed.md): by default only global rank 0 uploads
 (DDP: rank 0 saves the whole checkpoint); with `ranks="sharded"` every rank uploads the files
 it saved into the step and rank 0 publishes it once every rank's files are verified in the
-store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files.
+store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files. Where
+the ranks share one step directory (Lightning's shared out dir, torch.distributed.checkpoint
+files), each rank uploads a snapshot of the files it owns (`callbacks/_rank_files.py`) and
+keeps its own journal in the out dir (`journal.journal_file`).
 """
 
 from __future__ import annotations
