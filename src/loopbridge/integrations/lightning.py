@@ -39,11 +39,12 @@ from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
+from loopbridge.integrations._lightning_saves import ObservedCheckpointIO, StrategySaveWatch
 from loopbridge.integrations._run import ForeignRun, refuse_rank_zero_only, step_batch
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
     _msg = (
         "loopbridge.integrations.lightning needs Lightning: pip install 'loopbridge[lightning]' "
@@ -108,8 +109,8 @@ class LoopbridgeCallback(pl.Callback):
         self.all_ranks = all_ranks
         self._state: LoopState | None = None  # set while a fit runs on a firing rank
         self._fires = False
-        self._observer: _ObservedCheckpointIO | None = None
-        self._save_watch: _StrategySaveWatch | None = None
+        self._observer: ObservedCheckpointIO | None = None
+        self._save_watch: StrategySaveWatch | None = None
         self._fire_step_end = self.run.callbacks.on_step_end
         self._listens = True
         self._progress: Any = None  # Lightning's optimizer-step counter, read per batch
@@ -143,7 +144,7 @@ class LoopbridgeCallback(pl.Callback):
             return
         strategy = trainer.strategy
         current = strategy.checkpoint_io
-        if isinstance(current, _ObservedCheckpointIO):
+        if isinstance(current, ObservedCheckpointIO):
             current = current.inner  # left by an earlier fit that ended abnormally
         if isinstance(current, AsyncCheckpointIO):
             msg = (
@@ -151,9 +152,9 @@ class LoopbridgeCallback(pl.Callback):
                 "checkpoint, so it could upload half a file; use the synchronous CheckpointIO"
             )
             raise ValueError(msg)
-        self._observer = _ObservedCheckpointIO(current, self, trainer)
+        self._observer = ObservedCheckpointIO(current, self, trainer)
         strategy.checkpoint_io = self._observer
-        self._save_watch = _StrategySaveWatch(strategy, self, trainer)
+        self._save_watch = StrategySaveWatch(strategy, self, trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Give the strategy its own CheckpointIO and `save_checkpoint` back."""
@@ -303,87 +304,6 @@ class LoopbridgeCallback(pl.Callback):
             if state is not None:
                 state.request_stop(reason)
             trainer.should_stop = True
-
-
-class _ObservedCheckpointIO(CheckpointIO):
-    """The user's CheckpointIO, and a call to the adapter once each save has returned."""
-
-    def __init__(self, inner: CheckpointIO, adapter: LoopbridgeCallback, trainer: Any) -> None:
-        super().__init__()
-        self.inner = inner
-        self._adapter = adapter
-        self._trainer = trainer
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        step = checkpoint.get("global_step", self._trainer.global_step)
-        self._adapter._written(self._trainer, str(path), int(step))
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        loaded: dict[str, Any] = self.inner.load_checkpoint(*args, **kwargs)
-        return loaded
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-class _StrategySaveWatch:
-    """The strategy's `save_checkpoint`, and one `on_checkpoint` per save for what this rank wrote.
-
-    Installed as an instance attribute over the strategy's own method (and over one a user
-    may have set on the instance, which `restore` puts back).
-    """
-
-    def __init__(self, strategy: Any, adapter: LoopbridgeCallback, trainer: Any) -> None:
-        self.strategy = strategy
-        self.saving = False
-        self.written: list[str] = []
-        self._adapter = adapter
-        self._trainer = trainer
-        previous = strategy.__dict__.get("save_checkpoint")
-        # A watch left by an earlier fit that ended abnormally: wrap what it wrapped.
-        self._previous = getattr(previous, "_loopbridge_wrapped", previous)
-        self._inner = self._previous or type(strategy).save_checkpoint.__get__(strategy)
-
-        def save_checkpoint(
-            checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-        ) -> None:
-            self.save(checkpoint, filepath, storage_options)
-
-        save_checkpoint._loopbridge_wrapped = self._previous  # type: ignore[attr-defined]
-        self._wrapper = save_checkpoint
-        strategy.save_checkpoint = save_checkpoint
-
-    def save(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any) -> None:
-        """Save through the strategy, then fire once for what this rank wrote."""
-        if self.saving:  # a strategy whose save calls save_checkpoint again: the outer fires
-            self._inner(checkpoint, filepath, storage_options=storage_options)
-            return
-        self.saving, self.written = True, []
-        try:
-            self._inner(checkpoint, filepath, storage_options=storage_options)
-        finally:
-            self.saving = False
-        step = int(checkpoint.get("global_step", self._trainer.global_step))
-        written = list(dict.fromkeys(self.written))
-        if not written and "://" not in str(filepath) and Path(filepath).is_dir():
-            written = [str(filepath)]  # written on every rank, not through the CheckpointIO
-        for path in written:
-            self._adapter._saved(self._trainer, path, step)
-
-    def restore(self) -> None:
-        """Put back the strategy's own `save_checkpoint` (or the one the user had set)."""
-        if self.strategy.__dict__.get("save_checkpoint") is not self._wrapper:
-            return
-        if self._previous is None:
-            del self.strategy.save_checkpoint
-        else:
-            self.strategy.save_checkpoint = self._previous
 
 
 def _step_sources(trainer: Any, pl_module: Any) -> tuple[Any, Any]:
