@@ -11,8 +11,8 @@ share one `default_root_dir` (`base/out`), as Lightning users have it. The confi
   `CheckpointUploader(ranks="sharded")`.
 
 Each rank writes its pid to `base/pid-<rank>` as it starts and its outcome (ok, the error out
-of `trainer.fit`, its drain report, the checkpoints its hooks saw, bytes it uploaded) to
-`base/result-<rank>.json` at the end.
+of `trainer.fit`, its drain report, the checkpoints its hooks saw and their digests, the
+bytes it uploaded) to `base/result-<rank>.json` at the end.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def main(config_path: str) -> int:
         report = adapter.drain_report
         result.update(ok=report is not None and report.ok, report=str(report))
     result["seen"] = seen.rows
+    artifacts = adapter.artifacts
+    result["digests"] = [row.digest for row in artifacts.manifest] if artifacts else []
     result["uploaded"] = uploader.summary.bytes_uploaded
     result["seconds"] = time.monotonic() - started
     (base / f"result-{rank}.json").write_text(json.dumps(result))

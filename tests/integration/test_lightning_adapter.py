@@ -231,6 +231,7 @@ class TestErrors:
         assert "on_train_end" not in recorder.hooks
         assert trainer.strategy.checkpoint_io is original
         assert "save_checkpoint" not in vars(trainer.strategy)  # the class's method again
+        assert "save_checkpoint" not in vars(trainer)
 
 
 class TestRotation:
@@ -303,6 +304,7 @@ class TestStrategySaves:
         assert sorted(witness.files[CKPT_EVERY]) == ["meta.pt", "model.pt"]
         check_published(s3_bucket, f"ckpts/lightning/{RUN}", rows, witness.files)
         assert "save_checkpoint" not in vars(strategy)
+        assert "save_checkpoint" not in vars(trainer)
 
     def test_a_save_through_checkpoint_io_fires_once_and_a_users_override_is_kept(
         self, tmp_path: Path

@@ -110,8 +110,12 @@ class TestSharded:
         rank0, rank1 = job.result(0), job.result(1)
         assert rank0["ok"], job.output()
         assert rank1["ok"], job.output()
-        # Each rank's hooks saw each save once: the directory, after the strategy wrote it.
+        # Each rank's hooks saw each save once: the directory, after every rank finished it
+        # (Lightning's barrier), so each rank's row of the whole directory has its digest.
         assert _seen_steps(rank0) == _seen_steps(rank1) == [2, 4]
+        for result in (rank0, rank1):
+            assert len(result["digests"]) == 2
+            assert all(str(digest).startswith("sha256:") for digest in result["digests"])
         prefix = f"sh/lightning/{RUN}"
         for step in (2, 4):
             local = job.checkpoint(step)

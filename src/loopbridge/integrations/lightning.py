@@ -9,13 +9,15 @@ in `teardown()` (and `on_exception`):
   wrote. DDP calls it on global rank 0 only;
 - the strategy's `save_checkpoint` (an instance attribute over the class's method) is
   wrapped too: FSDP's and ModelParallel's sharded saves, and a user's strategy that writes
-  torch.distributed.checkpoint directories, write on every rank without any CheckpointIO.
+  torch.distributed.checkpoint directories, write on every rank without any CheckpointIO;
+- and the trainer's `save_checkpoint`, which waits at a barrier after the strategy's save.
 
-Once the strategy's save returned, each rank fires `on_checkpoint` exactly once for what it
-wrote: the file its CheckpointIO wrote during the save, or else the checkpoint directory
-that exists now (a strategy that writes on every rank). A rank that wrote nothing (DDP's
-rank 1) fires nothing. A CheckpointIO called outside a strategy save fires at once. Every
-save during fit is seen: `ModelCheckpoint`, `trainer.save_checkpoint`.
+Once the save is complete (`trainer.save_checkpoint` returned; a strategy save called on its
+own, when it returns), each rank fires `on_checkpoint` exactly once for what it wrote: the
+file its CheckpointIO wrote during the save, or else the checkpoint directory the strategy
+left (a strategy that writes on every rank). A rank that wrote nothing (DDP's rank 1) fires
+nothing. A CheckpointIO called outside a strategy save fires at once. Every save during fit
+is seen: `ModelCheckpoint`, `trainer.save_checkpoint`.
 
 Under torchrun the hooks fire on global rank 0 only unless `all_ranks=True`; a callback
 that needs every rank (`CheckpointUploader(ranks="sharded")`, an `every_rank(...)` logger)
