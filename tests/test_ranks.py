@@ -23,7 +23,12 @@ from loopbridge.callbacks._sharded import (
     ranks_file,
     read_ranks_file,
 )
-from loopbridge.integrations._run import ForeignRun, needs_every_rank, refuse_rank_zero_only
+from loopbridge.integrations._run import (
+    ForeignRun,
+    check_ranks_agree,
+    needs_every_rank,
+    refuse_rank_zero_only,
+)
 from loopbridge.journal import JOURNAL_FILE, journal_file
 from loopbridge.stores import LocalStore
 
@@ -367,6 +372,19 @@ class TestAdaptersOnRankZeroOnly:
         assert "2-process job" in message
         assert message.startswith("LoopbridgeTrainerCallback(all_ranks=False)")
         refuse_rank_zero_only(ForeignRun([Recorder()]), "LoopbridgeCallback", 2)
+
+    def test_all_ranks_needs_the_rank_the_framework_gives(self, tmp_path: Path) -> None:
+        """Callbacks made before the framework set the rank (its own launcher): refused."""
+        run = ForeignRun([Recorder()])  # detected here: rank 0/1 (no torchrun environment)
+        check_ranks_agree(run, "LoopbridgeCallback", "Lightning", 0, 1)
+        with pytest.raises(ValueError, match="Launch the job with torchrun") as caught:
+            check_ranks_agree(run, "LoopbridgeCallback", "Lightning", 1, 2)
+        assert "the callbacks took this process for rank 0/1" in str(caught.value)
+        assert "Lightning runs it as rank 1/2" in str(caught.value)
+        uploader = CheckpointUploader(tmp_path, ranks="sharded", rank=lb.RankInfo(1, 2))
+        with pytest.raises(ValueError, match="ranks='sharded'") as caught:
+            check_ranks_agree(ForeignRun([uploader]), "LoopbridgeCallback", "Lightning", 0, 1)
+        assert "took this process for rank 1/2" in str(caught.value)
 
 
 class TestReports:

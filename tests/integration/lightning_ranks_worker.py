@@ -1,6 +1,7 @@
 """One rank of a torchrun job training with Lightning (`strategy="ddp"`, CPU, gloo) and loopbridge.
 
-Run as `torchrun --nproc-per-node 2 ... lightning_ranks_worker.py CONFIG.json`. Both ranks
+Run as `torchrun --nproc-per-node 2 ... lightning_ranks_worker.py CONFIG.json` (or with
+`python`, when Lightning's own launcher starts the second process). Both ranks
 share one `default_root_dir` (`base/out`), as Lightning users have it. The config's `mode`:
 
 - "zero": `strategy="ddp"`; `ModelCheckpoint` saves through Lightning's CheckpointIO on rank
@@ -86,14 +87,15 @@ def main(config_path: str) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     cfg: dict[str, Any] = json.loads(Path(config_path).read_text())
-    rank = int(os.environ["RANK"])
+    # Under Lightning's own launcher (no torchrun) a child has LOCAL_RANK only.
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     base = Path(cfg["base"])
     (base / f"pid-{rank}").write_text(str(os.getpid()))
     out = base / "out"
     mode = cfg["mode"]
     uploader = CheckpointUploader(
         cfg["dest"],
-        endpoint_url=cfg["endpoint"],
+        endpoint_url=cfg.get("endpoint"),
         ranks=mode,
         rank_timeout=float(cfg.get("rank_timeout", 60.0)),
         call_timeout=30.0,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tests.integration.torchrun_job import WAIT, TorchrunJob, put_count, resume_
 WORKER = Path(__file__).with_name("lightning_ranks_worker.py")
 RUN = "pl-ranks"
 SHARD_FILES = [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+_LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 class Job(TorchrunJob):
@@ -234,3 +237,30 @@ class TestRefused:
             assert "Pass LoopbridgeCallback(..., all_ranks=True)" in error, error
             assert job.result(rank)["seen"] == []
         assert s3_bucket.list_keys("refused") == []
+
+    def test_all_ranks_under_lightnings_own_launcher_is_refused(self, tmp_path: Path) -> None:
+        """Without torchrun the ranks are unknown when the callbacks are made: refused."""
+        config = tmp_path / "config.json"
+        config.write_text(
+            json.dumps(
+                {"base": str(tmp_path), "mode": "zero", "dest": str(tmp_path / "store"), "steps": 2}
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+        done = subprocess.run(
+            [sys.executable, str(WORKER), str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert done.returncode != 0
+        for rank, seen_as in ((0, "rank 0/1"), (1, "rank 0/2")):
+            path = tmp_path / f"result-{rank}.json"
+            assert path.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+            error = json.loads(path.read_text())["error"]
+            assert f"the callbacks took this process for {seen_as}" in error, error
+            assert f"Lightning runs it as rank {rank}/2" in error, error
+            assert "Launch the job with torchrun" in error, error
+        assert not (tmp_path / "store").exists()

@@ -168,6 +168,7 @@ class CheckpointUploader(Callback):
             msg = f"CheckpointUploader(rank_timeout={rank_timeout!r}): give seconds, > 0"
             raise ValueError(msg)
         rank = detect_rank() if rank is None else rank
+        self.rank = rank  # detected (or given) here, as the rank this uploader acts as
         self.ranks: RankMode = ranks
         # Rank-0 saving: on the other ranks the uploader is left out of the callback list.
         self.rank_zero_only = ranks == "zero"

@@ -25,7 +25,13 @@ from loopbridge._run_policy import DrainPolicy, RunPolicy, close_run
 from loopbridge._types import LogContext, LoopArtifacts, LoopState, ManifestRow, TrainingBatch
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
 
-__all__ = ["ForeignRun", "needs_every_rank", "refuse_rank_zero_only", "step_batch"]
+__all__ = [
+    "ForeignRun",
+    "check_ranks_agree",
+    "needs_every_rank",
+    "refuse_rank_zero_only",
+    "step_batch",
+]
 
 logger = logging.getLogger("loopbridge.integrations")
 
@@ -85,6 +91,31 @@ def refuse_rank_zero_only(run: ForeignRun, adapter: str, world_size: int) -> Non
         f"files, then fail the step). Pass {adapter}(..., all_ranks=True)"
     )
     raise ValueError(msg)
+
+
+def check_ranks_agree(run: ForeignRun, adapter: str, framework: str, rank: int, world: int) -> None:
+    """Refuse hooks on every rank when loopbridge took this process for another rank.
+
+    The rank is detected when the callbacks are made (`RANK`, `WORLD_SIZE`); a framework
+    that starts its own processes (Lightning without torchrun) sets them only later, or not
+    at all, and every process would then act as rank 0.
+
+    Raises:
+        ValueError: naming both ranks and the fix.
+    """
+    seen = [("the callbacks", run.callbacks.rank)]
+    for cb in run.callbacks:
+        if isinstance(cb, CheckpointUploader) and cb.ranks == "sharded":
+            seen.append((f"CheckpointUploader({cb.destination!r}, ranks='sharded')", cb.rank))
+    for what, info in seen:
+        if (info.rank, info.world_size) != (rank, world):
+            msg = (
+                f"{adapter}(all_ranks=True): {what} took this process for {info}, but "
+                f"{framework} runs it as rank {rank}/{world}, so rank-0-only callbacks and "
+                f"uploads would act as the wrong rank. Launch the job with torchrun (it sets "
+                f"RANK and WORLD_SIZE before your script creates the callbacks)"
+            )
+            raise ValueError(msg)
 
 
 class ForeignRun:

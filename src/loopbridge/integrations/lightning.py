@@ -42,7 +42,12 @@ from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
 from loopbridge.integrations._lightning_saves import ObservedCheckpointIO, StrategySaveWatch
-from loopbridge.integrations._run import ForeignRun, refuse_rank_zero_only, step_batch
+from loopbridge.integrations._run import (
+    ForeignRun,
+    check_ranks_agree,
+    refuse_rank_zero_only,
+    step_batch,
+)
 
 try:
     import lightning.pytorch as pl
@@ -139,8 +144,11 @@ class LoopbridgeCallback(pl.Callback):
         """Decide whether this rank fires hooks; observe the strategy's checkpoint writes."""
         if stage != "fit":
             return
-        if not self.all_ranks and trainer.world_size > 1:
-            refuse_rank_zero_only(self.run, "LoopbridgeCallback", trainer.world_size)
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.all_ranks:
+            check_ranks_agree(self.run, "LoopbridgeCallback", "Lightning", rank, world)
+        elif world > 1:
+            refuse_rank_zero_only(self.run, "LoopbridgeCallback", world)
         self._fires = self.all_ranks or trainer.global_rank == 0
         if not self._fires:
             return
