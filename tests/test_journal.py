@@ -15,7 +15,14 @@ import pytest
 
 from loopbridge._exceptions import JournalError
 from loopbridge._types import ManifestRow
-from loopbridge.journal import JOURNAL_FILE, RESUME_HOLDER, UploadJournal, find_journals
+from loopbridge.journal import (
+    JOURNAL_FILE,
+    RESUME_HOLDER,
+    UploadJournal,
+    find_journals,
+    journal_file,
+    journal_rank,
+)
 
 
 def _row(step: int, tmp_path: Path, *, final: bool = False) -> ManifestRow:
@@ -176,6 +183,26 @@ class TestFinding:
             tmp_path / "a/x" / JOURNAL_FILE,
             tmp_path / "b" / JOURNAL_FILE,
         ]
+
+    def test_every_ranks_journal_in_a_shared_out_dir_is_found_rank_zero_last(
+        self, tmp_path: Path
+    ) -> None:
+        """Sharded ranks sharing an out dir: each rank's journal, the publisher's after them."""
+        assert journal_file(0) == JOURNAL_FILE
+        assert journal_file(1) == "upload-journal.rank-00001.sqlite3"
+        for rank in (0, 2, 1):
+            UploadJournal(tmp_path / "out" / journal_file(rank)).close()
+        UploadJournal(tmp_path / "solo" / JOURNAL_FILE).close()
+        (tmp_path / "out" / "upload-journal.rank-x.sqlite3").write_bytes(b"")
+        found = list(find_journals(tmp_path))
+        assert found == [
+            tmp_path / "out" / journal_file(1),
+            tmp_path / "out" / journal_file(2),
+            tmp_path / "out" / JOURNAL_FILE,
+            tmp_path / "solo" / JOURNAL_FILE,
+        ]
+        assert [journal_rank(path) for path in found] == [1, 2, 0, 0]
+        assert journal_rank(tmp_path / "upload-journal.rank-x.sqlite3") is None
 
 
 class TestOwnership:

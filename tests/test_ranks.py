@@ -20,9 +20,16 @@ from loopbridge.callbacks._sharded import (
     RANKS_FILE,
     ShardedCommit,
     failed_marker,
+    ranks_file,
     read_ranks_file,
 )
-from loopbridge.integrations._run import ForeignRun
+from loopbridge.integrations._run import (
+    ForeignRun,
+    check_ranks_agree,
+    needs_every_rank,
+    refuse_rank_zero_only,
+)
+from loopbridge.journal import JOURNAL_FILE, journal_file
 from loopbridge.stores import LocalStore
 
 
@@ -233,10 +240,14 @@ class TestShardedCommit:
         assert asyncio.run(store.get_bytes("run/step-00000001/shard-1")) == b"1"
 
     def test_ranks_file_round_trip(self, tmp_path: Path) -> None:
-        """The out dir remembers the rank for `loopbridge resume`."""
+        """The out dir remembers each rank for `loopbridge resume`, one file per rank."""
         ShardedCommit(lb.RankInfo(1, 2), timeout=7).write_ranks_file(tmp_path)
-        assert json.loads((tmp_path / RANKS_FILE).read_text())["rank"] == 1
-        assert read_ranks_file(tmp_path) == ShardedCommit(lb.RankInfo(1, 2), timeout=7)
+        ShardedCommit(lb.RankInfo(0, 2), timeout=7).write_ranks_file(tmp_path)
+        assert ranks_file(1) == "loopbridge-ranks.rank-00001.json"
+        assert json.loads((tmp_path / ranks_file(1)).read_text())["rank"] == 1
+        assert json.loads((tmp_path / RANKS_FILE).read_text())["rank"] == 0
+        assert read_ranks_file(tmp_path, 1) == ShardedCommit(lb.RankInfo(1, 2), timeout=7)
+        assert read_ranks_file(tmp_path) == ShardedCommit(lb.RankInfo(0, 2), timeout=7)
         assert read_ranks_file(tmp_path / "none") is None
 
 
@@ -282,6 +293,98 @@ class TestShardedLoops:
         assert [c["step"] for c in manifest["checkpoints"]] == [2, 4]
         for entry in manifest["checkpoints"]:
             assert [f["path"] for f in entry["files"]] == ["shard-0", "shard-1"]
+
+
+class TestSharedOutDir:
+    def test_two_ranks_in_one_step_dir_each_upload_their_own_files(self, tmp_path: Path) -> None:
+        """Lightning's layout: one out dir, one DCP step dir; each rank sends only its files."""
+        out, dest = tmp_path / "out", tmp_path / "store"
+        step_dir = out / "checkpoints" / "step=2.ckpt"
+        step_dir.mkdir(parents=True)
+        for name, size in ((".metadata", 10), ("__0_0.distcp", 300), ("__1_0.distcp", 200)):
+            (step_dir / name).write_bytes(b"x" * size)
+        (step_dir / "meta.pt").write_bytes(b"m")
+        barrier = threading.Barrier(2)
+
+        def run(rank: int) -> ForeignRun:
+            uploader = CheckpointUploader(
+                dest, ranks="sharded", rank=lb.RankInfo(rank, 2), rank_timeout=30
+            )
+            foreign = ForeignRun([uploader], run_name="run")
+            foreign.start(run_name="run", experiment_name="", out_dir=out, max_steps=2)
+            barrier.wait(10)  # both ranks' journals are open in the out dir at once
+            foreign.checkpoint(step_dir, 2)
+            foreign.end("max_steps")
+            return foreign
+
+        runs: dict[int, ForeignRun] = {}
+        threads = [threading.Thread(target=lambda r=r: runs.__setitem__(r, run(r))) for r in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(runs) == [0, 1]
+        assert all(run.drain_report is not None and run.drain_report.ok for run in runs.values())
+        step = dest / "run" / "step-00000002"
+        markers = {
+            rank: [
+                f["path"]
+                for f in json.loads((step / f"_RANK-{rank:05d}.json").read_text())["files"]
+            ]
+            for rank in (0, 1)
+        }
+        assert markers == {0: [".metadata", "__0_0.distcp", "meta.pt"], 1: ["__1_0.distcp"]}
+        complete = json.loads((step / "_COMPLETE").read_text())
+        assert [f["path"] for f in complete["files"]] == [
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            "meta.pt",
+        ]
+        assert complete["size_bytes"] == 511
+        journals = sorted(p.name for p in out.glob("*.sqlite3"))
+        assert journals == [journal_file(1), JOURNAL_FILE]
+        assert (out / RANKS_FILE).exists()
+        assert (out / ranks_file(1)).exists()
+        assert not list((out / "checkpoints" / ".loopbridge-snapshots").glob("*/*"))
+
+
+class TestAdaptersOnRankZeroOnly:
+    def test_which_callbacks_need_every_rank(self, tmp_path: Path) -> None:
+        """A sharded uploader and an every_rank() logger; not loggers, zero-mode uploaders."""
+        sharded = CheckpointUploader(tmp_path, ranks="sharded", rank=lb.RankInfo(1, 2))
+        zero = CheckpointUploader(tmp_path, rank=lb.RankInfo(1, 2))
+        logger = JsonlLogger(tmp_path / "a.jsonl")
+        assert needs_every_rank(sharded)
+        assert needs_every_rank(lb.every_rank(JsonlLogger(tmp_path / "b.jsonl")))
+        assert not needs_every_rank(zero)
+        assert not needs_every_rank(logger)
+        assert not needs_every_rank(Recorder())
+
+    def test_refused_naming_the_callback_and_the_fix(self, tmp_path: Path) -> None:
+        """The message names the callback and `all_ranks=True`; other callbacks pass."""
+        every = lb.every_rank(JsonlLogger(tmp_path / "b.jsonl"))
+        run = ForeignRun([Recorder(), every])
+        with pytest.raises(ValueError, match="all_ranks=True") as caught:
+            refuse_rank_zero_only(run, "LoopbridgeTrainerCallback", 2)
+        message = str(caught.value)
+        assert "every_rank(JsonlLogger(...))" in message
+        assert "2-process job" in message
+        assert message.startswith("LoopbridgeTrainerCallback(all_ranks=False)")
+        refuse_rank_zero_only(ForeignRun([Recorder()]), "LoopbridgeCallback", 2)
+
+    def test_all_ranks_needs_the_rank_the_framework_gives(self, tmp_path: Path) -> None:
+        """Callbacks made before the framework set the rank (its own launcher): refused."""
+        run = ForeignRun([Recorder()])  # detected here: rank 0/1 (no torchrun environment)
+        check_ranks_agree(run, "LoopbridgeCallback", "Lightning", 0, 1)
+        with pytest.raises(ValueError, match="Launch the job with torchrun") as caught:
+            check_ranks_agree(run, "LoopbridgeCallback", "Lightning", 1, 2)
+        assert "the callbacks took this process for rank 0/1" in str(caught.value)
+        assert "Lightning runs it as rank 1/2" in str(caught.value)
+        uploader = CheckpointUploader(tmp_path, ranks="sharded", rank=lb.RankInfo(1, 2))
+        with pytest.raises(ValueError, match="ranks='sharded'") as caught:
+            check_ranks_agree(ForeignRun([uploader]), "LoopbridgeCallback", "Lightning", 0, 1)
+        assert "took this process for rank 1/2" in str(caught.value)
 
 
 class TestReports:

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -35,9 +36,17 @@ from typing import IO
 from loopbridge._exceptions import JournalError
 from loopbridge._types import ManifestRow
 
-__all__ = ["JOURNAL_FILE", "UploadIntent", "UploadJournal", "find_journals"]
+__all__ = [
+    "JOURNAL_FILE",
+    "UploadIntent",
+    "UploadJournal",
+    "find_journals",
+    "journal_file",
+    "journal_rank",
+]
 
 JOURNAL_FILE = "upload-journal.sqlite3"
+_RANK_JOURNAL = re.compile(r"upload-journal\.rank-(\d{5,})\.sqlite3")
 _APPLICATION_ID = 0x4C42524A  # "LBRJ": tells our journal from any other SQLite file
 # While a process has the journal open, the main file says so ("LBRO"), checkpointed at open;
 # close() sets "LBRJ" back. A main file that says "open" with no -wal file beside it was
@@ -390,23 +399,45 @@ MAX_DEPTH = 4
 an experiment's runs sit a few levels below its directory."""
 
 
-def find_journals(out_dir: Path, max_depth: int = MAX_DEPTH) -> Iterator[Path]:
-    """Every upload journal at most `max_depth` directories below `out_dir`, sorted.
+def journal_file(rank: int = 0) -> str:
+    """The journal's file name for a rank: JOURNAL_FILE for rank 0 (and one process).
 
-    Hidden directories and symlinked ones are not entered; unreadable ones are skipped.
+    Sharded ranks that share one out dir (Lightning's `default_root_dir`) each keep their
+    own journal there: rank r > 0 writes `upload-journal.rank-0000r.sqlite3`.
     """
-    found: list[Path] = []
+    return JOURNAL_FILE if rank == 0 else f"upload-journal.rank-{rank:05d}.sqlite3"
+
+
+def journal_rank(path: Path) -> int | None:
+    """The rank a journal file belongs to by its name (0 for JOURNAL_FILE); None if no journal."""
+    if path.name == JOURNAL_FILE:
+        return 0
+    match = _RANK_JOURNAL.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def find_journals(out_dir: Path, max_depth: int = MAX_DEPTH) -> Iterator[Path]:
+    """Every upload journal at most `max_depth` directories below `out_dir`.
+
+    Sorted by directory; within one, the other ranks' journals come before rank 0's (the
+    publisher of a sharded step). Hidden directories and symlinked ones are not entered;
+    unreadable ones are skipped.
+    """
+    found: list[tuple[Path, bool, int, Path]] = []
     root = Path(out_dir)
     base_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        if JOURNAL_FILE in filenames:
-            found.append(here / JOURNAL_FILE)
+        for name in filenames:
+            rank = journal_rank(Path(name))
+            if rank is not None:
+                found.append((here, rank == 0, rank, here / name))
         if len(here.parts) - base_depth >= max_depth:
             dirnames.clear()
         else:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    yield from sorted(found)
+    for *_, path in sorted(found):
+        yield path
 
 
 def _options(text: str) -> dict[str, str]:

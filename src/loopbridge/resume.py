@@ -3,8 +3,11 @@
 Every upload journal under the out dir is read; each open intent is uploaded again (what a
 dead process left half-written under its step is cleared first, and a checkpoint already
 complete remotely is not sent twice), then the run's manifest and `latest` are published.
-Intents of one run go in recorded order; runs go concurrently. Nothing here raises for a bad
-journal, a missing file or a refusing store: each becomes a failed line of the report.
+Intents of one run go in recorded order; runs go concurrently, and so do the journals of the
+ranks of a sharded job (one per rank in a shared out dir, or one in each rank's out dir): rank
+0's resume publishes a step once the others' resumes wrote their rank markers. Nothing here
+raises for a bad journal, a missing file or a refusing store: each becomes a failed line of
+the report.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from loopbridge._exceptions import JournalError, LoopbridgeError
 from loopbridge.callbacks._sharded import ShardedCommit, read_ranks_file
 from loopbridge.callbacks._store_options import decode_options
 from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
-from loopbridge.journal import RESUME_HOLDER, UploadIntent, UploadJournal, find_journals
+from loopbridge.journal import (
+    RESUME_HOLDER,
+    UploadIntent,
+    UploadJournal,
+    find_journals,
+    journal_rank,
+)
 from loopbridge.stores import ObjectStore, open_store
 
 __all__ = ["ResumeOutcome", "ResumeReport", "resume_out_dir"]
@@ -146,8 +155,9 @@ async def _resume_all(
         for (path, dest, run_prefix), first in known.items():
             options = {**first.store_options, **overrides}
             url = store or dest
-            # A sharded rank's out dir says which rank it was (docs/distributed.md).
-            sharded = read_ranks_file(path.parent)
+            # A sharded rank's out dir says which rank it was (docs/distributed.md); ranks
+            # sharing one out dir each have their own journal and ranks file there.
+            sharded = read_ranks_file(path.parent, journal_rank(path) or 0)
             key = (url, tuple(sorted(options.items())), sharded)
             if key not in uploaders:
                 uploaders[key] = _uploader(url, options, sharded)

@@ -1,8 +1,10 @@
 """One rank of a two-process DDP run through an adapter, for test_adapters_ddp.py.
 
-Run by torchrun: `ddp_worker.py lightning|transformers OUT_DIR`. Each rank trains with a
-RecordingCallback and an EarlyStopping that stops at the second evaluation, then writes the
-hooks it saw and the step it stopped at to OUT_DIR/rank<N>.json.
+Run by torchrun: `ddp_worker.py lightning|transformers OUT_DIR [every-rank-logger]`. Each
+rank trains with a RecordingCallback and an EarlyStopping that stops at the second
+evaluation, then writes the hooks it saw and the step it stopped at to OUT_DIR/rank<N>.json.
+With `every-rank-logger` it adds `every_rank(JsonlLogger(...))`, which the adapters (firing
+on rank 0 only) refuse: the file gets the error instead of the step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 import torch
 
-from loopbridge.callbacks import EarlyStopping
+from loopbridge import every_rank
+from loopbridge.callbacks import EarlyStopping, JsonlLogger
 from loopbridge.testing import RecordingCallback
 
 EVAL_EVERY = 4
@@ -115,8 +118,17 @@ def main() -> None:
     monitor = "val_loss" if framework == "lightning" else "eval_loss"
     stopper = EarlyStopping(monitor, patience=1, min_delta=1e9)
     train = _lightning if framework == "lightning" else _transformers
-    step = train(out, [stopper, recorder])
-    result = {"hooks": recorder.hooks, "step": step}
+    callbacks: list[Any] = [stopper, recorder]
+    if sys.argv[3:] == ["every-rank-logger"]:
+        # Needs every rank, but the adapter fires on rank 0 only: refused on every rank.
+        callbacks.append(every_rank(JsonlLogger(out / f"rank{rank}.jsonl")))
+    result: dict[str, Any]
+    try:
+        step = train(out, callbacks)
+    except ValueError as exc:
+        result = {"hooks": recorder.hooks, "error": str(exc)}
+    else:
+        result = {"hooks": recorder.hooks, "step": step}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # Left to the interpreter's exit, gloo's threads sometimes abort the process.
     if torch.distributed.is_initialized():

@@ -22,7 +22,7 @@ def _free_port() -> int:
         return port
 
 
-def _torchrun(framework: str, out: Path) -> list[dict[str, object]]:
+def _torchrun(framework: str, out: Path, *extra: str) -> list[dict[str, object]]:
     command = [
         str(TORCHRUN),
         "--nproc-per-node",
@@ -34,12 +34,13 @@ def _torchrun(framework: str, out: Path) -> list[dict[str, object]]:
         str(WORKER),
         framework,
         str(out),
+        *extra,
     ]
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         command, cwd=root, capture_output=True, text=True, timeout=110, check=False
     )
-    assert done.returncode == 0, done.stderr[:6000]
+    assert done.returncode == 0, done.stderr[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -54,3 +55,18 @@ def test_hooks_fire_on_rank_0_and_a_stop_stops_every_rank(framework: str, tmp_pa
     assert hooks[-2:] == ["on_train_end", "on_run_end"]
     assert hooks.count("on_eval") == 2
     assert rank0["step"] == rank1["step"] == 2 * EVAL_EVERY
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_a_callback_needing_every_rank_is_refused_on_every_rank(
+    framework: str, tmp_path: Path
+) -> None:
+    """every_rank(logger) with the adapter on rank 0 only: both ranks refuse it before step 1."""
+    results = _torchrun(framework, tmp_path, "every-rank-logger")
+    adapter = "LoopbridgeCallback" if framework == "lightning" else "LoopbridgeTrainerCallback"
+    for result in results:
+        error = str(result["error"])
+        assert error.startswith(f"{adapter}(all_ranks=False)"), error
+        assert "every_rank(JsonlLogger(...))" in error, error
+        assert f"Pass {adapter}(..., all_ranks=True)" in error, error
+        assert result["hooks"] == []

@@ -7,102 +7,31 @@ dashboard, MLflow and each rank's result file afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from tests.fixtures.http import DashboardServer
 from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status, Throttle
+from tests.integration.torchrun_job import WAIT, TorchrunJob, put_count, resume_cli, sha256_of
 
 WORKER = Path(__file__).with_name("ranks_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-WAIT = 90.0
 RUN = "dist-run"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Job:
-    """A `torchrun --nproc-per-node 2` job of ranks_worker.py, its config and its output."""
+class Job(TorchrunJob):
+    """A job of ranks_worker.py, each rank in its own out dir."""
 
     def __init__(self, base: Path, **config: Any) -> None:
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        self.config = {"base": str(base), **config}
-        config_path = base / "config.json"
-        config_path.write_text(json.dumps(self.config))
-        self.log = base / "torchrun.log"
-        command = [
-            str(TORCHRUN),
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(_free_port()),
-            str(WORKER),
-            str(config_path),
-        ]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait(self) -> int:
-        """Wait for torchrun to exit; its exit code."""
-        try:
-            return self.proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"torchrun did not finish within {WAIT}s:\n{self.output()}")
-
-    def output(self) -> str:
-        """The tail of torchrun's and the ranks' output."""
-        return self.log.read_text(errors="replace")[-6000:]
-
-    def result(self, rank: int) -> dict[str, Any]:
-        """What a rank wrote about its run."""
-        path = self.base / f"result-{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no result:\n{self.output()}"
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
+        super().__init__(WORKER, base, **config)
 
     def out_dir(self, rank: int) -> Path:
         """A rank's out dir."""
         return self.base / f"rank-{rank}"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _resume(out_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loopbridge.cli", "resume", str(out_dir)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-
-
-def _puts(proxy: FaultProxy, key: str) -> int:
-    """How many PUTs of exactly `key` reached the proxy."""
-    return len(proxy.requests("PUT", rf"/{re.escape(key)}(\?|$)"))
 
 
 class TestRankZeroSaves:
@@ -133,12 +62,12 @@ class TestRankZeroSaves:
         assert job.result(1)["uploaded"] == 0
         for step in (2, 4):
             key = f"ddp/{RUN}/step-{step:08d}/step-{step:08d}"
-            assert _puts(fault_proxy, key) == 1
+            assert put_count(fault_proxy, key) == 1
             local = job.out_dir(0) / "checkpoints" / f"step-{step:08d}"
-            assert s3_bucket.sha256(key) == _sha256(local)
+            assert s3_bucket.sha256(key) == sha256_of(local)
             # Rank 1 saved a different file; it went nowhere.
             other = job.out_dir(1) / "checkpoints" / f"step-{step:08d}"
-            assert _sha256(other) != _sha256(local)
+            assert sha256_of(other) != sha256_of(local)
         assert len(fault_proxy.requests("PUT", r"/latest")) == 2
         assert not list(job.out_dir(1).glob("upload-journal*"))
         # The dashboard: one run's rows, every step once.
@@ -182,8 +111,8 @@ class TestSharded:
             for rank in (0, 1):
                 name = f"shard-{rank:05d}.bin"
                 local = job.out_dir(rank) / "checkpoints" / step_dir / name
-                assert s3_bucket.sha256(f"{prefix}/{name}") == _sha256(local)
-            assert _puts(fault_proxy, f"{prefix}/_COMPLETE") == 1
+                assert s3_bucket.sha256(f"{prefix}/{name}") == sha256_of(local)
+            assert put_count(fault_proxy, f"{prefix}/_COMPLETE") == 1
             complete = json.loads(s3_bucket.read(f"{prefix}/_COMPLETE"))
             assert sorted(f["path"] for f in complete["files"]) == [
                 "meta.json",
@@ -195,7 +124,7 @@ class TestSharded:
                 for rank in (0, 1)
             ]
             assert complete["uploaded_at"] >= max(finished)
-        assert _puts(fault_proxy, f"sh/{RUN}/latest") == 2
+        assert put_count(fault_proxy, f"sh/{RUN}/latest") == 2
         latest = json.loads(s3_bucket.read(f"sh/{RUN}/latest"))
         assert latest["step"] == 4
         manifest = json.loads(s3_bucket.read(f"sh/{RUN}/manifest.json"))
@@ -217,7 +146,7 @@ class TestSharded:
             shard_bytes=256 * 1024,
         )
         assert arrived.wait(WAIT), job.output()
-        os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGKILL)
+        os.kill(job.pid(1), signal.SIGKILL)
         assert job.wait() != 0
         prefix = f"kill/{RUN}"
         keys = s3_bucket.list_keys(prefix)
@@ -225,7 +154,7 @@ class TestSharded:
         assert f"{prefix}/step-00000002/shard-00001.bin" not in keys
         fault_proxy.clear()
         for rank in (1, 0):  # the publisher last, so it finds rank 1's marker at once
-            done = _resume(job.out_dir(rank))
+            done = resume_cli(job.out_dir(rank))
             assert done.returncode == 0, done.stdout + done.stderr
         step_prefix = f"{prefix}/step-00000002"
         complete = json.loads(s3_bucket.read(f"{step_prefix}/_COMPLETE"))
@@ -233,7 +162,7 @@ class TestSharded:
         for rank in (0, 1):
             name = f"shard-{rank:05d}.bin"
             local = job.out_dir(rank) / "checkpoints" / "step-00000002" / name
-            assert s3_bucket.sha256(f"{step_prefix}/{name}") == _sha256(local)
+            assert s3_bucket.sha256(f"{step_prefix}/{name}") == sha256_of(local)
         assert json.loads(s3_bucket.read(f"{prefix}/latest"))["step"] == 2
 
     def test_a_permanent_failure_on_rank_one_fails_rank_zero_naming_it(

@@ -230,6 +230,8 @@ class TestErrors:
         assert end.args[1].error is caught.value
         assert "on_train_end" not in recorder.hooks
         assert trainer.strategy.checkpoint_io is original
+        assert "save_checkpoint" not in vars(trainer.strategy)  # the class's method again
+        assert "save_checkpoint" not in vars(trainer)
 
 
 class TestRotation:
@@ -252,3 +254,78 @@ class TestRotation:
         assert sorted((tmp_path / "ckpt").glob("*.ckpt")) == [rows[-1].path]
         check_published(s3_bucket, f"ckpts/lightning/{RUN}", rows, witness.files)
         assert no_snapshots_left(tmp_path)
+
+
+class DirectorySaves(pl.strategies.SingleDeviceStrategy):
+    """A strategy that writes each checkpoint as a directory itself, bypassing CheckpointIO.
+
+    What FSDP's sharded save and torch.distributed.checkpoint strategies do on every rank.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        path = Path(filepath)
+        path.mkdir(parents=True)
+        torch.save(checkpoint["state_dict"], path / "model.pt")
+        torch.save({"global_step": checkpoint["global_step"]}, path / "meta.pt")
+
+
+class TestStrategySaves:
+    def _trainer(self, tmp_path: Path, strategy: Any, adapter: LoopbridgeCallback) -> pl.Trainer:
+        checkpoints = pl.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=CKPT_EVERY, save_top_k=-1
+        )
+        return pl.Trainer(
+            max_steps=2 * CKPT_EVERY,
+            default_root_dir=tmp_path / "out",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            strategy=strategy,
+            callbacks=[adapter, checkpoints],
+        )
+
+    def test_a_save_that_bypasses_checkpoint_io_is_seen_once_and_published(
+        self, s3_bucket: S3Bucket, tmp_path: Path
+    ) -> None:
+        """A strategy writing checkpoint directories itself: each fires on_checkpoint once."""
+        recorder, witness = RecordingCallback(), Witness()
+        adapter = LoopbridgeCallback([witness, _uploader(s3_bucket), recorder], run_name=RUN)
+        strategy = DirectorySaves(device=torch.device("cpu"))
+        trainer = self._trainer(tmp_path, strategy, adapter)
+        trainer.fit(TinyModule(), _data())
+        assert adapter.drain_report is not None
+        assert adapter.drain_report.ok
+        rows = checkpoint_rows(recorder)
+        assert [row.step for row in rows] == [CKPT_EVERY, 2 * CKPT_EVERY]
+        assert all(row.path.is_dir() for row in rows)
+        assert sorted(witness.files[CKPT_EVERY]) == ["meta.pt", "model.pt"]
+        check_published(s3_bucket, f"ckpts/lightning/{RUN}", rows, witness.files)
+        assert "save_checkpoint" not in vars(strategy)
+        assert "save_checkpoint" not in vars(trainer)
+
+    def test_a_save_through_checkpoint_io_fires_once_and_a_users_override_is_kept(
+        self, tmp_path: Path
+    ) -> None:
+        """The default path is seen by both observers and fires once; an instance override stays."""
+        recorder = RecordingCallback()
+        strategy = pl.strategies.SingleDeviceStrategy(device=torch.device("cpu"))
+        calls: list[str] = []
+        own = strategy.save_checkpoint
+
+        def users_save(
+            checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+        ) -> None:
+            calls.append(str(filepath))
+            own(checkpoint, filepath, storage_options=storage_options)
+
+        strategy.save_checkpoint = users_save  # type: ignore[method-assign]
+        trainer = self._trainer(tmp_path, strategy, LoopbridgeCallback([recorder]))
+        trainer.fit(TinyModule(), _data())
+        rows = checkpoint_rows(recorder)
+        assert [row.step for row in rows] == [CKPT_EVERY, 2 * CKPT_EVERY]
+        assert [str(row.path) for row in rows] == calls
+        assert all(row.path.is_file() for row in rows)
+        assert vars(strategy)["save_checkpoint"] is users_save

@@ -35,7 +35,7 @@ from loopbridge.callbacks._upload_journal import resume_shortcut
 from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
 
-__all__ = ["RANKS_FILE", "RankMode", "ShardedCommit", "read_ranks_file"]
+__all__ = ["RANKS_FILE", "RankMode", "ShardedCommit", "ranks_file", "read_ranks_file"]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
@@ -44,6 +44,12 @@ RankMode = Literal["zero", "sharded"]
 
 RANKS_FILE = "loopbridge-ranks.json"
 """Written in a sharded rank's out dir, so `loopbridge resume` knows its rank and world size."""
+
+
+def ranks_file(rank: int) -> str:
+    """The ranks file's name for a rank, beside its journal (see `journal.journal_file`)."""
+    return RANKS_FILE if rank == 0 else f"loopbridge-ranks.rank-{rank:05d}.json"
+
 
 _MARKER_TIMEOUT = 10.0  # writing a failure marker is best effort: the store may be what failed
 _POLL_FIRST = 0.05
@@ -84,7 +90,7 @@ class ShardedCommit:
 
     def write_ranks_file(self, out_dir: Path) -> None:
         """Record the rank in the out dir, for `loopbridge resume` (training thread, once)."""
-        path = out_dir / RANKS_FILE
+        path = out_dir / ranks_file(self.rank.rank)
         data = {
             "mode": "sharded",
             "rank": self.rank.rank,
@@ -282,12 +288,15 @@ class ShardedCommit:
             pause = min(pause * 1.5, _POLL_MAX)
 
 
-def read_ranks_file(out_dir: Path) -> ShardedCommit | None:
-    """The sharded rank recorded in an out dir, or None when it has none (or it is unreadable)."""
+def read_ranks_file(out_dir: Path, rank: int = 0) -> ShardedCommit | None:
+    """The sharded rank recorded in an out dir for the journal of `rank`, or None.
+
+    None when there is no ranks file (one process), or it is unreadable.
+    """
     try:
-        data = json.loads((out_dir / RANKS_FILE).read_text())
-        rank = RankInfo(rank=int(data["rank"]), world_size=int(data["world_size"]))
-        return ShardedCommit(rank, timeout=float(data.get("timeout", 600.0)))
+        data = json.loads((out_dir / ranks_file(rank)).read_text())
+        info = RankInfo(rank=int(data["rank"]), world_size=int(data["world_size"]))
+        return ShardedCommit(info, timeout=float(data.get("timeout", 600.0)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -31,7 +31,7 @@ from pathlib import Path
 from loopbridge._digest import shard_files
 from loopbridge._types import ManifestRow
 
-__all__ = ["SNAPSHOT_DIR", "release_snapshot", "snapshot_of", "take_snapshot"]
+__all__ = ["SNAPSHOT_DIR", "link_or_copy", "release_snapshot", "snapshot_of", "take_snapshot"]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
@@ -54,9 +54,9 @@ def take_snapshot(row: ManifestRow, *, link: bool = True) -> ManifestRow:
             for file in shard_files(source):
                 dest = target / file.relative_to(source)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(file, dest, link)
+                link_or_copy(file, dest, link)
         else:
-            _link_or_copy(source, target, link)
+            link_or_copy(source, target, link)
     except OSError as exc:
         shutil.rmtree(holder, ignore_errors=True)
         logger.warning(
@@ -103,7 +103,7 @@ def _make_dir(holder: Path) -> None:
     holder.mkdir(parents=True)
 
 
-def _link_or_copy(source: Path, dest: Path, link: bool = True) -> None:
+def link_or_copy(source: Path, dest: Path, link: bool = True) -> None:
     """Hard-link `source` at `dest`, or copy it where the filesystem refuses the link."""
     if not link:
         shutil.copyfile(source, dest)

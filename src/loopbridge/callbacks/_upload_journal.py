@@ -93,11 +93,15 @@ class JournalEntry:
 class JournalBook:
     """The journals an uploader writes, one per out dir, shared by the loop and bridge threads.
 
+    `name` is the journal's file name: `JOURNAL_FILE`, or a sharded rank's own
+    (`journal.journal_file(rank)`), so ranks sharing an out dir keep separate journals.
+
     Keyed by the out dir itself: the loop passes the same `state.out_dir` object every time,
     whose hash is cached, so a lookup on the loop thread costs next to nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = JOURNAL_FILE) -> None:
+        self.name = name  # the journal's file name in each out dir (one per sharded rank)
         self._lock = threading.Lock()
         self._open: dict[Path, UploadJournal] = {}
         self._users: dict[Path, int] = {}
@@ -116,7 +120,7 @@ class JournalBook:
                 self._closing.discard(out_dir)
                 return journal
             try:
-                journal = UploadJournal(out_dir / JOURNAL_FILE)
+                journal = UploadJournal(out_dir / self.name)
             except JournalError as exc:
                 self._broken[out_dir] = exc
                 return exc

@@ -43,7 +43,10 @@ failed uploads left under unpublished steps. Publishing a checkpoint twice is ha
 Under torchrun (`ranks=`, see docs/distributed.md): by default only global rank 0 uploads
 (DDP: rank 0 saves the whole checkpoint); with `ranks="sharded"` every rank uploads the files
 it saved into the step and rank 0 publishes it once every rank's files are verified in the
-store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files.
+store (`callbacks/_sharded.py`). A sharded rank's failure deletes only its own files. Where
+the ranks share one step directory (Lightning's shared out dir, torch.distributed.checkpoint
+files), each rank uploads a snapshot of the files it owns (`callbacks/_rank_files.py`) and
+keeps its own journal in the out dir (`journal.journal_file`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from loopbridge._types import (
 )
 from loopbridge.callbacks._preflight import check_destination
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._rank_files import is_part, take_part, upload_part
 from loopbridge.callbacks._run_chain import RunChains, wait_for
 from loopbridge.callbacks._sharded import RankMode, ShardedCommit
 from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
@@ -83,7 +87,7 @@ from loopbridge.callbacks._upload_journal import (
     resume_shortcut,
 )
 from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
-from loopbridge.journal import UploadIntent, UploadJournal
+from loopbridge.journal import UploadIntent, UploadJournal, journal_file
 from loopbridge.stores import ObjectStore, S3Store
 from loopbridge.stores._process import ProcessStore
 from loopbridge.stores.keys import escape_segment, join_key
@@ -164,6 +168,7 @@ class CheckpointUploader(Callback):
             msg = f"CheckpointUploader(rank_timeout={rank_timeout!r}): give seconds, > 0"
             raise ValueError(msg)
         rank = detect_rank() if rank is None else rank
+        self.rank = rank  # detected (or given) here, as the rank this uploader acts as
         self.ranks: RankMode = ranks
         # Rank-0 saving: on the other ranks the uploader is left out of the callback list.
         self.rank_zero_only = ranks == "zero"
@@ -208,7 +213,8 @@ class CheckpointUploader(Callback):
             False,
         )
         self.snapshot = snapshot
-        self._journals = JournalBook()
+        # Sharded ranks may share an out dir (Lightning): each keeps its own journal there.
+        self._journals = JournalBook(journal_file(rank.rank if ranks == "sharded" else 0))
 
     def __repr__(self) -> str:
         return f"CheckpointUploader({self.destination!r}, keep_last={self.keep_last!r})"
@@ -273,7 +279,13 @@ class CheckpointUploader(Callback):
         # The digest is hashed as the upload reads the file, not on this thread.
         claim = claim_digest(row)
         try:
-            if self.snapshot:
+            part = self._rank_part(row)
+            if part is not None:
+                # Its own files of a shared step dir: the whole dir's digest is not ours.
+                if claim is not None:
+                    claim.release()
+                row, claim = part, claim_digest(part)
+            elif self.snapshot:
                 row = take_snapshot(row)  # the upload and the journal read the snapshot
                 if claim is not None:
                     claim.follow(row.path)
@@ -282,6 +294,13 @@ class CheckpointUploader(Callback):
             if claim is not None:
                 claim.release()
             raise
+
+    def _rank_part(self, row: ManifestRow) -> ManifestRow | None:
+        """A sharded rank's own files of a step dir that other ranks share (`_rank_files`)."""
+        sharded = self._sharded
+        if sharded is None or not sharded.rank.distributed:
+            return None
+        return take_part(row, sharded.rank.rank)
 
     def _record_and_spawn(
         self, state: LoopState, row: ManifestRow, claim: PendingDigest | None
@@ -427,7 +446,9 @@ class CheckpointUploader(Callback):
             else:
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
-                    if await asyncio.to_thread(row.path.is_dir):
+                    if await asyncio.to_thread(is_part, row.path):
+                        shards = await upload_part(self.store, row, step_prefix, sent, claim)
+                    elif await asyncio.to_thread(row.path.is_dir):
                         shards = await upload_dir(self.store, row, step_prefix, sent, claim)
                     else:
                         shards = await upload_file(self.store, row, step_prefix, sent, claim)

@@ -23,8 +23,15 @@ from loopbridge._report import DrainReport
 from loopbridge._row_digest import digest_in_background
 from loopbridge._run_policy import DrainPolicy, RunPolicy, close_run
 from loopbridge._types import LogContext, LoopArtifacts, LoopState, ManifestRow, TrainingBatch
+from loopbridge.callbacks.checkpoint_uploader import CheckpointUploader
 
-__all__ = ["ForeignRun", "step_batch"]
+__all__ = [
+    "ForeignRun",
+    "check_ranks_agree",
+    "needs_every_rank",
+    "refuse_rank_zero_only",
+    "step_batch",
+]
 
 logger = logging.getLogger("loopbridge.integrations")
 
@@ -49,6 +56,66 @@ def step_batch(
     _set_data(batch, data)
     _set_size(batch, None)
     return batch  # type: ignore[no-any-return]
+
+
+def needs_every_rank(callback: Callback) -> bool:
+    """Whether a callback only works when its hooks fire on every rank of a torchrun job.
+
+    A sharded `CheckpointUploader` (each rank uploads its own files, rank 0 waits for them),
+    and a rank-0-only callback switched on for every rank with `every_rank()`.
+    """
+    if getattr(type(callback), "rank_zero_only", False) and not callback.rank_zero_only:
+        return True
+    return isinstance(callback, CheckpointUploader) and callback.ranks == "sharded"
+
+
+def refuse_rank_zero_only(run: ForeignRun, adapter: str, world_size: int) -> None:
+    """Refuse, on every rank, an adapter firing on rank 0 alone with a callback needing all.
+
+    Raises:
+        ValueError: naming the callback and the fix (`all_ranks=True`).
+    """
+    needing = [cb for cb in run.callbacks if needs_every_rank(cb)]
+    if not needing:
+        return
+    names = ", ".join(
+        f"CheckpointUploader({cb.destination!r}, ranks='sharded')"
+        if isinstance(cb, CheckpointUploader)
+        else f"every_rank({type(cb).__name__}(...))"
+        for cb in needing
+    )
+    msg = (
+        f"{adapter}(all_ranks=False) fires the loopbridge hooks on global rank 0 only, but "
+        f"{names} needs them on every rank of this {world_size}-process job: the other ranks "
+        f"would stay silent (a sharded uploader's rank 0 would wait rank_timeout for their "
+        f"files, then fail the step). Pass {adapter}(..., all_ranks=True)"
+    )
+    raise ValueError(msg)
+
+
+def check_ranks_agree(run: ForeignRun, adapter: str, framework: str, rank: int, world: int) -> None:
+    """Refuse hooks on every rank when loopbridge took this process for another rank.
+
+    The rank is detected when the callbacks are made (`RANK`, `WORLD_SIZE`); a framework
+    that starts its own processes (Lightning without torchrun) sets them only later, or not
+    at all, and every process would then act as rank 0.
+
+    Raises:
+        ValueError: naming both ranks and the fix.
+    """
+    seen = [("the callbacks", run.callbacks.rank)]
+    for cb in run.callbacks:
+        if isinstance(cb, CheckpointUploader) and cb.ranks == "sharded":
+            seen.append((f"CheckpointUploader({cb.destination!r}, ranks='sharded')", cb.rank))
+    for what, info in seen:
+        if (info.rank, info.world_size) != (rank, world):
+            msg = (
+                f"{adapter}(all_ranks=True): {what} took this process for {info}, but "
+                f"{framework} runs it as rank {rank}/{world}, so rank-0-only callbacks and "
+                f"uploads would act as the wrong rank. Launch the job with torchrun (it sets "
+                f"RANK and WORLD_SIZE before your script creates the callbacks)"
+            )
+            raise ValueError(msg)
 
 
 class ForeignRun:

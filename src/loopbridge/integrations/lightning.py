@@ -1,11 +1,27 @@
 """loopbridge callbacks inside PyTorch Lightning: `Trainer(callbacks=[LoopbridgeCallback([...])])`.
 
 Lightning's `on_save_checkpoint` fires before the checkpoint file exists, so the adapter
-sees checkpoints where they are written: in `setup()` it wraps the strategy's current
-`CheckpointIO` (`trainer.strategy.checkpoint_io`, whatever plugin the user gave) in an
-observer that calls the inner plugin and then fires `on_checkpoint` with the finished file.
-`teardown()` (and `on_exception`) put the user's plugin back. Every save that goes through
-the strategy's CheckpointIO is seen: `ModelCheckpoint`, `trainer.save_checkpoint` during fit.
+sees checkpoints where they are written, at two levels, both set up in `setup()` and undone
+in `teardown()` (and `on_exception`):
+
+- the strategy's current `CheckpointIO` (`trainer.strategy.checkpoint_io`, whatever plugin
+  the user gave) is wrapped in an observer that calls the inner plugin and notes the file it
+  wrote. DDP calls it on global rank 0 only;
+- the strategy's `save_checkpoint` (an instance attribute over the class's method) is
+  wrapped too: FSDP's and ModelParallel's sharded saves, and a user's strategy that writes
+  torch.distributed.checkpoint directories, write on every rank without any CheckpointIO;
+- and the trainer's `save_checkpoint`, which waits at a barrier after the strategy's save.
+
+Once the save is complete (`trainer.save_checkpoint` returned; a strategy save called on its
+own, when it returns), each rank fires `on_checkpoint` exactly once for what it wrote: the
+file its CheckpointIO wrote during the save, or else the checkpoint directory the strategy
+left (a strategy that writes on every rank). A rank that wrote nothing (DDP's rank 1) fires
+nothing. A CheckpointIO called outside a strategy save fires at once. Every save during fit
+is seen: `ModelCheckpoint`, `trainer.save_checkpoint`.
+
+Under torchrun the hooks fire on global rank 0 only unless `all_ranks=True`; a callback
+that needs every rank (`CheckpointUploader(ranks="sharded")`, an `every_rank(...)` logger)
+is refused at `setup()` without it, on every rank (docs/distributed.md).
 
 The mapping of Lightning's events onto loopbridge's hooks is in docs/integrations.md.
 """
@@ -25,11 +41,17 @@ from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
-from loopbridge.integrations._run import ForeignRun, step_batch
+from loopbridge.integrations._lightning_saves import ObservedCheckpointIO, StrategySaveWatch
+from loopbridge.integrations._run import (
+    ForeignRun,
+    check_ranks_agree,
+    refuse_rank_zero_only,
+    step_batch,
+)
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
     _msg = (
         "loopbridge.integrations.lightning needs Lightning: pip install 'loopbridge[lightning]' "
@@ -94,7 +116,8 @@ class LoopbridgeCallback(pl.Callback):
         self.all_ranks = all_ranks
         self._state: LoopState | None = None  # set while a fit runs on a firing rank
         self._fires = False
-        self._observer: _ObservedCheckpointIO | None = None
+        self._observer: ObservedCheckpointIO | None = None
+        self._save_watch: StrategySaveWatch | None = None
         self._fire_step_end = self.run.callbacks.on_step_end
         self._listens = True
         self._progress: Any = None  # Lightning's optimizer-step counter, read per batch
@@ -121,12 +144,17 @@ class LoopbridgeCallback(pl.Callback):
         """Decide whether this rank fires hooks; observe the strategy's checkpoint writes."""
         if stage != "fit":
             return
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.all_ranks:
+            check_ranks_agree(self.run, "LoopbridgeCallback", "Lightning", rank, world)
+        elif world > 1:
+            refuse_rank_zero_only(self.run, "LoopbridgeCallback", world)
         self._fires = self.all_ranks or trainer.global_rank == 0
         if not self._fires:
             return
         strategy = trainer.strategy
         current = strategy.checkpoint_io
-        if isinstance(current, _ObservedCheckpointIO):
+        if isinstance(current, ObservedCheckpointIO):
             current = current.inner  # left by an earlier fit that ended abnormally
         if isinstance(current, AsyncCheckpointIO):
             msg = (
@@ -134,17 +162,21 @@ class LoopbridgeCallback(pl.Callback):
                 "checkpoint, so it could upload half a file; use the synchronous CheckpointIO"
             )
             raise ValueError(msg)
-        self._observer = _ObservedCheckpointIO(current, self, trainer)
+        self._observer = ObservedCheckpointIO(current, self, trainer)
         strategy.checkpoint_io = self._observer
+        self._save_watch = StrategySaveWatch(strategy, self, trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give the strategy its own CheckpointIO back."""
+        """Give the strategy its own CheckpointIO and `save_checkpoint` back."""
         self._unobserve(trainer)
 
     def _unobserve(self, trainer: pl.Trainer) -> None:
         observer, self._observer = self._observer, None
         if observer is not None and trainer.strategy.checkpoint_io is observer:
             trainer.strategy.checkpoint_io = observer.inner
+        watch, self._save_watch = self._save_watch, None
+        if watch is not None:
+            watch.restore()
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -239,7 +271,15 @@ class LoopbridgeCallback(pl.Callback):
         self._state = None
         self.run.fail(RuntimeError("LoopbridgeCallback.close() with the run still open"))
 
-    # -- checkpoints (called by the observer) ------------------------------------------------
+    # -- checkpoints (called by the observers) -----------------------------------------------
+
+    def _written(self, trainer: pl.Trainer, path: str, step: int) -> None:
+        """The CheckpointIO wrote `path`: fire now, or once the strategy's save returned."""
+        watch = self._save_watch
+        if watch is not None and watch.saving:
+            watch.written.append(path)
+        else:
+            self._saved(trainer, path, step)
 
     def _saved(self, trainer: pl.Trainer, path: str, step: int) -> None:
         """A checkpoint file is completely written: fire `on_checkpoint`."""
@@ -274,33 +314,6 @@ class LoopbridgeCallback(pl.Callback):
             if state is not None:
                 state.request_stop(reason)
             trainer.should_stop = True
-
-
-class _ObservedCheckpointIO(CheckpointIO):
-    """The user's CheckpointIO, and a call to the adapter once each save has returned."""
-
-    def __init__(self, inner: CheckpointIO, adapter: LoopbridgeCallback, trainer: Any) -> None:
-        super().__init__()
-        self.inner = inner
-        self._adapter = adapter
-        self._trainer = trainer
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        step = checkpoint.get("global_step", self._trainer.global_step)
-        self._adapter._saved(self._trainer, str(path), int(step))
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        loaded: dict[str, Any] = self.inner.load_checkpoint(*args, **kwargs)
-        return loaded
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
 
 
 def _step_sources(trainer: Any, pl_module: Any) -> tuple[Any, Any]:

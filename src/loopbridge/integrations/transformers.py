@@ -27,7 +27,12 @@ from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
-from loopbridge.integrations._run import ForeignRun, step_batch
+from loopbridge.integrations._run import (
+    ForeignRun,
+    check_ranks_agree,
+    refuse_rank_zero_only,
+    step_batch,
+)
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -119,6 +124,11 @@ class LoopbridgeTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         """Fire `on_run_start` and `on_train_start`."""
+        if self.all_ranks:
+            where = (args.process_index, args.world_size)
+            check_ranks_agree(self.run, "LoopbridgeTrainerCallback", "transformers", *where)
+        elif args.world_size > 1:
+            refuse_rank_zero_only(self.run, "LoopbridgeTrainerCallback", args.world_size)
         if not (self.all_ranks or state.is_world_process_zero):
             return
         out_dir = Path(args.output_dir or ".")
