@@ -21,11 +21,11 @@ def _ignore() -> None:
     """An on_retry callback that counts nothing."""
 
 
-def _client_error(code: str, status: int) -> Exception:
+def _client_error(code: str, status: int, message: str = "m") -> Exception:
     from botocore.exceptions import ClientError
 
     response: Any = {
-        "Error": {"Code": code, "Message": "m"},
+        "Error": {"Code": code, "Message": message},
         "ResponseMetadata": {"HTTPStatusCode": status},
     }
     error: Exception = ClientError(response, "PutObject")
@@ -56,10 +56,11 @@ class TestClassification:
             ("NoSuchBucket", 404),
             ("InvalidArgument", 400),
             ("BadDigest", 400),
+            ("NotImplemented", 501),
         ],
     )
     def test_permanent_answers(self, code: str, status: int) -> None:
-        """403, NoSuchBucket and other 4xx are not."""
+        """403, NoSuchBucket and other 4xx are not, nor 501 NotImplemented."""
         assert not is_transient(_client_error(code, status))
 
     def test_network_failures_are_transient(self) -> None:
@@ -118,6 +119,35 @@ class TestCallWithRetries:
                 call, policy=RetryPolicy(), what="S3 PutObject s3://b/k", key="k", on_retry=_ignore
             )
         assert len(calls) == 1
+
+    @pytest.mark.parametrize(
+        ("code", "status", "message", "hint"),
+        [
+            ("InvalidRequest", 400, "Unsupported checksum algorithm CRC32C", "checksum='crc32'"),
+            ("InvalidArgument", 400, "x-amz-checksum-crc32c is not valid", "checksum='crc32'"),
+            ("NotImplemented", 501, "A header you provided is not implemented", "'none'"),
+            ("BadDigest", 400, "The CRC32C you specified did not match", "not trusted"),
+            ("XAmzContentChecksumMismatch", 400, "checksum mismatch", "not trusted"),
+            ("InvalidRequest", 400, "Missing required header", "will not succeed if repeated"),
+        ],
+    )
+    async def test_a_refused_checksum_names_the_option_that_changes_it(
+        self, code: str, status: int, message: str, hint: str
+    ) -> None:
+        """A store that rejects the body's checksum gets the fix: checksum='crc32' or 'none';
+        a mismatch is not blamed on the option."""
+
+        async def call() -> None:
+            raise _client_error(code, status, message)
+
+        with pytest.raises(PermanentStoreError) as caught:
+            await call_with_retries(
+                call, policy=RetryPolicy(), what="S3 PutObject s3://b/k", key="k", on_retry=_ignore
+            )
+        assert hint in str(caught.value)
+        assert message in str(caught.value)
+        if hint == "not trusted":
+            assert "checksum='crc32'" not in str(caught.value)
 
     async def test_transient_errors_retry_until_success_and_are_counted(self) -> None:
         """Two 500s then success: three calls, two counted retries."""

@@ -195,6 +195,16 @@ class TestRoundTrip:
         assert create.headers.get("x-amz-checksum-algorithm") == sent.upper()
         assert all(not ({*names} - {header}) & set(r.headers) for r in [*parts, single])
 
+    async def test_a_store_refusing_the_checksum_says_how_to_change_it(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy, tmp_path: Path
+    ) -> None:
+        """A server that rejects x-amz-checksum-crc32c: one request, and the fix named."""
+        refused = Status(400, "InvalidRequest", "Unsupported checksum algorithm: CRC32C")
+        fault_proxy.add(FaultRule((refused,), method="PUT"))
+        with pytest.raises(PermanentStoreError, match=r"checksum='crc32' or 'none'"):
+            await make_store().put_bytes("k/marker", b"{}")
+        assert len(fault_proxy.requests("PUT")) == 1
+
     def test_a_checksum_that_is_not_one_is_refused_naming_the_choices(self) -> None:
         """checksum= takes 'crc32c', 'crc32' or 'none'."""
         with pytest.raises(ValueError, match=r"checksum='md5'.*'crc32c', 'crc32' or 'none'"):

@@ -88,6 +88,11 @@ def is_slowdown(exc: BaseException | None) -> bool:
     return code in _SLOWDOWN_CODES or status in {429, 503}
 
 
+# 501 NotImplemented: the store lacks what a header asks for (a checksum algorithm, say);
+# asking again does not add it.
+_NEVER_TRANSIENT = frozenset({"NotImplemented"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed call may succeed if repeated: 5xx, throttling, resets, timeouts."""
     if isinstance(exc, StoreError):
@@ -97,6 +102,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     code, status = error_code(exc)
     if code is not None or status is not None:
+        if code in _NEVER_TRANSIENT:
+            return False
         return code in _TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429))
     try:
         import aiohttp
@@ -145,6 +152,9 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
 
 
+_CHECKSUM_MISMATCH = frozenset({"BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"})
+
+
 def _permanent_hint(exc: BaseException) -> str:
     """What the user can do about a permanent refusal."""
     code, status = error_code(exc)
@@ -154,6 +164,14 @@ def _permanent_hint(exc: BaseException) -> str:
         return "check the AWS credentials configured for this process"
     if status == 403 or code == "AccessDenied":
         return "check that the credentials may write and list this bucket and prefix"
+    if code in _CHECKSUM_MISMATCH:
+        return "the store computed another checksum for the body than was sent: not trusted"
+    if code == "NotImplemented" or "checksum" in _describe(exc).lower():
+        return (
+            "if this store does not take the CRC32C checksum sent with each body, set the S3 "
+            "option checksum='crc32' or 'none' (CheckpointUploader(store_options="
+            "{'checksum': 'crc32'}), loopbridge resume --store-option checksum=crc32)"
+        )
     return "this request will not succeed if repeated; check the destination and its settings"
 
 
