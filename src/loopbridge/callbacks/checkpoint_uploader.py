@@ -26,6 +26,8 @@ deadline, leaves no marker and no manifest entry, and everything under its step 
 deleted (listed, not remembered, so an object stored although its reply was lost goes too;
 unfinished multipart uploads are aborted). If that clean-up fails as well, it is logged and
 added to the checkpoint's error, and `loopbridge resume` removes the leftovers later.
+The hooks here run on the training thread and only record and queue; each checkpoint's
+upload runs on the bridge's loop (`callbacks/_checkpoint_tasks.py`).
 Uploads overlap (up to two checkpoints send bytes at once, which hides the server's work
 of assembling the previous one), but a run's checkpoints publish strictly in order: each
 waits for the one before it to finish, published or failed. Runs upload independently.
@@ -51,8 +53,6 @@ keeps its own journal in the out dir (`journal.journal_file`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 from loopbridge._bridge import Bridge
 from loopbridge._callback import Callback
-from loopbridge._exceptions import IntegrityError, JournalError, StoreError
+from loopbridge._exceptions import JournalError
 from loopbridge._ranks import RankInfo, detect_rank
 from loopbridge._row_digest import PendingDigest, claim_digest
 from loopbridge._types import (
@@ -72,19 +72,18 @@ from loopbridge._types import (
     ManifestRow,
     RunResult,
 )
+from loopbridge.callbacks._checkpoint_tasks import CheckpointTasks
 from loopbridge.callbacks._preflight import check_destination
-from loopbridge.callbacks._publish import MARKER, Publisher, Shard
-from loopbridge.callbacks._rank_files import is_part, take_part, upload_part
+from loopbridge.callbacks._publish import Publisher
+from loopbridge.callbacks._rank_files import take_part
 from loopbridge.callbacks._run_chain import RunChains, wait_for
 from loopbridge.callbacks._sharded import RankMode, ShardedCommit
-from loopbridge.callbacks._snapshot import release_snapshot, take_snapshot
+from loopbridge.callbacks._snapshot import take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
-from loopbridge.callbacks._transfer import digest_known, upload_dir, upload_file
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
     JournalEntry,
     journal_options,
-    resume_shortcut,
 )
 from loopbridge.callbacks._upload_stats import UploadSummary, UploadTally
 from loopbridge.journal import UploadIntent, UploadJournal, journal_file
@@ -96,8 +95,6 @@ from loopbridge.stores.s3 import MiB
 __all__ = ["CheckpointUploader", "UploadSummary"]
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINTS_IN_FLIGHT = 2
 
 
 class CheckpointUploader(Callback):
@@ -202,9 +199,10 @@ class CheckpointUploader(Callback):
         self._ctx: LogContext | None = None
         self._bridge_with_close: Bridge | None = None
         self._tally = UploadTally()
-        # The last link of each run's chain (training thread only), and per-loop limits.
+        # The background half: each checkpoint's upload task, on the bridge's loop.
+        self._tasks = CheckpointTasks(store, self._publisher, self._sharded, self._tally)
+        # The last link of each run's chain (training thread only).
         self._chains = RunChains()
-        self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._retries_at_start = store.retries
         self.journal = journal
         self.preflight, self.preflight_timeout, self._preflight_ok = (
@@ -342,7 +340,7 @@ class CheckpointUploader(Callback):
         again = "resume " if resume else ""
         self._spawn_in_order(
             run_prefix,
-            lambda previous: self._upload(
+            lambda previous: self._tasks.upload(
                 row, run_prefix, previous, entry, resume=resume, claim=claim
             ),
             name=f"{again}upload step {row.step} to {self.store.url}/{run_prefix}",
@@ -396,7 +394,7 @@ class CheckpointUploader(Callback):
                 store refused, or what was uploaded does not match).
         """
         entry = JournalEntry(journal, intent.id)
-        return await self._upload(intent.row, intent.run_prefix, None, entry, resume=True)
+        return await self._tasks.upload(intent.row, intent.run_prefix, None, entry, resume=True)
 
     async def sweep_unpublished(self, run_prefix: str) -> list[str]:
         """Delete what failed uploads left under the run's unpublished steps; return them.
@@ -411,116 +409,6 @@ class CheckpointUploader(Callback):
             # Other ranks' parts of a step wait there, unpublished, until rank 0 publishes it.
             return []
         return await self._publisher.sweep_unpublished(run_prefix)
-
-    # -- background work (bridge loop) -----------------------------------------------------
-
-    async def _upload(
-        self,
-        row: ManifestRow,
-        run_prefix: str,
-        previous: Future[None] | None,
-        entry: JournalEntry | None = None,
-        *,
-        resume: bool = False,
-        claim: PendingDigest | None = None,
-    ) -> int:
-        """Upload, verify and publish one checkpoint; clean up what it sent if it fails.
-
-        With `claim`, the row's digest is computed here from the bytes read for upload.
-        """
-        self._tally.busy(+1)
-        step_dir = f"step-{row.step:08d}"
-        step_prefix = join_key(run_prefix, step_dir)
-        sent: list[str] = []
-        total = 0
-        try:
-            if entry is not None:
-                entry.attempt()
-            done = None
-            if resume and self._sharded is not None:
-                done = await self._sharded.resume_shortcut(self.store, row, step_prefix)
-            elif resume:
-                done = await resume_shortcut(self.store, row, step_prefix, MARKER)
-            if done is not None:
-                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
-            else:
-                # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
-                async with self._slots():
-                    if await asyncio.to_thread(is_part, row.path):
-                        shards = await upload_part(self.store, row, step_prefix, sent, claim)
-                    elif await asyncio.to_thread(row.path.is_dir):
-                        shards = await upload_dir(self.store, row, step_prefix, sent, claim)
-                    else:
-                        shards = await upload_file(self.store, row, step_prefix, sent, claim)
-                total = sum(shard.size for shard in shards)
-                row = await digest_known(row, shards, entry)
-            size = sum(shard.size for shard in shards)
-            if size != row.size_bytes:
-                msg = (
-                    f"checkpoint step {row.step} at {row.path}: uploaded {size} bytes, but the "
-                    f"manifest row says {row.size_bytes}; it was modified after it was saved"
-                )
-                raise IntegrityError(msg, key=step_prefix)
-            sharded = self._sharded
-            if sharded is not None:
-                files = [shard.to_json() for shard in shards]
-                await sharded.commit(self.store, row, step_prefix, files, sent)
-            if previous is not None:
-                await wait_for(previous)
-            if sharded is None:
-                await self._publisher.publish(row, run_prefix, step_dir, shards)
-            elif sharded.publishes:
-                whole, files = await sharded.gather(self.store, row, step_prefix)
-                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
-                await self._publisher.publish(whole, run_prefix, step_dir, shards)
-            if entry is not None:
-                entry.published()
-            await asyncio.to_thread(release_snapshot, row.path)
-        except Exception as exc:
-            if self._sharded is not None:
-                await self._sharded.report_failure(self.store, row, step_prefix, exc)
-            await self._discard(row, step_prefix, sent, exc)
-            if claim is not None and entry is not None and not claim.future.done():
-                # The journal keeps the save-time digest for the resume that retries it.
-                with contextlib.suppress(Exception):
-                    entry.digest_known(await asyncio.to_thread(claim.compute))
-            if entry is None:  # nothing will retry it; an open journal intent keeps it
-                await asyncio.to_thread(release_snapshot, row.path)
-            if entry is not None:
-                entry.failed(exc)
-            self._tally.failed(row.step, exc)
-            raise
-        except asyncio.CancelledError as exc:
-            # Cancelled by the drain's deadline: still clear what was sent, briefly.
-            await self._discard(row, step_prefix, sent, exc)
-            raise
-        finally:
-            if claim is not None:
-                claim.release()  # a no-op once the digest is known
-            self._tally.busy(-1)
-            if entry is not None:
-                entry.done()
-        self._tally.published(total)
-        return total
-
-    async def _discard(
-        self, row: ManifestRow, step_prefix: str, sent: list[str], error: BaseException
-    ) -> None:
-        """Delete a failed checkpoint's objects; if that fails too, say so in `error`."""
-        try:
-            if self._sharded is None:
-                await self._publisher.discard(step_prefix, sent)
-            else:  # this rank's files only: the step's other files are other ranks'
-                await self._sharded.discard(self.store, row, step_prefix, sent)
-        except StoreError as exc:
-            logger.error("checkpoint %s failed (%s), and %s", step_prefix, error, exc)
-            # Its type kept, so callers still tell a refusal from an integrity failure.
-            error.args = (f"{error}; and {exc}",)
-
-    def _slots(self) -> asyncio.Semaphore:
-        """The running loop's limit on checkpoints sending bytes at once."""
-        loop = asyncio.get_running_loop()
-        return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
     async def _log_summary(self, run_prefix: str, previous: Future[None] | None) -> None:
         """Log the uploader's summary once a run's uploads are done."""

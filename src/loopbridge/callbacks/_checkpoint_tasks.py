@@ -1,0 +1,162 @@
+"""One checkpoint's upload, on the bridge's loop: send, verify, publish in order, or clean up.
+
+`CheckpointTasks.upload` is the background half of `CheckpointUploader`: the hooks record a
+checkpoint and queue this on its run's chain (`_run_chain`). It sends the bytes (a file, a
+directory of shards, or a rank's part of a shared one), checks sizes and the digest, waits
+for the checkpoint before it in the run, then publishes (`_publish`; under torchrun's
+sharded mode through `_sharded`), and marks the journal. A failure or a cancellation deletes
+what it sent; the error keeps its type and says if even that clean-up failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import Future
+
+from loopbridge._exceptions import IntegrityError, StoreError
+from loopbridge._row_digest import PendingDigest
+from loopbridge._types import ManifestRow
+from loopbridge.callbacks._publish import MARKER, Publisher, Shard
+from loopbridge.callbacks._rank_files import is_part, upload_part
+from loopbridge.callbacks._run_chain import wait_for
+from loopbridge.callbacks._sharded import ShardedCommit
+from loopbridge.callbacks._snapshot import release_snapshot
+from loopbridge.callbacks._transfer import digest_known, upload_dir, upload_file
+from loopbridge.callbacks._upload_journal import JournalEntry, resume_shortcut
+from loopbridge.callbacks._upload_stats import UploadTally
+from loopbridge.stores import ObjectStore
+from loopbridge.stores.keys import join_key
+
+__all__ = ["CheckpointTasks"]
+
+logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
+
+_CHECKPOINTS_IN_FLIGHT = 2
+
+
+class CheckpointTasks:
+    """The uploads of one `CheckpointUploader`: its store, publisher, ranks and tally."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        publisher: Publisher,
+        sharded: ShardedCommit | None,
+        tally: UploadTally,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.sharded = sharded
+        self.tally = tally
+        self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+    async def upload(
+        self,
+        row: ManifestRow,
+        run_prefix: str,
+        previous: Future[None] | None,
+        entry: JournalEntry | None = None,
+        *,
+        resume: bool = False,
+        claim: PendingDigest | None = None,
+    ) -> int:
+        """Upload, verify and publish one checkpoint; clean up what it sent if it fails.
+
+        With `claim`, the row's digest is computed here from the bytes read for upload.
+        Returns the bytes sent.
+        """
+        self.tally.busy(+1)
+        step_dir = f"step-{row.step:08d}"
+        step_prefix = join_key(run_prefix, step_dir)
+        sent: list[str] = []
+        total = 0
+        try:
+            if entry is not None:
+                entry.attempt()
+            done = None
+            if resume and self.sharded is not None:
+                done = await self.sharded.resume_shortcut(self.store, row, step_prefix)
+            elif resume:
+                done = await resume_shortcut(self.store, row, step_prefix, MARKER)
+            if done is not None:
+                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
+            else:
+                # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
+                async with self._slots():
+                    if await asyncio.to_thread(is_part, row.path):
+                        shards = await upload_part(self.store, row, step_prefix, sent, claim)
+                    elif await asyncio.to_thread(row.path.is_dir):
+                        shards = await upload_dir(self.store, row, step_prefix, sent, claim)
+                    else:
+                        shards = await upload_file(self.store, row, step_prefix, sent, claim)
+                total = sum(shard.size for shard in shards)
+                row = await digest_known(row, shards, entry)
+            size = sum(shard.size for shard in shards)
+            if size != row.size_bytes:
+                msg = (
+                    f"checkpoint step {row.step} at {row.path}: uploaded {size} bytes, but the "
+                    f"manifest row says {row.size_bytes}; it was modified after it was saved"
+                )
+                raise IntegrityError(msg, key=step_prefix)
+            sharded = self.sharded
+            if sharded is not None:
+                files = [shard.to_json() for shard in shards]
+                await sharded.commit(self.store, row, step_prefix, files, sent)
+            if previous is not None:
+                await wait_for(previous)
+            if sharded is None:
+                await self.publisher.publish(row, run_prefix, step_dir, shards)
+            elif sharded.publishes:
+                whole, files = await sharded.gather(self.store, row, step_prefix)
+                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+                await self.publisher.publish(whole, run_prefix, step_dir, shards)
+            if entry is not None:
+                entry.published()
+            await asyncio.to_thread(release_snapshot, row.path)
+        except Exception as exc:
+            if self.sharded is not None:
+                await self.sharded.report_failure(self.store, row, step_prefix, exc)
+            await self._discard(row, step_prefix, sent, exc)
+            if claim is not None and entry is not None and not claim.future.done():
+                # The journal keeps the save-time digest for the resume that retries it.
+                with contextlib.suppress(Exception):
+                    entry.digest_known(await asyncio.to_thread(claim.compute))
+            if entry is None:  # nothing will retry it; an open journal intent keeps it
+                await asyncio.to_thread(release_snapshot, row.path)
+            if entry is not None:
+                entry.failed(exc)
+            self.tally.failed(row.step, exc)
+            raise
+        except asyncio.CancelledError as exc:
+            # Cancelled by the drain's deadline: still clear what was sent, briefly.
+            await self._discard(row, step_prefix, sent, exc)
+            raise
+        finally:
+            if claim is not None:
+                claim.release()  # a no-op once the digest is known
+            self.tally.busy(-1)
+            if entry is not None:
+                entry.done()
+        self.tally.published(total)
+        return total
+
+    async def _discard(
+        self, row: ManifestRow, step_prefix: str, sent: list[str], error: BaseException
+    ) -> None:
+        """Delete a failed checkpoint's objects; if that fails too, say so in `error`."""
+        try:
+            if self.sharded is None:
+                await self.publisher.discard(step_prefix, sent)
+            else:  # this rank's files only: the step's other files are other ranks'
+                await self.sharded.discard(self.store, row, step_prefix, sent)
+        except StoreError as exc:
+            logger.error("checkpoint %s failed (%s), and %s", step_prefix, error, exc)
+            # Its type kept, so callers still tell a refusal from an integrity failure.
+            error.args = (f"{error}; and {exc}",)
+
+    def _slots(self) -> asyncio.Semaphore:
+        """The running loop's limit on checkpoints sending bytes at once."""
+        loop = asyncio.get_running_loop()
+        return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
