@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests.integration.torchrun_job import TORCHRUN, free_port
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 EVAL_EVERY = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _torchrun(framework: str, out: Path, *extra: str) -> list[dict[str, object]]:
@@ -30,7 +21,7 @@ def _torchrun(framework: str, out: Path, *extra: str) -> list[dict[str, object]]
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(WORKER),
         framework,
         str(out),
