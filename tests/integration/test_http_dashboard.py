@@ -325,6 +325,28 @@ class TestExperimentEvents:
         assert bench_event["breakdowns"] == {"easy": {"acc": 1.0}}
         assert dashboard_server.posts()[0].json()["run"]["experiment"] == "exp"
 
+    def test_every_batch_of_a_run_carries_its_run_id(
+        self, dashboard_server: DashboardServer, bridge: Bridge, tmp_path: Path
+    ) -> None:
+        """Nothing is posted between on_run_start and on_train_start (the run_id is not known
+        yet), however long that takes: all the run's batches carry one run_id."""
+        dash = HttpDashboard(dashboard_server.url)
+        hooks = lb.CallbackList([dash], bridge=bridge)
+        ctx = lb.LogContext("exp", run_name="run-a")
+        hooks.on_run_start(ctx)
+        assert bridge.drain(timeout=10).ok  # whatever was spawned by now has run
+        assert dashboard_server.posts() == []
+        state = LoopState(run_name="run-a", run_id="id-a", max_steps=2, out_dir=tmp_path)
+        hooks.on_train_start(state)
+        hooks.on_step_end(state, 0, TrainingBatch(0, None), {"loss": 1.0})
+        hooks.on_run_end(ctx, lb.RunResult("run-a", lb.RunStatus.COMPLETED), lb.ArmResult("a", {}))
+        assert bridge.drain(timeout=10).ok
+        posts = [post.json() for post in dashboard_server.posts()]
+        assert {post["run"]["run_id"] for post in posts} == {"id-a"}
+        kinds = [e["type"] for post in posts for e in post["events"]]
+        assert kinds[:2] == ["run_start", "train_start"]
+        assert kinds[-1] == "run_end"
+
 
 def save_weights(state: lb.LoopState, path: Path) -> None:
     """A checkpoint of a few bytes."""

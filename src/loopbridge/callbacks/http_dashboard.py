@@ -185,7 +185,9 @@ class HttpDashboard(Callback):
                 **_rank_of(ctx.rank, ctx.world_size),
             }
         )
-        self._event(stream, {"type": "run_start", "config": ctx.run_config})
+        # Held until train_start (or run_end): a batch posted now would carry no run_id, and
+        # the run's later batches would then look like another run's.
+        self._event(stream, {"type": "run_start", "config": ctx.run_config}, post=False)
 
     def on_train_start(self, state: LoopState) -> None:
         """Start the run's pump on the bridge and queue the train_start event."""
@@ -332,12 +334,12 @@ class HttpDashboard(Callback):
         self._stream = stream
         return stream
 
-    def _event(self, stream: RunStream, event: dict[str, Any]) -> None:
+    def _event(self, stream: RunStream, event: dict[str, Any], *, post: bool = True) -> None:
         now = time.time()
         event["seq"] = stream.next_seq()
         event["time"] = now
         stream.events.append((event["seq"], now, event))
-        if not stream.pump_running:
+        if post and not stream.pump_running:
             self._start_pump(stream)
 
     def _drop_oldest(self, stream: RunStream) -> None:
