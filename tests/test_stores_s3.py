@@ -562,3 +562,41 @@ class TestConfiguration:
         store = S3Store("bucket")
         with pytest.raises(MissingExtraError, match=r"install loopbridge\[s3\]"):
             await store.put_bytes("k", b"x")
+
+
+class TestChecksumChoice:
+    """Which CRC a store sends, by option, AWS setting and what google-crc32c offers."""
+
+    def test_without_a_hardware_crc32c_the_default_is_crc32(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No google-crc32c C implementation: CRC32 by default; asking for CRC32C says how."""
+        from loopbridge.stores import _s3_client
+
+        monkeypatch.setattr(_s3_client, "_hardware_crc32c", lambda: False)
+        assert _s3_client.resolve_checksum(None) is _s3_client.CRC32
+        assert _s3_client.resolve_checksum("crc32") is _s3_client.CRC32
+        assert _s3_client.resolve_checksum("none") is None
+        with pytest.raises(ValueError, match=r"pip install 'loopbridge\[s3\]'.*checksum='crc32'"):
+            _s3_client.resolve_checksum("crc32c")
+
+    def test_with_it_the_default_is_crc32c_unless_aws_says_when_required(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The s3 extra's google-crc32c makes CRC32C the default; the AWS setting turns it off."""
+        from loopbridge.stores import _s3_client
+
+        assert _s3_client.resolve_checksum(None) is _s3_client.CRC32C
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+        assert _s3_client.resolve_checksum(None) is None
+        assert _s3_client.resolve_checksum("crc32c") is _s3_client.CRC32C
+
+    def test_composite_checksums_follow_s3s_rule(self) -> None:
+        """A multipart object's checksum is the CRC of its parts' CRCs, then -N."""
+        from loopbridge.stores._s3_client import CRC32, CRC32C
+
+        parts = [b"a" * 100, b"b" * 50]
+        for crc, compute in ((CRC32, zlib.crc32), (CRC32C, google_crc32c.value)):
+            raw = b"".join(compute(p).to_bytes(4, "big") for p in parts)
+            expected = base64.b64encode(compute(raw).to_bytes(4, "big")).decode() + "-2"
+            assert crc.composite([crc.header(p) for p in parts]) == expected
