@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from loopbridge._callback import Callback
 from loopbridge._taskkey import TaskKey
@@ -63,6 +62,7 @@ from loopbridge.callbacks._http import (
     HttpRetryPolicy,
     RetryingClient,
 )
+from loopbridge.callbacks._mlflow_artifacts import ArtifactWriter
 from loopbridge.callbacks._mlflow_limits import (
     MAX_METRICS_PER_BATCH,
     MAX_TAGS_PER_BATCH,
@@ -73,9 +73,6 @@ from loopbridge.callbacks._mlflow_limits import (
     mlflow_value,
 )
 from loopbridge.callbacks._redact import Redactor, safe_url
-from loopbridge.stores.local import LocalStore
-from loopbridge.stores.protocol import ObjectStore
-from loopbridge.stores.s3 import S3Store
 
 if TYPE_CHECKING:
     from loopbridge._bridge import Bridge
@@ -168,9 +165,9 @@ class MLflowLogger(Callback):
         self._run: _Run | None = None
         # Shortened keys, filled on the bridge loop: original -> short.
         self._limits = KeyShortener()
-        self._store_options = dict(artifact_store_options or {})
-        # Artifact stores by root (an S3 bucket or a local directory), used on the bridge loop.
-        self._stores: dict[str, ObjectStore] = {}
+        self._artifacts = ArtifactWriter(
+            self._base, self._clients, artifact_store_options or {}, self._report_loss
+        )
 
     def __repr__(self) -> str:
         return f"MLflowLogger({self._safe_base!r})"
@@ -346,7 +343,7 @@ class MLflowLogger(Callback):
             # A plain TrainLoop whose step raised never reaches on_train_end; its bridge
             # closes on the way out, and the run must not stay RUNNING forever.
             bridge.add_shutdown_callback(self._fail_open_run)
-            bridge.add_shutdown_callback(self._close_stores)
+            bridge.add_shutdown_callback(self._artifacts.aclose)
         self._clients.register(bridge)
 
     def _experiment_for(self, ctx: LogContext) -> str:
@@ -467,7 +464,7 @@ class MLflowLogger(Callback):
             await self._api("POST", "runs/log-batch", body=batch)
         if long_values:
             content = json.dumps(long_values, indent=1, sort_keys=True).encode()
-            await self._put_artifact(info, "loopbridge/long_values.json", content)
+            await self._artifacts.put(info, "loopbridge/long_values.json", content)
 
     async def _log_rows(self, run: _Run, rows: list[_Row], tags: dict[str, str]) -> None:
         """Send queued metric rows (and tags) as log-batch requests within MLflow's limits."""
@@ -499,66 +496,17 @@ class MLflowLogger(Callback):
             await self._api("POST", "runs/log-batch", body=batch)
         if long_values:
             content = json.dumps(long_values, indent=1, sort_keys=True).encode()
-            await self._put_artifact(
+            await self._artifacts.put(
                 {"artifact_uri": run.artifact_uri}, "loopbridge/long_tag_values.json", content
             )
 
     async def _upload(self, run: _Run, path: str, content: bytes) -> None:
-        await self._put_artifact({"artifact_uri": run.artifact_uri}, path, content)
+        await self._artifacts.put({"artifact_uri": run.artifact_uri}, path, content)
 
-    async def _put_artifact(self, info: Mapping[str, Any], path: str, content: bytes) -> None:
-        """Store an artifact where the run's artifact URI says, as the mlflow client would."""
-        uri = str(info.get("artifact_uri", ""))
-        parts = urlsplit(uri)
-        if parts.scheme == "mlflow-artifacts":
-            await self._put_proxied(parts.path, path, content)
-            return
-        if parts.scheme == "s3" and parts.netloc:
-            store = self._store(f"s3://{parts.netloc}", lambda: self._s3_store(parts.netloc))
-            key = f"{parts.path.strip('/')}/{path}".lstrip("/")
-        elif parts.scheme == "file" or (not parts.scheme and uri.startswith("/")):
-            root = unquote(parts.path) if parts.scheme == "file" else uri
-            store = self._store(root, lambda: LocalStore(root))
-            key = path
-        else:
-            detail = (
-                f"artifact {path!r} not stored: the run's artifact root {uri!r} is neither "
-                f"mlflow-artifacts:, s3:// nor a local path; start the server with "
-                f"--serve-artifacts to proxy it"
-            )
-            bridge = self._clients.bridge
-            if bridge is not None:
-                bridge.report_loss(_SOURCE, 1, detail)
-            return
-        await store.put_bytes(key, content, content_type="application/json")
-
-    def _store(self, root: str, make: Any) -> ObjectStore:
-        store = self._stores.get(root)
-        if store is None:
-            store = self._stores[root] = make()
-        return store
-
-    def _s3_store(self, bucket: str) -> S3Store:
-        options = dict(self._store_options)
-        # mlflow's own S3 artifact repository reads this variable; so do we.
-        endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-        if endpoint and "endpoint_url" not in options:
-            options["endpoint_url"] = endpoint
-        return S3Store(bucket, **options)
-
-    async def _close_stores(self) -> None:
-        """At bridge close: release the artifact stores' clients opened on its loop."""
-        for store in self._stores.values():
-            await store.aclose()
-
-    async def _put_proxied(self, artifact_path: str, path: str, content: bytes) -> None:
-        """PUT a file through the server's proxied artifact API (`--serve-artifacts`)."""
-        root = artifact_path.strip("/")
-        url = f"{self._base}/api/2.0/mlflow-artifacts/artifacts/{quote(root)}/{quote(path)}"
-        client = self._clients.get()
-        await client.request(
-            "PUT", url, content=content, headers={"content-type": "application/json"}
-        )
+    def _report_loss(self, count: int, detail: str) -> None:
+        bridge = self._clients.bridge
+        if bridge is not None:
+            bridge.report_loss(_SOURCE, count, detail)
 
     async def _end_run(self, run_id: str, status: str) -> None:
         body = {"run_id": run_id, "status": status, "end_time": int(time.time() * 1000)}
