@@ -7,26 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.integration.torchrun_job import TORCHRUN, free_port
+from tests.integration.torchrun_job import torchrun_command
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 EVAL_EVERY = 4
 
 
 def _torchrun(framework: str, out: Path, *extra: str) -> list[dict[str, object]]:
-    command = [
-        str(TORCHRUN),
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(WORKER),
-        framework,
-        str(out),
-        *extra,
-    ]
+    command = torchrun_command(WORKER, framework, str(out), *extra)
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         command, cwd=root, capture_output=True, text=True, timeout=110, check=False

@@ -32,6 +32,21 @@ def free_port() -> int:
         return port
 
 
+def torchrun_command(worker: Path, *args: str) -> list[str]:
+    """`torchrun` with two CPU ranks on loopback, running `worker` with `args`."""
+    return [
+        str(TORCHRUN),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(worker),
+        *args,
+    ]
+
+
 class TorchrunJob:
     """A `torchrun --nproc-per-node 2` job of `worker`, its config and its output."""
 
@@ -42,17 +57,7 @@ class TorchrunJob:
         config_path = base / "config.json"
         config_path.write_text(json.dumps(self.config))
         self.log = base / "torchrun.log"
-        command = [
-            str(TORCHRUN),
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            str(worker),
-            str(config_path),
-        ]
+        command = torchrun_command(worker, str(config_path))
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
