@@ -571,29 +571,29 @@ class TestChecksumChoice:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """No google-crc32c C implementation: CRC32 by default; asking for CRC32C says how."""
-        from loopbridge.stores import _s3_client
+        from loopbridge.stores import _checksums
 
-        monkeypatch.setattr(_s3_client, "_hardware_crc32c", lambda: False)
-        assert _s3_client.resolve_checksum(None) is _s3_client.CRC32
-        assert _s3_client.resolve_checksum("crc32") is _s3_client.CRC32
-        assert _s3_client.resolve_checksum("none") is None
+        monkeypatch.setattr(_checksums, "_hardware_crc32c", lambda: False)
+        assert _checksums.resolve_checksum(None) is _checksums.CRC32
+        assert _checksums.resolve_checksum("crc32") is _checksums.CRC32
+        assert _checksums.resolve_checksum("none") is None
         with pytest.raises(ValueError, match=r"pip install 'loopbridge\[s3\]'.*checksum='crc32'"):
-            _s3_client.resolve_checksum("crc32c")
+            _checksums.resolve_checksum("crc32c")
 
     def test_with_it_the_default_is_crc32c_unless_aws_says_when_required(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The s3 extra's google-crc32c makes CRC32C the default; the AWS setting turns it off."""
-        from loopbridge.stores import _s3_client
+        from loopbridge.stores import _checksums
 
-        assert _s3_client.resolve_checksum(None) is _s3_client.CRC32C
+        assert _checksums.resolve_checksum(None) is _checksums.CRC32C
         monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
-        assert _s3_client.resolve_checksum(None) is None
-        assert _s3_client.resolve_checksum("crc32c") is _s3_client.CRC32C
+        assert _checksums.resolve_checksum(None) is None
+        assert _checksums.resolve_checksum("crc32c") is _checksums.CRC32C
 
     def test_composite_checksums_follow_s3s_rule(self) -> None:
         """A multipart object's checksum is the CRC of its parts' CRCs, then -N."""
-        from loopbridge.stores._s3_client import CRC32, CRC32C
+        from loopbridge.stores._checksums import CRC32, CRC32C
 
         parts = [b"a" * 100, b"b" * 50]
         for crc, compute in ((CRC32, zlib.crc32), (CRC32C, google_crc32c.value)):

@@ -9,28 +9,21 @@ standard environment variables and config files (`AWS_ENDPOINT_URL_S3` and
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import logging
-import os
 import re
-import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError
+from loopbridge.stores._checksums import ChecksumName, Checksums, resolve_checksum
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
 from loopbridge.stores.keys import join_key, normalize_prefix
 from loopbridge.stores.protocol import ClosingStore, ObjectInfo
 
 __all__ = [
-    "CRC32",
-    "CRC32C",
-    "ChecksumName",
-    "Checksums",
-    "Crc",
     "MiB",
     "S3Connection",
     "comparable_etag",
@@ -58,80 +51,6 @@ def _import_aioboto3() -> Any:
     return aioboto3
 
 
-ChecksumName = Literal["crc32c", "crc32", "none"]
-"""The checksum S3 checks each body against: `x-amz-checksum-crc32c`, `-crc32`, or none."""
-
-_CHECKSUMS: tuple[ChecksumName, ...] = ("crc32c", "crc32", "none")
-
-
-class Crc(NamedTuple):
-    """A CRC that S3 checks bodies against, by its name in S3's API ("CRC32C", "CRC32")."""
-
-    name: str
-    compute: Callable[[bytes], int]
-
-    @property
-    def field(self) -> str:
-        """Its request parameter and reply field: `ChecksumCRC32C`, `ChecksumCRC32`."""
-        return f"Checksum{self.name}"
-
-    def header(self, data: bytes) -> str:
-        """The base64 big-endian CRC of `data`, as its `x-amz-checksum-*` header carries it."""
-        return base64.b64encode(self.compute(data).to_bytes(4, "big")).decode("ascii")
-
-    def composite(self, part_crcs: list[str]) -> str:
-        """S3's checksum of a multipart object: the CRC of the parts' CRCs, then `-N`."""
-        raw = b"".join(base64.b64decode(crc) for crc in part_crcs)
-        return f"{self.header(raw)}-{len(part_crcs)}"
-
-
-def _crc32c(data: bytes) -> int:
-    import google_crc32c
-
-    value: int = google_crc32c.value(data)
-    return value
-
-
-CRC32 = Crc("CRC32", zlib.crc32)
-CRC32C = Crc("CRC32C", _crc32c)
-
-
-def _hardware_crc32c() -> bool:
-    """Whether google-crc32c is installed with its C implementation (SSE4.2 / ARMv8 CRC)."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return False
-    return bool(google_crc32c.implementation == "c")
-
-
-def resolve_checksum(option: ChecksumName | None) -> Crc | None:
-    """The CRC a store sends, from its `checksum` option; None for none.
-
-    By default CRC32C, computed in hardware by google-crc32c (the s3 extra), about twice as
-    fast as zlib's CRC32; CRC32 where google-crc32c is missing or has no C implementation;
-    none where `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`, as for any AWS tool.
-    """
-    if option is None:
-        setting = os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
-        if setting.strip().lower() == "when_required":
-            return None
-        return CRC32C if _hardware_crc32c() else CRC32
-    if option not in _CHECKSUMS:
-        msg = (
-            f"S3Store(checksum={option!r}): use 'crc32c', 'crc32' or 'none' (or leave it "
-            f"unset: CRC32C where google-crc32c is installed, else CRC32)"
-        )
-        raise ValueError(msg)
-    if option == "crc32c" and not _hardware_crc32c():
-        msg = (
-            "S3Store(checksum='crc32c') needs google-crc32c with its C implementation: "
-            "pip install 'loopbridge[s3]', or use checksum='crc32'"
-        )
-        raise ValueError(msg)
-    return {"crc32c": CRC32C, "crc32": CRC32, "none": None}[option]
-
-
 def _etag(response: dict[str, Any]) -> str:
     """The ETag of a response without its quotes."""
     return str(response.get("ETag", "")).strip('"')
@@ -151,23 +70,6 @@ def comparable_etag(got: str, expected: str) -> bool:
     if multipart is None:
         return _MD5_ETAG.fullmatch(got) is not None
     return _MULTIPART_ETAG.fullmatch(got) is not None
-
-
-class Checksums(NamedTuple):
-    """What a body is sent with: its MD5 (Content-MD5) and CRC, each when configured."""
-
-    md5: bytes | None
-    crc: str | None
-    crc_field: str  # the CRC's botocore parameter: ChecksumCRC32C or ChecksumCRC32
-
-    def headers(self) -> dict[str, str]:
-        """botocore parameters for the checksums."""
-        extra: dict[str, str] = {}
-        if self.md5 is not None:
-            extra["ContentMD5"] = base64.b64encode(self.md5).decode("ascii")
-        if self.crc is not None:
-            extra[self.crc_field] = self.crc
-        return extra
 
 
 class _Counter:

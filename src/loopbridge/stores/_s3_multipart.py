@@ -15,13 +15,12 @@ from typing import Any, NamedTuple
 import anyio
 
 from loopbridge._exceptions import PermanentStoreError
+from loopbridge.stores._checksums import Checksums, Crc
 from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
     _ABORT_TIMEOUT,
     _MAX_PARTS,
     _MISSING,
-    Checksums,
-    Crc,
     S3Connection,
     _Counter,
     _etag,

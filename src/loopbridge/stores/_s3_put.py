@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from loopbridge.stores._s3_client import Checksums, S3Connection, _Counter, _etag
+from loopbridge.stores._checksums import Checksums
+from loopbridge.stores._s3_client import S3Connection, _Counter, _etag
 from loopbridge.stores._source import SourceFile
 from loopbridge.stores.protocol import PutResult
 
