@@ -358,20 +358,29 @@ class S3Connection(ClosingStore):
         if info.etag is not None:
             self._check_etag(full_key, info.etag, etag, "HeadObject")
 
-    async def _head(self, full_key: str, counter: _Counter | None = None) -> ObjectInfo | None:
-        """HeadObject, or None when there is no such object."""
+    async def _head_object(
+        self, full_key: str, counter: _Counter | None = None, *, checksum: bool = False
+    ) -> dict[str, Any] | None:
+        """HeadObject's reply (with the object's CRC if `checksum`), or None when it is missing."""
         client = await self._client()
+        extra = {"ChecksumMode": "ENABLED"} if checksum else {}
 
         async def head() -> dict[str, Any] | None:
             try:
-                result: dict[str, Any] = await client.head_object(Bucket=self._bucket, Key=full_key)
+                result: dict[str, Any] = await client.head_object(
+                    Bucket=self._bucket, Key=full_key, **extra
+                )
             except Exception as exc:
                 if error_code(exc)[0] in _MISSING:
                     return None
                 raise
             return result
 
-        response = await self._call("HeadObject", full_key, head, counter)
+        return await self._call("HeadObject", full_key, head, counter)
+
+    async def _head(self, full_key: str, counter: _Counter | None = None) -> ObjectInfo | None:
+        """Size and ETag of the object at `full_key`, or None when there is no such object."""
+        response = await self._head_object(full_key, counter)
         if response is None:
             return None
         modified = response.get("LastModified")

@@ -20,7 +20,6 @@ from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
     _ABORT_TIMEOUT,
     _MAX_PARTS,
-    _MISSING,
     S3Connection,
     _Counter,
     _etag,
@@ -271,32 +270,21 @@ class Multipart(S3Connection):
             if code != "NoSuchUpload" or counter.retries == retries_before:
                 raise
             # An earlier attempt completed but its reply was lost; trust it only if it matches.
-            found = await self._stored(client, full_key, counter)
+            found = await self._stored(full_key, counter)
             if found is None or not expected.matches(*found):
                 raise
             return found
-        crc = response.get(self._crc.field) if self._crc is not None else None
-        return _etag(response), None if crc is None else str(crc)
+        return self._etag_and_crc(response)
 
-    async def _stored(
-        self, client: Any, full_key: str, counter: _Counter
-    ) -> tuple[str, str | None] | None:
+    async def _stored(self, full_key: str, counter: _Counter) -> tuple[str, str | None] | None:
         """ETag and CRC checksum of the object at `full_key`, or None when there is none."""
-
-        async def head() -> dict[str, Any] | None:
-            try:
-                result: dict[str, Any] = await client.head_object(
-                    Bucket=self._bucket, Key=full_key, ChecksumMode="ENABLED"
-                )
-            except Exception as exc:
-                if error_code(exc)[0] in _MISSING:
-                    return None
-                raise
-            return result
-
-        response = await self._call("HeadObject", full_key, head, counter)
+        response = await self._head_object(full_key, counter, checksum=True)
         if response is None:
             return None
+        return self._etag_and_crc(response)
+
+    def _etag_and_crc(self, response: dict[str, Any]) -> tuple[str, str | None]:
+        """A reply's ETag, and the object's CRC when the store reports one."""
         crc = response.get(self._crc.field) if self._crc is not None else None
         return _etag(response), None if crc is None else str(crc)
 
