@@ -127,23 +127,26 @@ def _renamed(options: Mapping[str, str]) -> Mapping[str, str]:
     if "checksum_crc32" not in options:
         return options
     renamed = dict(options)
-    old = str(renamed.pop("checksum_crc32")).strip().lower()
-    if old in {"true", "1", "yes"}:
-        renamed.setdefault("checksum", "crc32")
-    elif old in {"false", "0", "no"}:
-        renamed.setdefault("checksum", "none")
-    else:
+    old = str(renamed.pop("checksum_crc32"))
+    try:
+        crc32 = _parse_bool(old)
+    except ValueError:
         msg = f"S3 store option checksum_crc32={old!r}: true or false (now checksum=crc32|none)"
-        raise ValueError(msg)
+        raise ValueError(msg) from None
+    renamed.setdefault("checksum", "crc32" if crc32 else "none")
     return renamed
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError(text)
+    return lowered in {"true", "1", "yes"}
 
 
 def _parse(name: str, text: str) -> Any:
     if name in _BOOL:
-        lowered = text.strip().lower()
-        if lowered not in {"true", "false", "1", "0", "yes", "no"}:
-            raise ValueError(text)
-        return lowered in {"true", "1", "yes"}
+        return _parse_bool(text)
     if name in _INT:
         return int(text)
     if name in _FLOAT:
