@@ -39,6 +39,7 @@ from loopbridge.callbacks._layout import (
     parse_latest,
     parse_manifest,
     parse_marker,
+    step_dir,
 )
 from loopbridge.stores import ObjectStore, open_store
 from loopbridge.stores._sink import remove_stale
@@ -195,7 +196,7 @@ async def find_published(
         msg = (
             f"step {step} of {store.url}/{run_key} is not published (published steps: {published})"
         )
-        leftovers = await store.list(join_key(run_key, f"step-{step:08d}") + "/")
+        leftovers = await store.list(join_key(run_key, step_dir(step)) + "/")
         if leftovers:
             msg += (
                 f"; {len(leftovers)} objects exist under its step directory, but without a "

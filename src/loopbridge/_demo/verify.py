@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from loopbridge._types import ExperimentResult, RunResult
+from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER, step_dir
 from loopbridge.stores import ObjectStore
 from loopbridge.stores.keys import escape_segment, join_key
 
@@ -40,7 +41,7 @@ async def _check_run(
         return 0, [f"{run.run_name}: no artifacts (the run failed before training ended)"]
     prefix = run_prefix(experiment, arm, run.run_name)
     local = {row.step: row.digest for row in run.artifacts.manifest}
-    manifest = await _json(store, join_key(prefix, "manifest.json"))
+    manifest = await _json(store, join_key(prefix, MANIFEST))
     if manifest is None:
         return 0, [f"{run.run_name}: no manifest.json at {prefix}"]
     remote: dict[int, Any] = {
@@ -54,9 +55,9 @@ async def _check_run(
             problems.append(
                 f"{run.run_name}: step {step} digest {remote[step]} differs from local {digest}"
             )
-        elif await store.head(join_key(prefix, f"step-{step:08d}", "_COMPLETE")) is None:
+        elif await store.head(join_key(prefix, step_dir(step), MARKER)) is None:
             problems.append(f"{run.run_name}: step {step} has no completion marker")
-    latest = await _json(store, join_key(prefix, "latest"))
+    latest = await _json(store, join_key(prefix, LATEST))
     newest = max(local) if local else None
     if latest is None or latest.get("step") != newest:
         seen = None if latest is None else latest.get("step")

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge._row_digest import PendingDigest
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks._layout import step_dir
 from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._rank_files import is_part, upload_part
 from loopbridge.callbacks._run_chain import wait_for
@@ -68,8 +69,8 @@ class CheckpointTasks:
         Returns the bytes sent.
         """
         self.tally.busy(+1)
-        step_dir = f"step-{row.step:08d}"
-        step_prefix = join_key(run_prefix, step_dir)
+        step_name = step_dir(row.step)
+        step_prefix = join_key(run_prefix, step_name)
         sent: list[str] = []
         total = 0
         try:
@@ -107,11 +108,11 @@ class CheckpointTasks:
             if previous is not None:
                 await wait_for(previous)
             if sharded is None:
-                await self.publisher.publish(row, run_prefix, step_dir, shards)
+                await self.publisher.publish(row, run_prefix, step_name, shards)
             elif sharded.publishes:
                 whole, files = await sharded.gather(self.store, row, step_prefix)
                 shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
-                await self.publisher.publish(whole, run_prefix, step_dir, shards)
+                await self.publisher.publish(whole, run_prefix, step_name, shards)
             if entry is not None:
                 entry.published()
             await asyncio.to_thread(release_snapshot, row.path)
