@@ -70,11 +70,11 @@ def _worker(config_path: str) -> int:
             self.sent = 0
 
         async def put_file(
-            self, key: str, path: Path, *, expected_sha256: str | None = None
+            self, key: str, path: Path, *, expected_digest: str | None = None
         ) -> PutResult:
             if delay:
                 await asyncio.sleep(delay)  # a slow link, on the background loop only
-            result = await self.inner.put_file(key, path, expected_sha256=expected_sha256)
+            result = await self.inner.put_file(key, path, expected_digest=expected_digest)
             self.sent += result.size
             return result
 
@@ -91,11 +91,11 @@ def _worker(config_path: str) -> int:
             key: str,
             path: Path,
             *,
-            expected_sha256: str | None = None,
+            expected_digest: str | None = None,
             expected_size: int | None = None,
         ) -> GetResult:
             return await self.inner.get_file(
-                key, path, expected_sha256=expected_sha256, expected_size=expected_size
+                key, path, expected_digest=expected_digest, expected_size=expected_size
             )
 
         async def head(self, key: str) -> ObjectInfo | None:

@@ -43,14 +43,14 @@ class NullStore:
     retries = 0
 
     async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
+        self, key: str, path: Path, *, expected_digest: str | None = None
     ) -> PutResult:
-        return PutResult(key=key, size=CHECKPOINT_BYTES, sha256="", etag=None)
+        return PutResult(key=key, size=CHECKPOINT_BYTES, digest="blake3:" + "0" * 64, etag=None)
 
     async def put_bytes(
         self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
     ) -> PutResult:
-        return PutResult(key=key, size=len(data), sha256="", etag=None)
+        return PutResult(key=key, size=len(data), digest="blake3:" + "0" * 64, etag=None)
 
     async def get_bytes(self, key: str) -> bytes | None:
         return None
@@ -60,7 +60,7 @@ class NullStore:
         key: str,
         path: Path,
         *,
-        expected_sha256: str | None = None,
+        expected_digest: str | None = None,
         expected_size: int | None = None,
     ) -> GetResult:
         raise NotImplementedError("the benchmark never reads")

@@ -12,7 +12,7 @@ same run and interleaved within each repeat:
                object for every ranged GET, so on moto the request count weighs more than
                it would on S3)
   get_file     `S3Store.get_file` of the same object with S3Store's defaults (ranges of at
-               least 8 MiB, 8 at once, streamed to disk), hashing sha256 while streaming
+               least 8 MiB, 8 at once, streamed to disk), hashing (BLAKE3) while streaming
   lb.restore   the whole restore: `latest`, manifest and marker, the file, every check
 
 Throughput is MiB/s (medians over repeats; ratios to boto3). Peak memory is measured in a

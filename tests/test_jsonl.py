@@ -94,7 +94,7 @@ class TestRows:
         assert bench["n_predictions"] == 2
         final = [row for row in rows if row["kind"] == "checkpoint"][-1]
         assert final["is_final"] is True
-        assert final["digest"].startswith("sha256:")
+        assert final["digest"].startswith("blake3:")
         assert final["size_bytes"] == 1
 
     def test_default_file_is_in_the_out_dir(self, tmp_path: Path) -> None:

@@ -226,7 +226,7 @@ class TestArguments:
             assert row.path.read_text() == f"weights at {row.step}"
             assert row.size_bytes == len(f"weights at {row.step}")
             assert row.digest is not None
-            assert row.digest.startswith("sha256:")
+            assert row.digest.startswith("blake3:")
             assert row.run_name == "run"
 
     def test_final_checkpoint_before_train_end(

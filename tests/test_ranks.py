@@ -152,7 +152,7 @@ class TestGating:
 
 def _files(store: LocalStore, key: str, data: bytes) -> list[dict[str, object]]:
     result = asyncio.run(store.put_bytes(key, data))
-    return [{"path": key.rsplit("/", 1)[-1], "size": result.size, "sha256": result.sha256}]
+    return [{"path": key.rsplit("/", 1)[-1], "size": result.size, "digest": result.digest}]
 
 
 def _row(step: int, path: Path) -> lb.ManifestRow:
@@ -200,7 +200,7 @@ class TestShardedCommit:
         store = LocalStore(tmp_path / "store")
         for rank in (0, 1):
             commit = ShardedCommit(lb.RankInfo(rank, 2))
-            marker_files = [{"path": "same", "size": 1, "sha256": f"{rank}" * 64}]
+            marker_files = [{"path": "same", "size": 1, "digest": f"blake3:{rank}" + "0" * 63}]
             asyncio.run(store.put_bytes("run/step-1/same", b"x"))
             asyncio.run(commit.commit(store, _row(1, tmp_path), "run/step-1", marker_files, []))
         with pytest.raises(lb.IntegrityError, match="both wrote same"):

@@ -6,9 +6,11 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from loopbridge._digest import bytes_digest
 from loopbridge._exceptions import IntegrityError
 from loopbridge.callbacks._layout import (
     parse_latest,
@@ -46,7 +48,7 @@ class TestPlanRanges:
 
 class TestFileSink:
     def test_out_of_order_writes_hash_in_order(self, tmp_path: Path) -> None:
-        """Pieces written at their offsets in any order give the file's sha256 once hashed."""
+        """Pieces written at their offsets in any order give the file's digest once hashed."""
         data = bytes(range(256)) * 40_000
         target = tmp_path / "d" / "file"
         sink = FileSink.open(target, "k")
@@ -54,10 +56,7 @@ class TestFileSink:
         sink.write_at(0, data[:6_000_000])
         sink.hash_written(len(data))
         assert not target.exists()
-        assert sink.commit(len(data), hashlib.sha256(data).hexdigest()) == (
-            len(data),
-            hashlib.sha256(data).hexdigest(),
-        )
+        assert sink.commit(len(data), bytes_digest(data)) == (len(data), bytes_digest(data))
         assert target.read_bytes() == data
         assert list(target.parent.glob(TMP_MARK + "*")) == []
 
@@ -66,8 +65,13 @@ class TestFileSink:
         target = tmp_path / "file"
         sink = FileSink.open(target, "some/key")
         sink.write_next(b"abc")
-        with pytest.raises(IntegrityError, match=r"'some/key' refused: its sha256"):
-            sink.commit(3, "0" * 64)
+        with pytest.raises(IntegrityError, match=r"'some/key' refused: its digest is blake3:"):
+            sink.commit(3, "blake3:" + "0" * 64)
+        sink.discard()
+        sink = FileSink.open(target, "some/key", "sha256")
+        sink.write_next(b"abc")
+        with pytest.raises(IntegrityError, match=r"'some/key' refused: its digest is sha256:"):
+            sink.commit(3, "sha256:" + "0" * 64)
         sink.discard()
         sink = FileSink.open(target, "some/key")
         sink.write_next(b"ab")
@@ -88,8 +92,14 @@ class TestFileSink:
 ENTRY = {
     "step": 4,
     "prefix": "step-00000004",
-    "digest": "sha256:" + "ab" * 32,
+    "digest": "blake3:" + "ab" * 32,
     "size_bytes": 3,
+    "files": [{"path": "step-00000004", "size": 3, "digest": "blake3:" + "ab" * 32}],
+}
+# As versions before BLAKE3 wrote it: a sha256 digest, and each file's hex as "sha256".
+OLD_ENTRY = {
+    **ENTRY,
+    "digest": "sha256:" + "ab" * 32,
     "files": [{"path": "step-00000004", "size": 3, "sha256": "ab" * 32}],
 }
 
@@ -101,13 +111,39 @@ class TestLayout:
         assert run_key("p", run="r") == "p/r"
         assert run_key("", experiment="my exp", arm="a", run="r0") == "my%20exp/a/r0"
 
-    def test_marker_and_manifest_parse(self) -> None:
+    @pytest.mark.parametrize("entry", [ENTRY, OLD_ENTRY], ids=["blake3", "older-sha256"])
+    def test_marker_and_manifest_parse(self, entry: dict[str, Any]) -> None:
         """A marker and a manifest entry read back as the same checkpoint, a file one."""
-        marker = parse_marker(json.dumps(ENTRY).encode(), "k")
-        manifest = parse_manifest(json.dumps({"checkpoints": [ENTRY]}).encode(), "m")
+        marker = parse_marker(json.dumps(entry).encode(), "k")
+        manifest = parse_manifest(json.dumps({"checkpoints": [entry]}).encode(), "m")
         assert manifest == [marker]
         assert marker.kind == "file"
-        assert marker.files_digest() == marker.digest
+        assert marker.files_digest() == marker.digest == entry["digest"]
+
+    def test_a_directory_digest_is_rebuilt_from_its_files_in_their_algorithm(self) -> None:
+        """Both algorithms combine shard digests the same way; a mixed set is refused."""
+        for algorithm in ("blake3", "sha256"):
+            files = [
+                {"path": "b", "size": 2, "digest": f"{algorithm}:" + "22" * 32},
+                {"path": "a", "size": 1, "digest": f"{algorithm}:" + "11" * 32},
+            ]
+            lines = f"a\t1\t{'11' * 32}\nb\t2\t{'22' * 32}\n".encode()
+            entry = {**ENTRY, "digest": bytes_digest(lines, algorithm), "files": files}
+            marker = parse_marker(json.dumps(entry).encode(), "k")
+            assert (marker.kind, marker.files_digest()) == ("dir", entry["digest"])
+        mixed = [{**files[0], "digest": "blake3:" + "22" * 32}, files[1]]
+        with pytest.raises(IntegrityError, match=r"k: a checkpoint entry .*different algorithms"):
+            parse_marker(json.dumps({**ENTRY, "files": mixed}).encode(), "k")
+
+    @pytest.mark.parametrize("digest", ["ab" * 32, "md5:ab", "blake3:"])
+    def test_an_unknown_digest_is_refused_naming_the_key(self, digest: str) -> None:
+        """A digest without an algorithm loopbridge checks makes the entry damaged."""
+        for entry in (
+            {**ENTRY, "digest": digest},
+            {**ENTRY, "files": [{"path": "x", "size": 3, "digest": digest}]},
+        ):
+            with pytest.raises(IntegrityError, match=r"^k: a checkpoint entry .*unsupported"):
+                parse_marker(json.dumps(entry).encode(), "k")
 
     def test_damaged_documents_are_refused_naming_the_key(self) -> None:
         """Unreadable JSON, missing fields and unsafe paths are IntegrityErrors with the key."""
@@ -179,7 +215,7 @@ class TestRangeRetry:
 
         counter = _Counter()
         await _fetch(store, "key", len(data), None, sink=sink, counter=counter)
-        assert sink.commit(len(data), hashlib.sha256(data).hexdigest())[0] == len(data)
+        assert sink.commit(len(data), bytes_digest(data))[0] == len(data)
         assert (tmp_path / "f").read_bytes() == data
         assert counter.retries == 3
         # Each retry asked for the rest of its range only, from a whole 1 MiB chunk boundary.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 import loopbridge as lb
@@ -25,8 +25,8 @@ def _step(state: LoopState, batch: Any) -> dict[str, float]:
     return {"loss": 1.0}
 
 
-def _sha(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+def _blake3(path: Path) -> str:
+    return "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def _loop(tmp_path: Path, *callbacks: lb.Callback) -> lb.TrainLoop:
@@ -76,9 +76,9 @@ class TestWithoutUploader:
         assert len(hashed_on) == len(seen) == 2
         assert threading.current_thread().name not in hashed_on
         for row, line in zip(seen, _manifest(tmp_path), strict=True):
-            assert row.digest == _sha(row.path) == line["digest"]
+            assert row.digest == _blake3(row.path) == line["digest"]
         assert artifacts.final_checkpoint is not None
-        assert artifacts.final_checkpoint.digest == _sha(artifacts.final_checkpoint.path)
+        assert artifacts.final_checkpoint.digest == _blake3(artifacts.final_checkpoint.path)
 
     def test_a_hook_that_needs_the_digest_waits_for_it(self, tmp_path: Path) -> None:
         """`wait_digest` in on_checkpoint gives the digest of what was saved."""
@@ -90,7 +90,7 @@ class TestWithoutUploader:
 
         _loop(tmp_path, Needs()).run()
         assert got == [line["digest"] for line in _manifest(tmp_path)]
-        assert all(d is not None and d.startswith("sha256:") for d in got)
+        assert all(d is not None and d.startswith("blake3:") for d in got)
 
     def test_a_checkpoint_changed_after_save_gets_no_digest(self, tmp_path: Path) -> None:
         """A rewrite between save and hashing is refused, not hashed as if it were saved."""
@@ -128,7 +128,7 @@ class TestWithUploader:
         assert artifacts.drain_report.ok
         assert hashed_on == []
         lines = _manifest(tmp_path)
-        assert [line["digest"] for line in lines] == [_sha(Path(line["path"])) for line in lines]
+        assert [line["digest"] for line in lines] == [_blake3(Path(line["path"])) for line in lines]
         marker = json.loads((remote / "r" / "step-00000004" / "_COMPLETE").read_text())
         assert marker["digest"] == lines[-1]["digest"]
 
@@ -146,5 +146,5 @@ def test_rows_with_a_pending_digest_copy_and_pickle(tmp_path: Path) -> None:
     assert copy.deepcopy(row) == row
     assert pickle.loads(pickle.dumps(row)).wait_digest() is None
     digest = row.wait_digest(timeout=10)
-    assert digest == _sha(path)
+    assert digest == _blake3(path)
     assert pickle.loads(pickle.dumps(row)).digest == digest

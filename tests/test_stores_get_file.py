@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import loopbridge as lb
+from loopbridge._digest import bytes_digest
 from loopbridge.stores import LocalStore, ObjectStore, S3Store
 from tests.fixtures.s3 import S3Bucket
 
@@ -37,17 +37,19 @@ async def _put(store: ObjectStore, key: str, data: bytes, tmp_path: Path) -> Non
 
 
 class TestGetFile:
-    async def test_large_object_round_trips_with_its_sha256(
-        self, store: ObjectStore, tmp_path: Path
+    @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+    async def test_large_object_round_trips_with_its_digest(
+        self, store: ObjectStore, tmp_path: Path, algorithm: str
     ) -> None:
-        """An object over the part size comes back whole; the result names its sha256."""
+        """An object over the part size comes back whole; the result names its digest, in the
+        algorithm of the expected one (sha256 for a run of an older version)."""
         data = os.urandom(12 * MiB + 7)
         await _put(store, "a/big", data, tmp_path)
-        sha = hashlib.sha256(data).hexdigest()
+        digest = bytes_digest(data, algorithm)
         result = await store.get_file(
-            "a/big", tmp_path / "out" / "big", expected_sha256=sha, expected_size=len(data)
+            "a/big", tmp_path / "out" / "big", expected_digest=digest, expected_size=len(data)
         )
-        assert (result.size, result.sha256) == (len(data), sha)
+        assert (result.size, result.digest) == (len(data), digest)
         assert (tmp_path / "out" / "big").read_bytes() == data
         assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "big"]
 
@@ -64,13 +66,25 @@ class TestGetFile:
             await store.get_file("nope", tmp_path / "x")
         assert not (tmp_path / "x").exists()
 
-    async def test_wrong_sha256_leaves_no_file(self, store: ObjectStore, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+    async def test_wrong_digest_leaves_no_file(
+        self, store: ObjectStore, tmp_path: Path, algorithm: str
+    ) -> None:
         """Bytes that are not the expected ones never appear at the path."""
         await _put(store, "k", b"payload", tmp_path)
         (tmp_path / "out").mkdir()
-        with pytest.raises(lb.IntegrityError, match=r"k' refused: its sha256"):
-            await store.get_file("k", tmp_path / "out" / "k", expected_sha256="0" * 64)
+        with pytest.raises(lb.IntegrityError, match=rf"k' refused: its digest is {algorithm}:"):
+            await store.get_file("k", tmp_path / "out" / "k", expected_digest=f"{algorithm}:00")
         assert list((tmp_path / "out").iterdir()) == []
+
+    async def test_a_malformed_digest_is_refused_before_downloading(
+        self, store: ObjectStore, tmp_path: Path
+    ) -> None:
+        """An expected digest without a known algorithm is an error naming it."""
+        await _put(store, "k", b"payload", tmp_path)
+        with pytest.raises(ValueError, match=r"'00'.*expected 'blake3:<hex>' or 'sha256:<hex>'"):
+            await store.get_file("k", tmp_path / "out" / "k", expected_digest="00")
+        assert not (tmp_path / "out").exists()
 
     async def test_wrong_size_is_refused_before_downloading(
         self, store: ObjectStore, tmp_path: Path

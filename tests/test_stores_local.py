@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from loopbridge._digest import file_digest
 from loopbridge._exceptions import IntegrityError
 from loopbridge.stores import LocalStore, ObjectStore
 
@@ -23,15 +24,18 @@ class TestLocalStore:
         assert isinstance(LocalStore(tmp_path), ObjectStore)
 
     async def test_put_file_copies_and_reports_the_hash(self, tmp_path: Path) -> None:
-        """A put returns the size and sha256 of the bytes it stored, which read back the same."""
+        """A put returns the size and digest of the bytes it stored, which read back the same."""
         source = tmp_path / "src.bin"
         sha = _write(source, os.urandom(3 << 20))
+        digest = file_digest(source)[1]
         store = LocalStore(tmp_path / "root")
-        result = await store.put_file("a/b/ckpt.bin", source, expected_sha256=sha)
-        assert (result.size, result.sha256) == (3 << 20, sha)
+        result = await store.put_file("a/b/ckpt.bin", source, expected_digest=digest)
+        assert (result.size, result.digest) == (3 << 20, digest)
+        again = await store.put_file("a/b/old.bin", source, expected_digest=f"sha256:{sha}")
+        assert again.digest == f"sha256:{sha}"
         stored = (tmp_path / "root/a/b/ckpt.bin").read_bytes()
         assert hashlib.sha256(stored).hexdigest() == sha
-        assert [info.key for info in await store.list("a/")] == ["a/b/ckpt.bin"]
+        assert [info.key for info in await store.list("a/")] == ["a/b/ckpt.bin", "a/b/old.bin"]
 
     async def test_async_with_gives_the_store(self, tmp_path: Path) -> None:
         """LocalStore works as an async context manager, closing on the way out."""
@@ -62,7 +66,7 @@ class TestLocalStore:
         _write(source, b"actual bytes")
         store = LocalStore(tmp_path / "root")
         with pytest.raises(IntegrityError, match="not the expected") as info:
-            await store.put_file("k/ckpt", source, expected_sha256="0" * 64)
+            await store.put_file("k/ckpt", source, expected_digest="blake3:" + "0" * 64)
         assert info.value.key == "k/ckpt"
         assert await store.list() == []
         assert list((tmp_path / "root").rglob("*.lb-tmp-*")) == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from loopbridge._digest import file_digest
 from loopbridge._exceptions import PermanentStoreError, StoreError
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.stores import ObjectStore, S3Store
@@ -70,8 +71,9 @@ async def test_files_go_up_from_one_reused_worker_process(
     shas = []
     for name, size in (("big", 12 * MiB), ("small", 1000)):
         shas.append(_random_file(tmp_path / name, size))
-        result = await store.put_file(f"k/{name}", tmp_path / name, expected_sha256=shas[-1])
-        assert result.sha256 == shas[-1]
+        digest = file_digest(tmp_path / name)[1]
+        result = await store.put_file(f"k/{name}", tmp_path / name, expected_digest=digest)
+        assert result.digest == digest
         assert s3_bucket.sha256(f"pre/k/{name}") == shas[-1]
         pid = _worker_pid(store)
         assert pid != os.getpid()
@@ -109,9 +111,9 @@ async def test_a_dead_worker_fails_its_upload_by_name_and_the_next_one_starts_af
         await asyncio.wait_for(task, 30)
     assert caught.value.key == "pre/k/big"
     fault_proxy.clear()
-    sha = _random_file(tmp_path / "next", 1000)
+    _random_file(tmp_path / "next", 1000)
     result = await store.put_file("k/next", tmp_path / "next")
-    assert result.sha256 == sha
+    assert result.digest == file_digest(tmp_path / "next")[1]
 
 
 async def test_a_cancelled_upload_is_aborted_by_the_worker(
@@ -176,7 +178,16 @@ async def test_the_worker_leaves_ctrl_c_to_the_training_process(
     pid = _worker_pid(store)
     assert os.getsid(pid) == pid != os.getsid(0)
     os.kill(pid, signal.SIGINT)
-    big = _random_file(tmp_path / "big", 11 * MiB)
+    _random_file(tmp_path / "big", 11 * MiB)
     result = await store.put_file("k/big", tmp_path / "big")
-    assert (result.sha256, _worker_pid(store)) == (big, pid)
+    assert (result.digest, _worker_pid(store)) == (file_digest(tmp_path / "big")[1], pid)
     assert s3_bucket.sha256("pre/k/f") == sha
+
+
+async def test_a_malformed_expected_digest_is_refused_here_by_name(
+    make_store: Factory, tmp_path: Path
+) -> None:
+    """The same ValueError as from S3Store, raised before the worker is asked."""
+    _random_file(tmp_path / "f", 10)
+    with pytest.raises(ValueError, match=r"unsupported checkpoint digest 'sha1:00'"):
+        await make_store().put_file("k/f", tmp_path / "f", expected_digest="sha1:00")

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import re
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import google_crc32c
 import pytest
 
+from loopbridge._digest import file_digest
 from loopbridge._exceptions import (
     IntegrityError,
     MissingExtraError,
@@ -109,9 +111,35 @@ class TestRoundTrip:
         """A file under the threshold goes up in one PUT and reads back identical."""
         source = tmp_path / "small.bin"
         sha = _random_file(source, 2 * MiB)
-        result = await make_store().put_file("ckpt/small.bin", source, expected_sha256=sha)
-        assert (result.size, result.sha256, result.parts) == (2 * MiB, sha, 1)
+        digest = file_digest(source)[1]
+        result = await make_store().put_file("ckpt/small.bin", source, expected_digest=digest)
+        assert (result.size, result.digest, result.parts) == (2 * MiB, digest, 1)
         assert s3_bucket.sha256("pre/ckpt/small.bin") == sha
+
+    @pytest.mark.parametrize("size", [1024, 6 * MiB], ids=["single-put", "multipart"])
+    async def test_a_sha256_digest_of_an_older_run_is_checked_with_sha256(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, tmp_path: Path, size: int
+    ) -> None:
+        """An expected `sha256:` digest (a row of an older version) is hashed and checked."""
+        source = tmp_path / "old.bin"
+        sha = _random_file(source, size)
+        store = make_store()
+        result = await store.put_file("k/old", source, expected_digest=f"sha256:{sha}")
+        assert result.digest == f"sha256:{sha}"
+        with pytest.raises(IntegrityError, match="not the expected sha256:0000"):
+            await store.put_file("k/bad", source, expected_digest="sha256:" + "0" * 64)
+        assert s3_bucket.list_keys() == ["pre/k/old"]
+
+    @pytest.mark.parametrize("digest", ["0" * 64, "md5:00", "blake3:", "sha256"])
+    async def test_a_malformed_expected_digest_is_refused_by_name(
+        self, make_store: StoreFactory, fault_proxy: FaultProxy, tmp_path: Path, digest: str
+    ) -> None:
+        """An expected digest without a known algorithm is an error naming it; nothing is sent."""
+        source = tmp_path / "f.bin"
+        _random_file(source, 1024)
+        with pytest.raises(ValueError, match=re.escape(repr(digest)) + ".*'blake3:<hex>'"):
+            await make_store().put_file("k/f", source, expected_digest=digest)
+        assert fault_proxy.requests() == []
 
     async def test_large_file_goes_multipart_with_a_verified_etag(
         self,
@@ -124,7 +152,7 @@ class TestRoundTrip:
         source = tmp_path / "big.bin"
         sha = _random_file(source, 12 * MiB)
         result = await make_store(max_concurrency=3).put_file(
-            "ckpt/big.bin", source, expected_sha256=sha
+            "ckpt/big.bin", source, expected_digest=file_digest(source)[1]
         )
         assert result.parts == 3
         assert result.etag is not None
@@ -240,7 +268,9 @@ class TestRoundTrip:
         source = tmp_path / "big.bin"
         sha = _random_file(source, 6 * MiB)
         store = make_store(sign_payload=True)
-        result = await store.put_file("signed/big.bin", source, expected_sha256=sha)
+        result = await store.put_file(
+            "signed/big.bin", source, expected_digest=file_digest(source)[1]
+        )
         await store.put_bytes("signed/small", b"x" * 1000)
         assert result.parts == 2
         assert s3_bucket.sha256("pre/signed/big.bin") == sha
@@ -261,10 +291,11 @@ class TestConcurrency:
         """Two big files at once share max_concurrency part slots: parallel, never more."""
         fault_proxy.add(FaultRule((Delay(0.2),), method="PUT", path="partNumber="))
         sources = [tmp_path / "a.bin", tmp_path / "b.bin"]
-        shas = [_random_file(source, 15 * MiB) for source in sources]
+        for source in sources:
+            _random_file(source, 15 * MiB)
         store = make_store(max_concurrency=3)
         results = await asyncio.gather(*(store.put_file(f"c/{s.name}", s) for s in sources))
-        assert [r.sha256 for r in results] == shas
+        assert [r.digest for r in results] == [file_digest(s)[1] for s in sources]
         assert fault_proxy.peak_in_flight("PUT", "partNumber=") == 3
         assert len(fault_proxy.requests("PUT", "partNumber=")) == 6
 
@@ -284,7 +315,9 @@ class TestRetries:
             FaultRule((SLOWDOWN, INTERNAL, ResetBeforeResponse(), ResetMidBody()), every=2)
         )
         store = make_store(max_attempts=4)
-        result = await store.put_file("ckpt/big.bin", source, expected_sha256=sha)
+        result = await store.put_file(
+            "ckpt/big.bin", source, expected_digest=file_digest(source)[1]
+        )
         faults = [r.fault for r in fault_proxy.requests() if r.fault is not None]
         assert {"status", "reset_before_response", "reset_mid_body"} <= set(faults)
         # aiohttp itself re-sends an idempotent request once when a reused connection drops,
@@ -334,7 +367,9 @@ class TestRetries:
         sha = _random_file(source, 11 * MiB)
         rule = fault_proxy.add(FaultRule((SLOWDOWN, INTERNAL), every=2))
         store = make_store(max_attempts=4)
-        result = await store.put_file("ckpt/big.bin", source, expected_sha256=sha)
+        result = await store.put_file(
+            "ckpt/big.bin", source, expected_digest=file_digest(source)[1]
+        )
         assert rule.fired > 0
         assert store.retries == rule.fired
         assert result.retries == rule.fired
@@ -381,7 +416,9 @@ class TestMultipartSafety:
         fault_proxy.add(
             FaultRule((ResetBeforeResponse(),), method="POST", path=r"uploadId=", times=1)
         )
-        result = await make_store().put_file("k/big", source, expected_sha256=sha)
+        result = await make_store().put_file(
+            "k/big", source, expected_digest=file_digest(source)[1]
+        )
         assert result.etag is not None
         assert result.etag.endswith("-3")
         assert s3_bucket.sha256("pre/k/big") == sha
@@ -399,7 +436,7 @@ class TestMultipartSafety:
         fault_proxy.add(
             FaultRule((ResetBeforeResponse(),), method="POST", path=r"\?uploads", times=1)
         )
-        await make_store().put_file("k/big", source, expected_sha256=sha)
+        await make_store().put_file("k/big", source, expected_digest=file_digest(source)[1])
         assert len(fault_proxy.requests("POST", r"\?uploads")) == 2
         assert s3_bucket.open_multipart_uploads() == []
         assert s3_bucket.sha256("pre/k/big") == sha
@@ -505,7 +542,7 @@ class TestMultipartSafety:
         source = tmp_path / "small.bin"
         _random_file(source, 1024)
         with pytest.raises(IntegrityError, match="not the expected"):
-            await make_store().put_file("k/small", source, expected_sha256="0" * 64)
+            await make_store().put_file("k/small", source, expected_digest="blake3:" + "0" * 64)
         assert fault_proxy.requests("PUT") == []
 
 

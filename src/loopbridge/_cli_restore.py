@@ -121,7 +121,7 @@ def download_main(argv: list[str]) -> int:
         prog="loopbridge download",
         description=(
             "Download a published checkpoint into OUT/step-XXXXXXXX/, checking every file "
-            "against the sha256 it was published with. Follows the run's `latest` unless "
+            "against the digest it was published with. Follows the run's `latest` unless "
             "--step is given."
         ),
     )

@@ -85,7 +85,7 @@ class TrainLoop:
         profile: True, or a shared HookProfiler, to time every hook call.
         print_profile: at train end, write the profiler's table to stderr (True) or to the
             given stream; turns profiling on.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row, off the
+        hash_checkpoints: compute each checkpoint's digest (BLAKE3) for its manifest row, off the
             training thread (`row.digest` is filled in the background; see `wait_digest`).
         start_step: steps already completed by an earlier process (when resuming from a
             checkpoint), so step numbers, checkpoint names and `max_steps` carry on from it.

@@ -28,7 +28,7 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from loopbridge._digest import digest_path, shard_files
+from loopbridge._digest import ALGORITHM, digest_path, shard_files
 from loopbridge._exceptions import IntegrityError
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ _NULL = '"digest":null'
 # A manifest line whose digest is still coming leaves room for it: `null` and spaces (valid
 # JSON) that the digest overwrites in place once known, so the file is never rewritten while
 # the loop appends to it, and a crash leaves a readable line with a null digest.
-_PADDING = " " * (len('"sha256:' + "0" * 64 + '"') - len("null"))
+_PADDING = " " * (len(f'"{ALGORITHM}:' + "0" * 64 + '"') - len("null"))
 
 
 def manifest_line(row: ManifestRow) -> str:

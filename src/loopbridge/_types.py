@@ -72,8 +72,9 @@ class TrainingBatch:
 class ManifestRow:
     """One saved checkpoint: where it lies, how big it is, and its content digest.
 
-    `path` is a file or a directory of shards. `digest` is `sha256:<hex>` of the file, or of
-    the sorted `(relative path, size, sha256)` lines of a directory; None when hashing is off.
+    `path` is a file or a directory of shards. `digest` is `blake3:<hex>` of the file, or of
+    the sorted `(relative path, size, hex)` lines of a directory (`sha256:<hex>` in rows of
+    older versions, still checked); None when hashing is off.
     A row from `for_checkpoint` gets its digest off the training thread: `digest` may still be
     None in `on_checkpoint`, and `wait_digest()` returns it once known. Equality and hashing
     leave the digest out, since it can be filled in after the row is made.

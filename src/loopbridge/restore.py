@@ -3,13 +3,13 @@
 `restore(dest, run=..., step=None, to=dir)` finds the run under `dest` (the same
 `s3://bucket/prefix` or directory given to `CheckpointUploader`), follows its `latest` pointer
 (or takes `step`), and downloads every file of that checkpoint into `to/step-XXXXXXXX/`,
-checking each against the sha256 in the run's manifest and completion marker, then the
+checking each against the digest in the run's manifest and completion marker, then the
 checkpoint's digest. Only published checkpoints are restored: a step with objects but no
 marker or manifest entry is refused, and a published one that fails a check is an error
 naming the object, never a quiet fall-back to an older step.
 
 Each file is written under a temporary name and renamed only once verified; a file already
-in `to` with the published size and sha256 is kept rather than downloaded again, and
+in `to` with the published size and digest is kept rather than downloaded again, and
 `to/step-XXXXXXXX.complete.json` is written last, once the whole checkpoint is in place.
 
 (`loopbridge.resume` is another thing: it finishes a dead process's pending *uploads*.)
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopbridge._digest import sha256_file
+from loopbridge._digest import algorithm_of, file_digest
 from loopbridge._exceptions import IntegrityError, ObjectNotFoundError, RestoreError
 from loopbridge._remote_runs import display_name, list_runs
 from loopbridge._types import ManifestRow
@@ -269,16 +269,16 @@ async def fetch_checkpoint(
     gate = asyncio.Semaphore(_FILES_AT_ONCE)
     downloaded = reused = 0
 
-    async def one(rel: str, size: int, sha256: str) -> None:
+    async def one(rel: str, size: int, digest: str) -> None:
         nonlocal downloaded, reused
         target = local_dir.joinpath(*rel.split("/"))
         key = join_key(step_key, rel)
         async with gate:
-            if await asyncio.to_thread(_intact, target, size, sha256):
+            if await asyncio.to_thread(_intact, target, size, digest):
                 reused += 1
                 return
             try:
-                await store.get_file(key, target, expected_sha256=sha256, expected_size=size)
+                await store.get_file(key, target, expected_digest=digest, expected_size=size)
             except ObjectNotFoundError as exc:
                 msg = (
                     f"{store.url}/{key} is missing: step {entry.step} was published with it, "
@@ -291,7 +291,7 @@ async def fetch_checkpoint(
     try:
         async with asyncio.TaskGroup() as group:
             for file in entry.files:
-                group.create_task(one(file.path, file.size, file.sha256))
+                group.create_task(one(file.path, file.size, file.digest))
     except BaseExceptionGroup as group_error:
         # One failure cancels the rest; raise the first real one, not the group.
         first = group_error.exceptions[0]
@@ -338,14 +338,14 @@ def _prepare(local_dir: Path, complete: Path, wanted: set[str]) -> None:
             path.unlink()
 
 
-def _intact(path: Path, size: int, sha256: str) -> bool:
+def _intact(path: Path, size: int, digest: str) -> bool:
     """Whether `path` already holds exactly the published bytes."""
     try:
         if not path.is_file() or path.stat().st_size != size:
             return False
     except OSError:
         return False
-    return sha256_file(path)[1] == sha256
+    return file_digest(path, algorithm_of(digest))[1] == digest
 
 
 def _write_complete(complete: Path, entry: PublishedCheckpoint) -> None:
@@ -356,7 +356,7 @@ def _write_complete(complete: Path, entry: PublishedCheckpoint) -> None:
         "digest": entry.digest,
         "size_bytes": entry.size_bytes,
         "restored_at": time.time(),
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in entry.files],
+        "files": [{"path": f.path, "size": f.size, "digest": f.digest} for f in entry.files],
     }
     tmp = complete.with_name(f".lb-tmp-{complete.name}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from tests.fixtures.s3 import (
     FaultProxy,
@@ -92,23 +93,23 @@ def _train(
 
 
 def _remote_digest(row: ManifestRow, files: dict[str, str]) -> str:
-    """The digest of a checkpoint rebuilt from its remote files' sha256 (rel path -> hex)."""
+    """The digest of a checkpoint rebuilt from its remote files' digests (rel path -> digest)."""
     if row.path.is_dir():
         sizes = {
             p.relative_to(row.path).as_posix(): p.stat().st_size
             for p in row.path.rglob("*")
             if p.is_file()
         }
-        return combine_shard_digests((rel, sizes[rel], sha) for rel, sha in files.items())
+        return combine_shard_digests((rel, sizes[rel], d) for rel, d in files.items())
     (only,) = files.values()
-    return "sha256:" + only
+    return only
 
 
 def _check_published(
     rows: list[ManifestRow],
     keys: list[str],
     read: Callable[[str], bytes],
-    sha256: Callable[[str], str],
+    digest: Callable[[str], str],
     *,
     run_prefix: str,
     kept_steps: list[int],
@@ -123,7 +124,7 @@ def _check_published(
     for entry in manifest["checkpoints"]:
         row = by_step[entry["step"]]
         step_prefix = f"{run_prefix}/{entry['prefix']}"
-        files = {f["path"]: sha256(f"{step_prefix}/{f['path']}") for f in entry["files"]}
+        files = {f["path"]: digest(f"{step_prefix}/{f['path']}") for f in entry["files"]}
         assert _remote_digest(row, files) == row.digest == entry["digest"]
         marker = json.loads(read(f"{step_prefix}/_COMPLETE"))
         assert marker["digest"] == row.digest
@@ -174,7 +175,7 @@ class TestHappyPathThroughFaults:
             artifacts.manifest,
             s3_bucket.list_keys(),
             s3_bucket.read,
-            s3_bucket.sha256,
+            s3_bucket.digest,
             run_prefix=f"ckpts/{RUN}",
             kept_steps=[3, 4, 5],
         )
@@ -193,14 +194,14 @@ class TestHappyPathThroughFaults:
         assert uploader.summary.uploaded == 5
         keys = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
 
-        def sha256(key: str) -> str:
-            return hashlib.sha256((remote / key).read_bytes()).hexdigest()
+        def digest(key: str) -> str:
+            return "blake3:" + blake3.blake3((remote / key).read_bytes()).hexdigest()
 
         _check_published(
             artifacts.manifest,
             keys,
             lambda key: (remote / key).read_bytes(),
-            sha256,
+            digest,
             run_prefix=RUN,
             kept_steps=[3, 4, 5],
         )

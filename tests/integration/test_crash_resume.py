@@ -116,13 +116,13 @@ def _resume_cli(out_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _check_published(bucket: S3Bucket, rows: list[lb.ManifestRow], prefix: str) -> None:
-    """Every row is published with its sha256; manifest and latest agree; no stray uploads."""
+    """Every row is published with its digest; manifest and latest agree; no stray uploads."""
     steps = sorted(row.step for row in rows)
     manifest = json.loads(bucket.read(f"{prefix}/manifest.json"))
     assert [entry["step"] for entry in manifest["checkpoints"]] == steps
     for row, entry in zip(sorted(rows, key=lambda r: r.step), manifest["checkpoints"], strict=True):
         step_prefix = f"{prefix}/step-{row.step:08d}"
-        assert "sha256:" + bucket.sha256(f"{step_prefix}/{row.path.name}") == row.digest
+        assert bucket.digest(f"{step_prefix}/{row.path.name}") == row.digest
         assert entry["digest"] == row.digest
         assert json.loads(bucket.read(f"{step_prefix}/_COMPLETE"))["digest"] == row.digest
     latest = json.loads(bucket.read(f"{prefix}/latest"))

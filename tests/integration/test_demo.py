@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from tests.fixtures.http import DashboardServer
 from tests.fixtures.mlflow import MLflowServer
@@ -34,9 +34,9 @@ SHORT = [
 ]
 
 
-def sha256(path: Path) -> str:
-    """The sha256 of a file, as `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+def digest(path: Path) -> str:
+    """A file's digest as loopbridge names it, `blake3:<hex>`, computed here."""
+    return "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ def check_run_in_store(store_run: Path, local_run: Path) -> list[int]:
         step_dir = store_run / f"step-{row['step']:08d}"
         stored = step_dir / local_file.name
         # Recomputed from the bytes on both sides, not taken from either manifest.
-        assert sha256(stored) == sha256(local_file) == row["digest"]
+        assert digest(stored) == digest(local_file) == row["digest"]
         assert entries[row["step"]]["digest"] == row["digest"]
         assert entries[row["step"]]["size_bytes"] == local_file.stat().st_size
         marker = json.loads((step_dir / "_COMPLETE").read_text())
@@ -174,7 +174,7 @@ class TestDemoRemote:
             for row in local_rows:
                 name = Path(row["path"]).name
                 key = f"{prefix}/step-{row['step']:08d}/{name}"
-                assert "sha256:" + s3_bucket.sha256(key) == sha256(Path(row["path"]))
+                assert s3_bucket.digest(key) == digest(Path(row["path"]))
             latest = json.loads(s3_bucket.read(f"{prefix}/latest"))
             assert latest["step"] == local_rows[-1]["step"]
             total_steps += local_rows[-1]["step"]

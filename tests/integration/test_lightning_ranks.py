@@ -118,7 +118,7 @@ class TestSharded:
         assert _seen_steps(rank0) == _seen_steps(rank1) == [2, 4]
         for result in (rank0, rank1):
             assert len(result["digests"]) == 2
-            assert all(str(digest).startswith("sha256:") for digest in result["digests"])
+            assert all(str(digest).startswith("blake3:") for digest in result["digests"])
         prefix = f"sh/lightning/{RUN}"
         for step in (2, 4):
             local = job.checkpoint(step)

@@ -124,13 +124,13 @@ class TestRestore:
 
 class TestRefusals:
     def test_corrupted_object_is_refused_naming_it(self, dest: Dest, tmp_path: Path) -> None:
-        """Bytes that differ from the published sha256 fail the restore; nothing looks restored."""
+        """Bytes that differ from the published digest fail the restore; nothing looks restored."""
         publish(dest, tmp_path / "out")
         key = "run-a/step-00000006/step-00000006"
         data = bytearray(dest.read(key))
         data[100] ^= 0xFF
         dest.write(key, bytes(data))
-        with pytest.raises(lb.IntegrityError, match=rf"{key}.*sha256") as caught:
+        with pytest.raises(lb.IntegrityError, match=rf"{key}.*its digest is blake3:") as caught:
             _restore(dest, tmp_path / "back")
         assert caught.value.key is not None
         assert caught.value.key.endswith(key)

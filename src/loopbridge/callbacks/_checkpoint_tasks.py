@@ -82,7 +82,7 @@ class CheckpointTasks:
             elif resume:
                 done = await resume_shortcut(self.store, row, step_prefix, MARKER)
             if done is not None:
-                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in done]
+                shards = [Shard.from_json(f) for f in done]
             else:
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
@@ -111,7 +111,7 @@ class CheckpointTasks:
                 await self.publisher.publish(row, run_prefix, step_name, shards)
             elif sharded.publishes:
                 whole, files = await sharded.gather(self.store, row, step_prefix)
-                shards = [Shard(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+                shards = [Shard.from_json(f) for f in files]
                 await self.publisher.publish(whole, run_prefix, step_name, shards)
             if entry is not None:
                 entry.published()

@@ -10,20 +10,21 @@ Shared by the writer (the uploader) and the readers (`loopbridge.restore`, `loop
 
 An entry (in the manifest, and the marker) has `step`, `prefix` (the step directory),
 `digest`, `size_bytes`, `is_final`, `created_at`, `uploaded_at`, `source` and `files`
-(`[{"path", "size", "sha256"}]`, paths relative to the step directory). A checkpoint is
-published when its marker and its manifest entry both exist and agree.
+(`[{"path", "size", "digest"}]`, paths relative to the step directory; runs of older versions
+wrote a bare sha256 hex as `"sha256"` instead of `"digest"`, and are still read). A checkpoint
+is published when its marker and its manifest entry both exist and agree.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loopbridge._digest import combine_shard_digests
+from loopbridge._digest import combine_shard_digests, split_digest
 from loopbridge._exceptions import IntegrityError
 from loopbridge._types import ManifestRow
 from loopbridge.stores.keys import escape_segment, join_key
@@ -36,6 +37,8 @@ __all__ = [
     "LatestPointer",
     "PublishedCheckpoint",
     "RemoteFile",
+    "file_entry",
+    "read_files",
     "parse_latest",
     "parse_manifest",
     "parse_marker",
@@ -71,7 +74,7 @@ class RemoteFile:
 
     path: str
     size: int
-    sha256: str
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +94,15 @@ class PublishedCheckpoint:
     @property
     def kind(self) -> Literal["file", "dir"]:
         """Whether it was one file or a directory of shards (its digest tells them apart)."""
-        if len(self.files) == 1 and self.digest == "sha256:" + self.files[0].sha256:
+        if len(self.files) == 1 and self.digest == self.files[0].digest:
             return "file"
         return "dir"
 
     def files_digest(self) -> str:
-        """The checkpoint digest its files add up to (for a file, that file's sha256)."""
+        """The checkpoint digest its files add up to (for a file, that file's digest)."""
         if self.kind == "file":
-            return "sha256:" + self.files[0].sha256
-        return combine_shard_digests((f.path, f.size, f.sha256) for f in self.files)
+            return self.files[0].digest
+        return combine_shard_digests((f.path, f.size, f.digest) for f in self.files)
 
     def row(self, path: Path, run_name: str = "") -> ManifestRow:
         """The checkpoint as a `ManifestRow` for a local copy at `path`."""
@@ -132,13 +135,30 @@ def _document(raw: bytes, key: str, what: str) -> Any:
         raise IntegrityError(msg, key=key) from exc
 
 
+def file_entry(data: Mapping[str, Any]) -> tuple[str, int, str]:
+    """`(path, size, digest)` of one file in a marker or manifest entry, old or new.
+
+    Raises:
+        KeyError, TypeError, ValueError: a field is missing or malformed.
+    """
+    digest = data["digest"] if "digest" in data else "sha256:" + str(data["sha256"])
+    split_digest(str(digest))
+    return str(data["path"]), int(data["size"]), str(digest)
+
+
+def read_files(files: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A marker's file list as this version writes it, `{"path", "size", "digest"}` each.
+
+    Raises:
+        KeyError, TypeError, ValueError: a field is missing or malformed.
+    """
+    return [dict(zip(("path", "size", "digest"), file_entry(f), strict=True)) for f in files]
+
+
 def _entry(data: Mapping[str, Any], key: str) -> PublishedCheckpoint:
     """One manifest entry or marker, checked for the fields a reader needs."""
     try:
-        files = tuple(
-            RemoteFile(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]))
-            for f in data["files"]
-        )
+        files = tuple(RemoteFile(*file_entry(f)) for f in data["files"])
         entry = PublishedCheckpoint(
             step=int(data["step"]),
             prefix=str(data["prefix"]),
@@ -150,6 +170,8 @@ def _entry(data: Mapping[str, Any], key: str) -> PublishedCheckpoint:
             uploaded_at=float(data.get("uploaded_at") or 0.0),
             source=str(data.get("source", "")),
         )
+        split_digest(entry.digest)
+        entry.files_digest()  # the files' digests share one algorithm
     except (KeyError, TypeError, ValueError) as exc:
         msg = (
             f"{key}: a checkpoint entry lacks or mangles {exc}; the run's remote layout is damaged"

@@ -14,13 +14,14 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import StoreError
 from loopbridge._types import ManifestRow
-from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER
+from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER, file_entry
 from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
 
@@ -38,10 +39,15 @@ class Shard:
 
     rel: str
     size: int
-    sha256: str
+    digest: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Shard:
+        """A file of a marker (this version's, or an older one's with a bare sha256)."""
+        return cls(*file_entry(data))
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.rel, "size": self.size, "sha256": self.sha256}
+        return {"path": self.rel, "size": self.size, "digest": self.digest}
 
 
 class Publisher:
@@ -72,7 +78,7 @@ class Publisher:
         self, row: ManifestRow, run_prefix: str, step_dir: str, shards: list[Shard]
     ) -> None:
         """Write the marker, then the manifest, then `latest`; then prune past keep_last."""
-        digest = row.digest or combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+        digest = row.digest or combine_shard_digests((s.rel, s.size, s.digest) for s in shards)
         entry = {
             "step": row.step,
             "prefix": step_dir,

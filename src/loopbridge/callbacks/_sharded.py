@@ -4,7 +4,7 @@ Coordination goes through the object store itself, never through a collective:
 
 1. each rank uploads the files it wrote into the step, verified as for any checkpoint;
 2. it then writes its rank marker, `step-N/_RANK-00001.json`, listing those files with their
-   sizes and sha256 (a rank that fails writes `_RANK-00001.failed.json` instead, best effort);
+   sizes and digests (a rank that fails writes `_RANK-00001.failed.json` instead, best effort);
 3. the publishing rank (global rank 0), on its background loop, waits (bounded) until every
    rank's marker is there, checks the listed files are in the store with their sizes, and only
    then writes `_COMPLETE`, the manifest and `latest` with the files of all ranks.
@@ -31,6 +31,7 @@ from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge._ranks import RankInfo
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks._layout import read_files
 from loopbridge.callbacks._upload_journal import resume_shortcut
 from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
@@ -152,7 +153,7 @@ class ShardedCommit:
                     )
                     raise IntegrityError(msg, key=key)
                 other = merged.get(rel)
-                if other is not None and other["sha256"] != file["sha256"]:
+                if other is not None and other["digest"] != file["digest"]:
                     msg = (
                         f"checkpoint step {row.step}: ranks {other['rank']} and {rank} both "
                         f"wrote {rel} with different contents; give each rank's files their "
@@ -325,8 +326,8 @@ async def _failure_error(store: ObjectStore, step: int, rank: int, key: str) -> 
 def _marker(raw: bytes, key: str, step: int) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(raw)
-        for file in data["files"]:
-            str(file["path"]), int(file["size"]), str(file["sha256"])
+        # Read as this version writes them, whichever version wrote them.
+        data["files"] = read_files(data["files"])
     except (ValueError, KeyError, TypeError) as exc:
         msg = f"checkpoint step {step}: the rank marker {key} is unreadable ({exc})"
         raise IntegrityError(msg, key=key) from exc
@@ -341,7 +342,7 @@ def _local_files(path: Path) -> list[str]:
 
 
 def _triples(files: Sequence[dict[str, Any]]) -> list[tuple[str, int, str]]:
-    return [(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
+    return [(str(f["path"]), int(f["size"]), str(f["digest"])) for f in files]
 
 
 def _json(data: dict[str, Any]) -> bytes:

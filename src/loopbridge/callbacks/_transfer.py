@@ -2,8 +2,8 @@
 
 The uploader's background half for one checkpoint, below the per-run ordering and above the
 store: every file is sent with `put_file`, checked against the row's digest (or, when the
-uploader claimed the digest, against the file's stamps at save time, the sha256 hashed while
-streaming becoming the digest), and the shard set is checked unchanged after the upload.
+uploader claimed the digest, against the file's stamps at save time, the digest hashed while
+streaming becoming the row's), and the shard set is checked unchanged after the upload.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 
-from loopbridge._digest import combine_shard_digests, shard_files
+from loopbridge._digest import algorithm_of, combine_shard_digests, file_digest, shard_files
 from loopbridge._exceptions import IntegrityError
 from loopbridge._loop import MANIFEST_FILE
 from loopbridge._row_digest import PendingDigest, patch_manifest_digest
@@ -22,18 +22,7 @@ from loopbridge.callbacks._upload_journal import JournalEntry
 from loopbridge.stores import ObjectStore
 from loopbridge.stores.keys import join_key
 
-__all__ = ["digest_known", "expected_hex", "upload_dir", "upload_file"]
-
-
-def expected_hex(digest: str | None) -> str | None:
-    """The hex part of a `sha256:<hex>` digest."""
-    if digest is None:
-        return None
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm != "sha256" or not hexdigest:
-        msg = f"unsupported checkpoint digest {digest!r}: expected 'sha256:<hex>'"
-        raise ValueError(msg)
-    return hexdigest
+__all__ = ["digest_known", "upload_dir", "upload_file"]
 
 
 async def upload_file(
@@ -46,18 +35,18 @@ async def upload_file(
     """Upload a single-file checkpoint, checked against the row's digest while streamed.
 
     With `claim`, the file is checked against its stamp at save time instead, before and
-    after the upload, and the sha256 hashed while streaming becomes the row's digest.
+    after the upload, and the digest hashed while streaming becomes the row's.
     """
     key = join_key(step_prefix, row.path.name)
     if claim is not None:
         await asyncio.to_thread(claim.check_unchanged, step_prefix)
-    expected = None if claim is not None else expected_hex(row.digest)
-    result = await store.put_file(key, row.path, expected_sha256=expected)
+    expected = None if claim is not None else row.digest
+    result = await store.put_file(key, row.path, expected_digest=expected)
     sent.append(key)
     if claim is not None:
         await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        await asyncio.to_thread(claim.set, "sha256:" + result.sha256)  # writes the manifest
-    return [Shard(rel=row.path.name, size=result.size, sha256=result.sha256)]
+        await asyncio.to_thread(claim.set, result.digest)  # writes the manifest
+    return [Shard(rel=row.path.name, size=result.size, digest=result.digest)]
 
 
 async def upload_dir(
@@ -80,7 +69,7 @@ async def upload_dir(
         key = join_key(step_prefix, rel)
         result = await store.put_file(key, file)
         sent.append(key)
-        shards.append(Shard(rel=rel, size=result.size, sha256=result.sha256))
+        shards.append(Shard(rel=rel, size=result.size, digest=result.digest))
     now = await asyncio.to_thread(shard_files, row.path)
     if [file.relative_to(row.path).as_posix() for file in now] != rels:
         msg = (
@@ -88,7 +77,8 @@ async def upload_dir(
             f"while it was uploaded"
         )
         raise IntegrityError(msg, key=step_prefix)
-    digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+    shards = await _in_row_algorithm(row, shards)
+    digest = combine_shard_digests((s.rel, s.size, s.digest) for s in shards)
     if row.digest is not None and digest != row.digest:
         msg = (
             f"checkpoint step {row.step}: the shards in {row.path} hash to {digest}, not "
@@ -101,6 +91,28 @@ async def upload_dir(
     return shards
 
 
+async def _in_row_algorithm(row: ManifestRow, shards: list[Shard]) -> list[Shard]:
+    """The shards with their digests in the algorithm of the row's digest.
+
+    A directory row hashed by an older version (sha256), resumed from its journal, is checked
+    and published with sha256: its shards were hashed with BLAKE3 as they were sent, so they
+    are read again.
+    """
+    if row.digest is None:
+        return shards
+    algorithm = algorithm_of(row.digest)
+    if all(algorithm_of(shard.digest) == algorithm for shard in shards):
+        return shards
+
+    def rehash() -> list[Shard]:
+        return [
+            Shard(s.rel, s.size, file_digest(row.path.joinpath(*s.rel.split("/")), algorithm)[1])
+            for s in shards
+        ]
+
+    return await asyncio.to_thread(rehash)
+
+
 async def digest_known(
     row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
 ) -> ManifestRow:
@@ -111,9 +123,9 @@ async def digest_known(
     """
     if row.digest is None:
         if await asyncio.to_thread(row.path.is_dir):
-            digest = combine_shard_digests((s.rel, s.size, s.sha256) for s in shards)
+            digest = combine_shard_digests((s.rel, s.size, s.digest) for s in shards)
         else:
-            digest = "sha256:" + shards[0].sha256
+            digest = shards[0].digest
         if entry is not None:
             manifest = entry.journal.path.parent / MANIFEST_FILE
             with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ from typing import Any
 
 from loopbridge._exceptions import IntegrityError, JournalError, StoreError
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks._layout import read_files
 from loopbridge.callbacks._store_options import encode_options
 from loopbridge.journal import JOURNAL_FILE, UploadIntent, UploadJournal
 from loopbridge.stores import CleansStaleUploads, ObjectStore, S3Store
@@ -301,7 +302,7 @@ async def _complete_files(
         return None
     try:
         entry = json.loads(raw)
-        files = [dict(f) for f in entry["files"]]
+        files = read_files(entry["files"])
         wanted = {join_key(step_prefix, str(f["path"])): int(f["size"]) for f in files}
     except (ValueError, KeyError, TypeError):
         return None

@@ -133,7 +133,7 @@ class ForeignRun:
         experiment_name, run_name: names for `LogContext` and `LoopState`; by default the
             adapter names them (the framework, and its output directory).
         profile: True, or a shared HookProfiler, to time every hook call.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's digest (BLAKE3) for its manifest row.
         all_ranks: the adapter fires hooks on every rank, so under torchrun every rank ends
             its run here and rank 0's report gathers every rank's (docs/distributed.md).
     """

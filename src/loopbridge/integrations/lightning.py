@@ -80,7 +80,7 @@ class LoopbridgeCallback(pl.Callback):
         run_name: the run's name (default: the name of `trainer.default_root_dir`).
         profile: True, or a HookProfiler, to time every loopbridge hook call.
         interrupt_grace: seconds in-flight work gets to finish after Ctrl-C or an error.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's digest (BLAKE3) for its manifest row.
         all_ranks: fire the hooks on every rank, not only on global rank 0.
 
     After `fit()`, `drain_report` is the run's DrainReport.

@@ -67,7 +67,7 @@ class LoopbridgeTrainerCallback(TrainerCallback):
             of `output_dir`).
         profile: True, or a HookProfiler, to time every loopbridge hook call.
         interrupt_grace: seconds in-flight work gets to finish after an error.
-        hash_checkpoints: compute each checkpoint's sha256 for its manifest row.
+        hash_checkpoints: compute each checkpoint's digest (BLAKE3) for its manifest row.
         all_ranks: fire the hooks on every process, not only on world process zero.
 
     After `train()`, `drain_report` is the run's DrainReport.

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from loopbridge import _exceptions
+from loopbridge._digest import algorithm_of
 from loopbridge._exceptions import StoreError
 from loopbridge.stores.protocol import ClosingStore, GetResult, ObjectInfo, PutResult
 from loopbridge.stores.s3 import S3Store
@@ -234,11 +235,12 @@ class ProcessStore(ClosingStore):
         raise _error(message, full_key, f"{verb} {url}", worker.dead)
 
     async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
+        self, key: str, path: Path, *, expected_digest: str | None = None
     ) -> PutResult:
         """Upload `path` to `key` in the worker process, as `S3Store.put_file` does."""
+        algorithm_of(expected_digest)  # a malformed digest is refused here, as a ValueError
         result: PutResult = await self._call(
-            "upload", key, "put_file", key, path, expected_sha256=expected_sha256
+            "upload", key, "put_file", key, path, expected_digest=expected_digest
         )
         return result
 
@@ -273,12 +275,12 @@ class ProcessStore(ClosingStore):
         key: str,
         path: Path,
         *,
-        expected_sha256: str | None = None,
+        expected_digest: str | None = None,
         expected_size: int | None = None,
     ) -> GetResult:
         """Download in this process: a restore runs before training, with nothing to spare."""
         return await self.inner.get_file(
-            key, path, expected_sha256=expected_sha256, expected_size=expected_size
+            key, path, expected_digest=expected_digest, expected_size=expected_size
         )
 
     async def head(self, key: str) -> ObjectInfo | None:

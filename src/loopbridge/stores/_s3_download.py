@@ -7,7 +7,7 @@ carries `If-Match` with the ETag, so an object replaced mid-download fails (412)
 mixing two versions. Each range is streamed: its bytes are written at their offset every
 1 MiB, so memory stays within `max_concurrency` x 1 MiB (plus aiohttp's read buffer) however
 large the ranges, well under `part_size * max_concurrency`. One hasher follows the written
-prefix in order (reading it back from the page cache), so the sha256 is ready when the last
+prefix in order (reading it back from the page cache), so the digest is ready when the last
 byte lands. Every GET runs under the store's retry and timeout policy, and a retried range
 asks only for the bytes it still lacks. The file appears at its path only once complete and
 checked.
@@ -20,6 +20,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopbridge._digest import algorithm_of
 from loopbridge._exceptions import IntegrityError, ObjectNotFoundError
 from loopbridge.stores._sink import FileSink
 from loopbridge.stores._source import hash_thread
@@ -56,18 +57,19 @@ async def download(
     key: str,
     path: Path,
     *,
-    expected_sha256: str | None = None,
+    expected_digest: str | None = None,
     expected_size: int | None = None,
 ) -> GetResult:
     """Download `key` of `store` to `path`; see the module docstring.
 
     Raises:
         ObjectNotFoundError: no object at `key`.
-        IntegrityError: the size or sha256 differ from what was expected.
+        IntegrityError: the size or digest differ from what was expected.
         StoreError, PermanentStoreError: the store failed or refused (403...), naming the key.
     """
     from loopbridge.stores._s3_client import _Counter
 
+    algorithm = algorithm_of(expected_digest)
     full_key = store._full_key(key)
     counter = _Counter()
     info = await store._head(full_key, counter)
@@ -80,15 +82,15 @@ async def download(
             f"{expected_size}; it was changed or truncated after it was published"
         )
         raise IntegrityError(msg, key=full_key)
-    sink = await asyncio.to_thread(FileSink.open, Path(path), full_key)
+    sink = await asyncio.to_thread(FileSink.open, Path(path), full_key, algorithm)
     try:
         parts = await _fetch(store, full_key, info.size, info.etag, sink=sink, counter=counter)
-        size, sha = await hash_thread(sink.commit, info.size, expected_sha256)
+        size, digest = await hash_thread(sink.commit, info.size, expected_digest)
     except BaseException:
         sink.discard()
         raise
     return GetResult(
-        key=key, path=Path(path), size=size, sha256=sha, parts=parts, retries=counter.retries
+        key=key, path=Path(path), size=size, digest=digest, parts=parts, retries=counter.retries
     )
 
 

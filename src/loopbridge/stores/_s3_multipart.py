@@ -82,7 +82,7 @@ class Multipart(S3Connection):
     """Multipart upload of large files, and the cleanup of unfinished ones."""
 
     async def _put_multipart(
-        self, key: str, full_key: str, source: SourceFile, expected_sha256: str | None
+        self, key: str, full_key: str, source: SourceFile, expected_digest: str | None
     ) -> PutResult:
         """Upload in parallel parts read in order; abort on any failure or cancellation."""
         counter = _Counter()
@@ -117,7 +117,7 @@ class Multipart(S3Connection):
             # Every part waited for the creation, so it is done.
             upload_id = str(created.result()["UploadId"])
             # Nothing is published until here: a file that changed while read is refused.
-            await source.check_unchanged(expected_sha256)
+            await source.check_unchanged(expected_digest)
             expected = _expected((sums for _, sums in sent), self._crc)
             etag, crc = await self._complete(
                 client=client,
@@ -150,7 +150,7 @@ class Multipart(S3Connection):
         return PutResult(
             key=key,
             size=source.size,
-            sha256=source.sha256,
+            digest=source.digest,
             etag=etag,
             parts=len(parts),
             retries=counter.retries,
@@ -222,7 +222,7 @@ class Multipart(S3Connection):
                     # The slot is taken before the read: at most max_concurrency parts are held.
                     await slots.acquire()
                     try:
-                        # One pass: read, sha256 of the file, and the part's checksums.
+                        # One pass: read, the file's digest, and the part's checksums.
                         data, sums = await source.read_part(part_size, self._checksums)
                     except BaseException:
                         slots.release()

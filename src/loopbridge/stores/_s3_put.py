@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from loopbridge._digest import bytes_digest
 from loopbridge.stores._checksums import Checksums
 from loopbridge.stores._s3_client import S3Connection, _Counter, _etag
 from loopbridge.stores._source import SourceFile
@@ -32,8 +32,8 @@ class SinglePut(S3Connection):
         etag, _ = await self._put_object(
             full_key, data, self._checksums(data), counter, content_type
         )
-        sha = hashlib.sha256(data).hexdigest()
-        return PutResult(key=key, size=len(data), sha256=sha, etag=etag, retries=counter.retries)
+        digest = bytes_digest(data)
+        return PutResult(key=key, size=len(data), digest=digest, etag=etag, retries=counter.retries)
 
     async def _put_object(
         self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str
@@ -60,19 +60,19 @@ class SinglePut(S3Connection):
         return _etag(response), confirmed
 
     async def _put_small(
-        self, key: str, full_key: str, source: SourceFile, expected_sha256: str | None
+        self, key: str, full_key: str, source: SourceFile, expected_digest: str | None
     ) -> PutResult:
         """Read the whole (small) file, check it, then PutObject and HEAD it."""
         counter = _Counter()
-        # One pass over the bytes: read, sha256 and the request's checksums together.
+        # One pass over the bytes: read, the digest and the request's checksums together.
         data, sums = await source.read_part(self._threshold + 1, self._checksums)
         # Checked before sending: a changed file never reaches the key.
-        await source.check_unchanged(expected_sha256)
+        await source.check_unchanged(expected_digest)
         etag, confirmed = await self._put_object(
             full_key, data, sums, counter, content_type="application/octet-stream"
         )
         if not confirmed:
             await self._verify_stored(full_key, len(data), etag, counter)
         return PutResult(
-            key=key, size=len(data), sha256=source.sha256, etag=etag, retries=counter.retries
+            key=key, size=len(data), digest=source.digest, etag=etag, retries=counter.retries
         )

@@ -2,7 +2,7 @@
 
 Bytes may arrive out of order (parallel ranged GETs): they are written at their offsets as
 they come, and hashed in order as the written prefix grows (read back from the page cache),
-so the sha256 is of the file as it will be and no part waits in memory for its turn. `commit`
+so the digest is of the file as it will be and no part waits in memory for its turn. `commit`
 checks the size and digest, fsyncs, and renames onto the target; `discard` removes the
 temporary file.
 A process killed before `commit` leaves only a `.lb-tmp-` name, which no reader takes for the
@@ -12,13 +12,12 @@ object (and `remove_stale` clears).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import uuid
 from pathlib import Path
 
-from loopbridge._digest import CHUNK_BYTES
+from loopbridge._digest import ALGORITHM, CHUNK_BYTES, new_hasher
 from loopbridge._exceptions import IntegrityError, StoreError
 
 __all__ = ["TMP_MARK", "FileSink", "remove_stale"]
@@ -29,20 +28,24 @@ TMP_MARK = ".lb-tmp-"
 class FileSink:
     """A temporary file beside `path` that becomes `path` when `commit` finds it complete."""
 
-    def __init__(self, path: Path, key: str, fd: int, tmp: Path) -> None:
+    def __init__(
+        self, path: Path, key: str, fd: int, tmp: Path, algorithm: str = ALGORITHM
+    ) -> None:
         self.path = path
         self.key = key
         self.tmp = tmp
         self._fd = fd
-        self._sha = hashlib.sha256()
+        self._algorithm = algorithm
+        self._hasher = new_hasher(algorithm)
         self._hashed = 0
         # Worker threads write and read through the descriptor; `discard` (after a
         # cancellation, while one may still be running) must not close it under them.
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, key: str) -> FileSink:
-        """Create the temporary file (and the target's directory); blocking.
+    def open(cls, path: Path, key: str, algorithm: str = ALGORITHM) -> FileSink:
+        """Create the temporary file (and the target's directory), hashed with `algorithm`;
+        blocking.
 
         Raises:
             StoreError: the directory or file cannot be created (naming the path).
@@ -54,7 +57,7 @@ class FileSink:
         except OSError as exc:
             msg = f"cannot write the download of {key!r} to {str(path)!r}: {exc}"
             raise StoreError(msg, key=key) from exc
-        return cls(path, key, fd, tmp)
+        return cls(path, key, fd, tmp, algorithm)
 
     @property
     def hashed(self) -> int:
@@ -86,29 +89,29 @@ class FileSink:
             if not chunk:
                 msg = f"download of {self.key!r}: {self.tmp} is shorter than what was written"
                 raise StoreError(msg, key=self.key)
-            self._sha.update(chunk)
+            self._hasher.update(chunk)
             self._hashed += len(chunk)
 
     def write_next(self, data: bytes) -> None:
         """Write `data` right after what was hashed so far, and hash it (the in-order path)."""
         self.write_at(self._hashed, data)
-        self._sha.update(data)
+        self._hasher.update(data)
         self._hashed += len(data)
 
     def commit(
-        self, size: int, expected_sha256: str | None, *, fsync: bool = True
+        self, size: int, expected_digest: str | None, *, fsync: bool = True
     ) -> tuple[int, str]:
-        """Check the bytes, then rename the file onto the target; returns (size, sha256 hex).
+        """Check the bytes, then rename the file onto the target; returns (size, digest).
 
         Raises:
-            IntegrityError: fewer or more bytes than `size`, or a different sha256.
+            IntegrityError: fewer or more bytes than `size`, or a different digest.
         """
-        sha = self._sha.hexdigest()
+        digest = f"{self._algorithm}:{self._hasher.hexdigest()}"
         problem = None
         if self._hashed != size:
             problem = f"{self._hashed} bytes arrived, not the {size} the store announced"
-        elif expected_sha256 is not None and sha != expected_sha256:
-            problem = f"its sha256 is {sha}, not the published {expected_sha256}"
+        elif expected_digest is not None and digest != expected_digest:
+            problem = f"its digest is {digest}, not the published {expected_digest}"
         if problem is not None:
             msg = f"download of {self.key!r} refused: {problem}; nothing was written to {self.path}"
             raise IntegrityError(msg, key=self.key)
@@ -121,7 +124,7 @@ class FileSink:
             os.replace(self.tmp, self.path)
         if fsync:
             _fsync_dir(self.path.parent)
-        return size, sha
+        return size, digest
 
     def discard(self) -> None:
         """Close and remove the temporary file (after a failure or cancellation).

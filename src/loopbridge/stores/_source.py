@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import threading
 import weakref
@@ -20,6 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 import anyio
 import anyio.to_thread
 
+from loopbridge._digest import ALGORITHM, new_hasher
 from loopbridge._exceptions import IntegrityError
 
 T = TypeVar("T")
@@ -81,19 +81,20 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class SourceFile:
-    """An open local file whose bytes are hashed (sha256) in order as they are read."""
+    """An open local file whose bytes are hashed (a digest) in order as they are read."""
 
-    def __init__(self, path: Path, key: str, handle: BinaryIO) -> None:
+    def __init__(self, path: Path, key: str, handle: BinaryIO, algorithm: str = ALGORITHM) -> None:
         self.path = path
         self.key = key
         self._handle = handle
         self._before = _fingerprint(os.fstat(handle.fileno()))
-        self._sha = hashlib.sha256()
+        self._algorithm = algorithm
+        self._hasher = new_hasher(algorithm)
         self._read = 0
 
     @classmethod
-    async def open(cls, path: Path, key: str) -> SourceFile:
-        """Open `path` for upload to `key`.
+    async def open(cls, path: Path, key: str, algorithm: str = ALGORITHM) -> SourceFile:
+        """Open `path` for upload to `key`, to be hashed with `algorithm`.
 
         Raises:
             IntegrityError: the file is gone (deleted while its upload was queued).
@@ -103,7 +104,7 @@ class SourceFile:
         except FileNotFoundError as exc:
             msg = f"cannot upload {key!r}: the local file {str(path)!r} disappeared before upload"
             raise IntegrityError(msg, key=key) from exc
-        return cls(path, key, handle)
+        return cls(path, key, handle, algorithm)
 
     @property
     def size(self) -> int:
@@ -111,15 +112,15 @@ class SourceFile:
         return self._before[2]
 
     @property
-    def sha256(self) -> str:
-        """Hex sha256 of the bytes read so far."""
-        return self._sha.hexdigest()
+    def digest(self) -> str:
+        """The digest (`<algorithm>:<hex>`) of the bytes read so far."""
+        return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
     def _read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
-        """Read up to `size` bytes and hash them (sha256 and `checksums`), in one worker thread
+        """Read up to `size` bytes and hash them (the digest and `checksums`), in one worker thread
         trip, while they are fresh in the cache; hashing frees the GIL."""
         data = self._handle.read(size)
-        self._sha.update(data)
+        self._hasher.update(data)
         self._read += len(data)
         return data, checksums(data)
 
@@ -127,7 +128,7 @@ class SourceFile:
         """The next `size` bytes (fewer at the end), with `checksums(data)` computed as read."""
         return await hash_thread(self._read_part, size, checksums)
 
-    def _problem(self, expected_sha256: str | None) -> str | None:
+    def _problem(self, expected_digest: str | None) -> str | None:
         """What changed since the file was opened, or None."""
         try:
             after = _fingerprint(self.path.stat())
@@ -137,13 +138,13 @@ class SourceFile:
             return "changed while it was uploaded (size, mtime or inode differ)"
         if self._read != self._before[2]:
             return f"gave {self._read} bytes, not the {self._before[2]} it had when opened"
-        if expected_sha256 is not None and self.sha256 != expected_sha256:
-            return f"has sha256 {self.sha256}, not the expected {expected_sha256}"
+        if expected_digest is not None and self.digest != expected_digest:
+            return f"has digest {self.digest}, not the expected {expected_digest}"
         return None
 
-    async def check_unchanged(self, expected_sha256: str | None = None) -> None:
+    async def check_unchanged(self, expected_digest: str | None = None) -> None:
         """Raise IntegrityError if the file changed or vanished, or its bytes are not expected."""
-        problem = await anyio.to_thread.run_sync(self._problem, expected_sha256)
+        problem = await anyio.to_thread.run_sync(self._problem, expected_digest)
         if problem is not None:
             msg = f"refusing to publish {self.key!r}: the local file {str(self.path)!r} {problem}"
             raise IntegrityError(msg, key=self.key)

@@ -12,7 +12,6 @@ import asyncio
 import builtins
 import contextlib
 import functools
-import hashlib
 import os
 import threading
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from loopbridge._digest import CHUNK_BYTES
+from loopbridge._digest import CHUNK_BYTES, algorithm_of, bytes_digest, new_hasher
 from loopbridge._exceptions import IntegrityError, ObjectNotFoundError, StoreError
 from loopbridge.stores._sink import FileSink
 from loopbridge.stores._source import hash_thread
@@ -67,11 +66,12 @@ class LocalStore(ClosingStore):
         return self._root / join_key(key)
 
     async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
+        self, key: str, path: Path, *, expected_digest: str | None = None
     ) -> PutResult:
         """Copy `path` to `key` through a temporary file; refuse it if the source changed."""
         target = self._path(key)
-        return await hash_thread(self._copy_file, key, Path(path), target, expected_sha256)
+        algorithm_of(expected_digest)  # a malformed digest is refused before anything is read
+        return await hash_thread(self._copy_file, key, Path(path), target, expected_digest)
 
     async def put_bytes(
         self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
@@ -93,11 +93,12 @@ class LocalStore(ClosingStore):
         key: str,
         path: Path,
         *,
-        expected_sha256: str | None = None,
+        expected_digest: str | None = None,
         expected_size: int | None = None,
     ) -> GetResult:
         """Copy the file for `key` to `path` through a temporary name, hashing as it goes."""
         source = self._path(key)
+        algorithm_of(expected_digest)  # a malformed digest is refused before anything is read
         stop = threading.Event()
         copy = asyncio.ensure_future(
             asyncio.to_thread(
@@ -106,7 +107,7 @@ class LocalStore(ClosingStore):
                     key,
                     source,
                     Path(path),
-                    expected_sha256=expected_sha256,
+                    expected_digest=expected_digest,
                     expected_size=expected_size,
                     stop=stop,
                 )
@@ -127,7 +128,7 @@ class LocalStore(ClosingStore):
         source: Path,
         path: Path,
         *,
-        expected_sha256: str | None,
+        expected_digest: str | None,
         expected_size: int | None,
         stop: threading.Event,
     ) -> GetResult:
@@ -145,18 +146,18 @@ class LocalStore(ClosingStore):
                     f"{expected_size}; it was changed or truncated after it was published"
                 )
                 raise IntegrityError(msg, key=key)
-            sink = FileSink.open(path, key)
+            sink = FileSink.open(path, key, algorithm_of(expected_digest))
             try:
                 while chunk := src.read(CHUNK_BYTES):
                     if stop.is_set():
                         msg = f"download of {key!r} cancelled"
                         raise StoreError(msg, key=key)
                     sink.write_next(chunk)
-                _, sha = sink.commit(size, expected_sha256)
+                _, digest = sink.commit(size, expected_digest)
             except BaseException:
                 sink.discard()
                 raise
-        return GetResult(key=key, path=path, size=sink.hashed, sha256=sha)
+        return GetResult(key=key, path=path, size=sink.hashed, digest=digest)
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and modification time of the file for `key`, or None when there is none."""
@@ -201,7 +202,7 @@ class LocalStore(ClosingStore):
         return removed
 
     def _copy_file(
-        self, key: str, source: Path, target: Path, expected_sha256: str | None
+        self, key: str, source: Path, target: Path, expected_digest: str | None
     ) -> PutResult:
         """Stream `source` into `target`, hashing as it goes; runs in a worker thread."""
         try:
@@ -209,7 +210,8 @@ class LocalStore(ClosingStore):
         except FileNotFoundError as exc:
             msg = f"cannot store {key!r}: the local file {str(source)!r} disappeared before upload"
             raise IntegrityError(msg, key=key) from exc
-        hasher = hashlib.sha256()
+        algorithm = algorithm_of(expected_digest)
+        hasher = new_hasher(algorithm)
         size = 0
         with src:
             before = _fingerprint(os.fstat(src.fileno()))
@@ -222,14 +224,14 @@ class LocalStore(ClosingStore):
                         dst.write(chunk)
                     dst.flush()
                     os.fsync(dst.fileno())
-                sha = hasher.hexdigest()
+                digest = f"{algorithm}:{hasher.hexdigest()}"
                 self._check_unchanged(
                     key=key,
                     source=source,
                     before=before,
                     size=size,
-                    sha=sha,
-                    expected_sha256=expected_sha256,
+                    digest=digest,
+                    expected_digest=expected_digest,
                 )
                 os.replace(tmp, target)
             except BaseException:
@@ -237,7 +239,7 @@ class LocalStore(ClosingStore):
                     tmp.unlink()
                 raise
         self._fsync_dir(target.parent)
-        return PutResult(key=key, size=size, sha256=sha, etag=None)
+        return PutResult(key=key, size=size, digest=digest, etag=None)
 
     def _write_bytes(self, key: str, data: bytes, target: Path) -> PutResult:
         """Write `data` into `target` atomically; runs in a worker thread."""
@@ -253,9 +255,7 @@ class LocalStore(ClosingStore):
                 tmp.unlink()
             raise
         self._fsync_dir(target.parent)
-        return PutResult(
-            key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(), etag=None
-        )
+        return PutResult(key=key, size=len(data), digest=bytes_digest(data), etag=None)
 
     @staticmethod
     def _check_unchanged(
@@ -264,8 +264,8 @@ class LocalStore(ClosingStore):
         source: Path,
         before: tuple[int, int, int, int],
         size: int,
-        sha: str,
-        expected_sha256: str | None,
+        digest: str,
+        expected_digest: str | None,
     ) -> None:
         """Raise IntegrityError if the source was replaced, rewritten or removed while read."""
         try:
@@ -277,8 +277,8 @@ class LocalStore(ClosingStore):
             problem = "was deleted while it was read"
         elif after != before or size != before[2]:
             problem = "changed while it was read (size, mtime or inode differ)"
-        elif expected_sha256 is not None and sha != expected_sha256:
-            problem = f"has sha256 {sha}, not the expected {expected_sha256}"
+        elif expected_digest is not None and digest != expected_digest:
+            problem = f"has digest {digest}, not the expected {expected_digest}"
         if problem is not None:
             msg = f"refusing to store {key!r}: the local file {str(source)!r} {problem}"
             raise IntegrityError(msg, key=key)

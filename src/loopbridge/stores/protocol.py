@@ -21,15 +21,16 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
-    """What a put verified: the key, the bytes sent, their sha256, and the store's ETag.
+    """What a put verified: the key, the bytes sent, their digest, and the store's ETag.
 
-    `sha256` is the hex digest of exactly the bytes that were read and stored, hashed while
-    streaming. `parts` is 1 for a single request. `retries` counts retried requests of this put.
+    `digest` (`blake3:<hex>`, or `sha256:<hex>` when the put checked against one) is of
+    exactly the bytes that were read and stored, hashed while streaming. `parts` is 1 for a
+    single request. `retries` counts retried requests of this put.
     """
 
     key: str
     size: int
-    sha256: str
+    digest: str
     etag: str | None
     parts: int = 1
     retries: int = 0
@@ -37,16 +38,17 @@ class PutResult:
 
 @dataclass(frozen=True, slots=True)
 class GetResult:
-    """What a get-to-file wrote: the key, the local path, the bytes and their sha256.
+    """What a get-to-file wrote: the key, the local path, the bytes and their digest.
 
-    `sha256` is the hex digest of exactly the bytes written to `path`, hashed while streaming.
+    `digest` is of exactly the bytes written to `path`, hashed while streaming, with the
+    expected digest's algorithm (BLAKE3 when none was given).
     `parts` counts the (ranged) requests; `retries` the retried requests of this get.
     """
 
     key: str
     path: Path
     size: int
-    sha256: str
+    digest: str
     parts: int = 1
     retries: int = 0
 
@@ -82,12 +84,13 @@ class ObjectStore(Protocol):
         ...
 
     async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
+        self, key: str, path: Path, *, expected_digest: str | None = None
     ) -> PutResult:
         """Stream the file at `path` to `key`; refuse to publish it if it changed meanwhile.
 
-        If `expected_sha256` (hex) is given and the bytes read differ, nothing is published
-        at `key` where the store can avoid it, and `IntegrityError` is raised.
+        If `expected_digest` (`blake3:<hex>` or `sha256:<hex>`) is given and the bytes read
+        differ, nothing is published at `key` where the store can avoid it, and
+        `IntegrityError` is raised.
         """
         ...
 
@@ -106,18 +109,18 @@ class ObjectStore(Protocol):
         key: str,
         path: Path,
         *,
-        expected_sha256: str | None = None,
+        expected_digest: str | None = None,
         expected_size: int | None = None,
     ) -> GetResult:
         """Stream the object at `key` into the file `path`, hashing it on the way.
 
         The bytes land in a temporary name beside `path` and are renamed onto it only once
-        complete and, when `expected_sha256` (hex) or `expected_size` is given, matching: a
+        complete and, when `expected_digest` or `expected_size` is given, matching: a
         failed, cancelled or killed get never leaves a file at `path` that looks complete.
 
         Raises:
             ObjectNotFoundError: there is no object at `key`.
-            IntegrityError: the bytes read differ from `expected_sha256` or `expected_size`.
+            IntegrityError: the bytes read differ from `expected_digest` or `expected_size`.
         """
         ...
 

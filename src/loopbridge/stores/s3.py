@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from loopbridge._digest import algorithm_of
 from loopbridge._exceptions import PermanentStoreError
 from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import _MISSING, MiB
@@ -53,15 +54,15 @@ class S3Store(Multipart, SinglePut):
     """An `ObjectStore` in one S3 bucket, with keys relative to `prefix`."""
 
     async def put_file(
-        self, key: str, path: Path, *, expected_sha256: str | None = None
+        self, key: str, path: Path, *, expected_digest: str | None = None
     ) -> PutResult:
         """Stream `path` to `key`, multipart above the threshold, verified before it counts."""
         full_key = self._full_key(key)
-        source = await SourceFile.open(Path(path), full_key)
+        source = await SourceFile.open(Path(path), full_key, algorithm_of(expected_digest))
         try:
             if source.size <= self._threshold:
-                return await self._put_small(key, full_key, source, expected_sha256)
-            return await self._put_multipart(key, full_key, source, expected_sha256)
+                return await self._put_small(key, full_key, source, expected_digest)
+            return await self._put_multipart(key, full_key, source, expected_digest)
         finally:
             source.close()
 
@@ -95,14 +96,14 @@ class S3Store(Multipart, SinglePut):
         key: str,
         path: Path,
         *,
-        expected_sha256: str | None = None,
+        expected_digest: str | None = None,
         expected_size: int | None = None,
     ) -> GetResult:
         """Stream `key` into the file `path` (parallel ranged GETs when large), verified."""
         from loopbridge.stores._s3_download import download
 
         return await download(
-            self, key, path, expected_sha256=expected_sha256, expected_size=expected_size
+            self, key, path, expected_digest=expected_digest, expected_size=expected_size
         )
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
