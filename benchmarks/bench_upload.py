@@ -388,6 +388,12 @@ def report(
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.3f} (target {op} {bound})")
     for kind in kinds:
         lbr, pool = rows[(kind, "loopbridge")], rows[(kind, "thread pool")]
+        floor = rows[(kind, "none")]["off_cpu"]
+        added, pool_added = lbr["off_cpu"] - floor, pool["off_cpu"] - floor
+        print(
+            f"INFO  {kind}: off-CPU share added over no upload's {floor:.1f}% (which has no "
+            f"upload to blame): {added:+.1f} points vs thread pool {pool_added:+.1f}"
+        )
         ratio = lbr["blocked"] / pool["blocked"] if pool["blocked"] > 0 else float("nan")
         print(
             f"INFO  {kind}: blocked share (off-CPU minus run-queue wait: the GIL, I/O) vs "
