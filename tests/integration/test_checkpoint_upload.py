@@ -375,6 +375,42 @@ class TestFailures:
         assert isinstance(report.failed[0].exception, IntegrityError)
         assert [p for p in remote.rglob("*") if p.is_file()] == []
 
+    @pytest.mark.parametrize("snapshot", [True, False])
+    def test_a_file_rewritten_after_save_is_not_published(
+        self, tmp_path: Path, s3_bucket: S3Bucket, snapshot: bool
+    ) -> None:
+        """A file rewritten (same size) between its save and its upload is refused against
+        its stamp at save time: the bytes went up, but nothing is published or left."""
+
+        class Tamper(lb.Callback):
+            def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
+                os.utime(row.path, ns=(1, 1))  # a clock tick later on any filesystem
+                row.path.write_bytes(b"tampered")
+
+        def save(state: LoopState, path: Path) -> None:
+            path.write_bytes(b"original")
+
+        uploader = CheckpointUploader(
+            f"s3://{s3_bucket.name}/ckpts", endpoint_url=s3_bucket.endpoint, snapshot=snapshot
+        )
+        loop = lb.TrainLoop(
+            _step,
+            range(1),
+            max_steps=1,
+            out_dir=tmp_path / "out",
+            save=save,
+            callbacks=[Tamper(), uploader],
+            run_name=RUN,
+            on_drain_failure="warn",
+        )
+        report = loop.run().drain_report
+        assert report is not None
+        assert len(report.failed) == 1
+        error = report.failed[0].exception
+        assert isinstance(error, IntegrityError)
+        assert "modified after it was saved" in str(error)
+        assert s3_bucket.list_keys() == []
+
 
 class TestConstruction:
     def test_bad_destinations_fail_in_init(self) -> None:

@@ -86,14 +86,14 @@ class CheckpointTasks:
             else:
                 # Two checkpoints' bytes at most in flight per loop; the store bounds the parts.
                 async with self._slots():
-                    if await asyncio.to_thread(is_part, row.path):
+                    if is_part(row.path):
                         shards = await upload_part(self.store, row, step_prefix, sent, claim)
                     elif await asyncio.to_thread(row.path.is_dir):
                         shards = await upload_dir(self.store, row, step_prefix, sent, claim)
                     else:
                         shards = await upload_file(self.store, row, step_prefix, sent, claim)
                 total = sum(shard.size for shard in shards)
-                row = await digest_known(row, shards, entry)
+                row = await digest_known(row, shards, entry, claim)
             size = sum(shard.size for shard in shards)
             if size != row.size_bytes:
                 msg = (

@@ -22,7 +22,7 @@ from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import StoreError
 from loopbridge._types import ManifestRow
 from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER, file_entry
-from loopbridge.stores import CleansStaleUploads, ObjectStore
+from loopbridge.stores import CleansStaleUploads, ObjectStore, put_in_order
 from loopbridge.stores.keys import join_key
 
 __all__ = ["LATEST", "MANIFEST", "MARKER", "Publisher", "Shard"]
@@ -90,26 +90,25 @@ class Publisher:
             "source": str(row.path),
             "files": [shard.to_json() for shard in shards],
         }
-        await self.store.put_bytes(join_key(run_prefix, step_dir, MARKER), _json(entry))
-        entries = await self._manifest(run_prefix)
-        entries[:] = sorted(
-            [e for e in entries if e["step"] != row.step] + [entry], key=lambda e: int(e["step"])
+        published = await self._manifest(run_prefix)
+        # The new list is made aside and kept only once all three objects are stored.
+        entries = sorted(
+            [e for e in published if e["step"] != row.step] + [entry], key=lambda e: int(e["step"])
         )
         doomed: list[dict[str, Any]] = []
         with self._lock:
-            after = self._continues.pop(run_prefix, None)
+            after = self._continues.get(run_prefix)
         if after is not None:
             # Once, before this run's own steps join: an earlier run's later steps are
             # replaced by this run's history.
             doomed = [e for e in entries if int(e["step"]) > after and e["prefix"] != step_dir]
-            entries[:] = [e for e in entries if e not in doomed]
+            entries = [e for e in entries if e not in doomed]
         if self.keep_last is not None and len(entries) > self.keep_last:
             # Never the newest and never the one `latest` is about to point at.
             past = [e for e in entries[: -self.keep_last] if e["prefix"] != step_dir]
-            entries[:] = [e for e in entries if e not in past]
+            entries = [e for e in entries if e not in past]
             doomed += past
         manifest = {"version": 1, "run": run_prefix, "checkpoints": entries}
-        await self.store.put_bytes(join_key(run_prefix, MANIFEST), _json(manifest))
         # The newest step, not this one: a resumed older checkpoint must not move it back.
         newest = entries[-1]
         latest = {
@@ -118,7 +117,21 @@ class Publisher:
             "digest": newest["digest"],
             "manifest": MANIFEST,
         }
-        await self.store.put_bytes(join_key(run_prefix, LATEST), _json(latest))
+        # Marker, then manifest, then `latest`, each only once the one before is stored (in
+        # one call to an upload worker).
+        await put_in_order(
+            self.store,
+            [
+                (join_key(run_prefix, step_dir, MARKER), _json(entry)),
+                (join_key(run_prefix, MANIFEST), _json(manifest)),
+                (join_key(run_prefix, LATEST), _json(latest)),
+            ],
+        )
+        published[:] = entries
+        if after is not None:
+            with self._lock:
+                if self._continues.get(run_prefix) == after:
+                    del self._continues[run_prefix]
         for old in doomed:
             await self._prune(run_prefix, str(old["prefix"]))
 

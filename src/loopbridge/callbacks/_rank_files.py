@@ -31,7 +31,7 @@ from loopbridge._row_digest import PendingDigest
 from loopbridge._types import ManifestRow
 from loopbridge.callbacks._publish import Shard
 from loopbridge.callbacks._snapshot import SNAPSHOT_DIR, link_or_copy
-from loopbridge.callbacks._transfer import upload_dir
+from loopbridge.callbacks._transfer import settle_claim, upload_dir
 from loopbridge.stores import ObjectStore
 
 __all__ = ["dcp_rank", "is_part", "rank_part", "take_part", "upload_part"]
@@ -109,6 +109,5 @@ async def upload_part(
     if await asyncio.to_thread(shard_files, row.path):
         return await upload_dir(store, row, step_prefix, sent, claim)
     if claim is not None:
-        await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        await asyncio.to_thread(claim.set, combine_shard_digests([]))
+        await asyncio.to_thread(settle_claim, claim, combine_shard_digests([]), step_prefix)
     return []

@@ -22,7 +22,7 @@ from loopbridge.callbacks._upload_journal import JournalEntry
 from loopbridge.stores import ObjectStore
 from loopbridge.stores.keys import join_key
 
-__all__ = ["digest_known", "upload_dir", "upload_file"]
+__all__ = ["digest_known", "settle_claim", "upload_dir", "upload_file"]
 
 
 async def upload_file(
@@ -34,19 +34,24 @@ async def upload_file(
 ) -> list[Shard]:
     """Upload a single-file checkpoint, checked against the row's digest while streamed.
 
-    With `claim`, the file is checked against its stamp at save time instead, before and
-    after the upload, and the digest hashed while streaming becomes the row's.
+    With `claim`, the file is checked against its stamp at save time instead, once the bytes
+    are sent (the store saw them unchanged while it read them, so a rewrite before the upload
+    shows then too), and the digest hashed while streaming becomes the row's.
     """
     key = join_key(step_prefix, row.path.name)
-    if claim is not None:
-        await asyncio.to_thread(claim.check_unchanged, step_prefix)
     expected = None if claim is not None else row.digest
     result = await store.put_file(key, row.path, expected_digest=expected)
     sent.append(key)
     if claim is not None:
-        await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        await asyncio.to_thread(claim.set, result.digest)  # writes the manifest
+        await asyncio.to_thread(settle_claim, claim, result.digest, step_prefix)
     return [Shard(rel=row.path.name, size=result.size, digest=result.digest)]
+
+
+def settle_claim(claim: PendingDigest, digest: str, key: str) -> None:
+    """Check the checkpoint is still as saved, then give the row its digest (and its line in
+    manifest.jsonl): one trip to a worker thread, not two."""
+    claim.check_unchanged(key)
+    claim.set(digest)
 
 
 async def upload_dir(
@@ -86,8 +91,7 @@ async def upload_dir(
         )
         raise IntegrityError(msg, key=step_prefix)
     if claim is not None:
-        await asyncio.to_thread(claim.check_unchanged, step_prefix)
-        await asyncio.to_thread(claim.set, digest)  # writes the manifest line
+        await asyncio.to_thread(settle_claim, claim, digest, step_prefix)
     return shards
 
 
@@ -114,13 +118,19 @@ async def _in_row_algorithm(row: ManifestRow, shards: list[Shard]) -> list[Shard
 
 
 async def digest_known(
-    row: ManifestRow, shards: list[Shard], entry: JournalEntry | None
+    row: ManifestRow,
+    shards: list[Shard],
+    entry: JournalEntry | None,
+    claim: PendingDigest | None = None,
 ) -> ManifestRow:
     """The row with the digest hashed during its upload, recorded for a later resume.
 
+    With `claim` the digest is the one it gave the saved row (and its manifest.jsonl line).
     A row resumed from the journal of a process that died before hashing it gets it here,
     and so does its waiting line in the run's manifest.jsonl.
     """
+    if row.digest is None and claim is not None and claim.row.digest is not None:
+        row = dataclasses.replace(row, digest=claim.row.digest)
     if row.digest is None:
         if await asyncio.to_thread(row.path.is_dir):
             digest = combine_shard_digests((s.rel, s.size, s.digest) for s in shards)

@@ -18,6 +18,8 @@ from loopbridge.stores.protocol import (
     ObjectInfo,
     ObjectStore,
     PutResult,
+    PutsInOrder,
+    put_in_order,
 )
 from loopbridge.stores.s3 import S3Store
 
@@ -28,10 +30,12 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "PutResult",
+    "PutsInOrder",
     "S3Store",
     "escape_segment",
     "join_key",
     "open_store",
+    "put_in_order",
 ]
 
 

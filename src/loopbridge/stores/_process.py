@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,15 @@ class ProcessStore(ClosingStore):
             "upload", key, "put_bytes", key, data, content_type=content_type
         )
         return result
+
+    async def put_bytes_in_order(self, items: Sequence[tuple[str, bytes]]) -> list[PutResult]:
+        """Upload small objects in order (a marker, a manifest, `latest`) in one worker call."""
+        if not items:
+            return []
+        results: list[PutResult] = await self._call(
+            "upload", items[0][0], "put_bytes_in_order", list(items)
+        )
+        return results
 
     async def get_bytes(self, key: str) -> bytes | None:
         """Read the object at `key`, or None when there is none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from loopbridge._digest import bytes_digest
@@ -34,6 +35,10 @@ class SinglePut(S3Connection):
         )
         digest = bytes_digest(data)
         return PutResult(key=key, size=len(data), digest=digest, etag=etag, retries=counter.retries)
+
+    async def put_bytes_in_order(self, items: Sequence[tuple[str, bytes]]) -> list[PutResult]:
+        """Store each `(key, data)` in turn; the first failure stops the rest."""
+        return [await self.put_bytes(key, data) for key, data in items]
 
     async def _put_object(
         self, full_key: str, data: bytes, sums: Checksums, counter: _Counter, content_type: str

@@ -42,7 +42,16 @@ _NICE = 5  # the training process comes first when the cores are busy
 _PIECE = 1 << 20
 
 CALLS = frozenset(
-    {"put_file", "put_bytes", "get_bytes", "head", "list", "delete", "abort_stale_uploads"}
+    {
+        "put_file",
+        "put_bytes",
+        "put_bytes_in_order",
+        "get_bytes",
+        "head",
+        "list",
+        "delete",
+        "abort_stale_uploads",
+    }
 )
 """The store methods the parent may call here."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +16,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "PutResult",
+    "PutsInOrder",
+    "put_in_order",
 ]
 
 
@@ -148,6 +150,25 @@ class CleansStaleUploads(Protocol):
     async def abort_stale_uploads(self, prefix: str) -> int:
         """Abort or remove unfinished uploads under `prefix`; return how many."""
         ...
+
+
+@runtime_checkable
+class PutsInOrder(Protocol):
+    """A store that takes several small objects in one call, each put after the one before."""
+
+    async def put_bytes_in_order(self, items: Sequence[tuple[str, bytes]]) -> list[PutResult]:
+        """Put each `(key, data)` in turn, as `put_bytes`; the first failure stops the rest."""
+        ...
+
+
+async def put_in_order(store: ObjectStore, items: Sequence[tuple[str, bytes]]) -> None:
+    """Put small objects in order: in one call where the store can (one round trip to an
+    upload worker, not one per object), else one `put_bytes` after another."""
+    if isinstance(store, PutsInOrder):
+        await store.put_bytes_in_order(items)
+        return
+    for key, data in items:
+        await store.put_bytes(key, data)
 
 
 class ClosingStore:
