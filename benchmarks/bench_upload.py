@@ -28,8 +28,9 @@ Medians over repeats, ways interleaved.
 The S3 server (moto) runs in its own process, pinned to the other core and at nice 19; the
 training thread is pinned to its own core while it trains, and each client's background
 threads and worker processes to the server's core: identically for every way (the "alone"
-runs are not pinned). `none` still hashes each checkpoint (the library's default) on
-loopbridge's background thread.
+runs are not pinned). Only the loopbridge ways compute checkpoint digests (in the upload's
+own read pass); `none` and the boto3 ways run with `hash_checkpoints=False`, since they need
+none, so no way pays for a cost that only loopbridge imposes.
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 3] [--quick]
 Exit status 1 when a target fails.
@@ -65,7 +66,6 @@ from benchmarks._upload_ways import (
 )
 
 import loopbridge as lb
-from loopbridge import _row_digest
 from loopbridge._types import LoopState, ManifestRow, TrainingBatch
 from loopbridge.callbacks import CheckpointUploader
 from loopbridge.stores._process import ProcessStore
@@ -173,6 +173,9 @@ def run_way(
         callbacks=callbacks,
         run_name=tag,
         bridge=bridge,
+        # Only loopbridge needs a digest (its uploader hashes in the pass that reads for upload):
+        # the other ways, and the no-upload floor, do not pay for one.
+        hash_checkpoints=uploader is not None,
     )
     pids = _worker_pids(uploader, boto)
     workers_before = sum(proc_cpu(pid) for pid in pids)
@@ -292,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ):
         os.environ.setdefault(name, value)
-    _row_digest._executor()  # the background digest thread, started unpinned like the rest
     kinds: dict[str, Callable[[], None]] = {"python": python_step()}
     torch_fn = torch_step()
     if torch_fn is not None:
