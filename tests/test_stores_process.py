@@ -15,7 +15,7 @@ import pytest
 from loopbridge._digest import file_digest
 from loopbridge._exceptions import PermanentStoreError, StoreError
 from loopbridge.callbacks import CheckpointUploader
-from loopbridge.stores import ObjectStore, S3Store
+from loopbridge.stores import ObjectStore, PutsInOrder, S3Store, put_in_order
 from loopbridge.stores._process import ProcessStore
 from tests.fixtures.s3 import FaultProxy, FaultRule, Hang, S3Bucket, Status
 
@@ -191,3 +191,21 @@ async def test_a_malformed_expected_digest_is_refused_here_by_name(
     _random_file(tmp_path / "f", 10)
     with pytest.raises(ValueError, match=r"unsupported checkpoint digest 'sha1:00'"):
         await make_store().put_file("k/f", tmp_path / "f", expected_digest="sha1:00")
+
+
+async def test_objects_put_in_order_go_in_one_call_and_stop_at_the_first_failure(
+    make_store: Factory, s3_bucket: S3Bucket, fault_proxy: FaultProxy
+) -> None:
+    """A marker, manifest and `latest` reach the store in order; one refused stops the rest."""
+    store = make_store()
+    assert isinstance(store, PutsInOrder)
+    items = [("run/a", b"1"), ("run/b", b"22"), ("run/c", b"333")]
+    results = await store.put_bytes_in_order(items)
+    assert [(r.key, r.size) for r in results] == [("run/a", 1), ("run/b", 2), ("run/c", 3)]
+    assert [s3_bucket.read(f"pre/{key}") for key, _ in items] == [b"1", b"22", b"333"]
+    await store.delete(key for key, _ in items)
+    fault_proxy.add(FaultRule((Status(403, "AccessDenied", "Access Denied"),), path="run/b"))
+    with pytest.raises(PermanentStoreError, match=r"pre/run/b") as caught:
+        await put_in_order(store, items)
+    assert caught.value.key == "pre/run/b"
+    assert s3_bucket.list_keys() == ["pre/run/a"]

@@ -411,6 +411,25 @@ class TestFailures:
         assert "modified after it was saved" in str(error)
         assert s3_bucket.list_keys() == []
 
+    @pytest.mark.parametrize("refused", ["manifest.json", "latest"])
+    def test_a_step_refused_after_its_marker_is_left_out_of_later_manifests(
+        self, tmp_path: Path, s3_bucket: S3Bucket, fault_proxy: FaultProxy, refused: str
+    ) -> None:
+        """A publish that fails part-way (its manifest or `latest` refused) fails that step,
+        and the next step's manifest lists only what was published."""
+        denied = Status(403, "AccessDenied", "Access Denied")
+        fault_proxy.add(FaultRule((denied,), method="PUT", path=rf"/{refused}$", times=1))
+        uploader = CheckpointUploader(
+            f"s3://{s3_bucket.name}/ckpts", endpoint_url=fault_proxy.url, max_attempts=1
+        )
+        report = _train(tmp_path, uploader, steps=2).drain_report
+        assert report is not None
+        assert [type(f.exception) for f in report.failed] == [PermanentStoreError]
+        manifest = json.loads(s3_bucket.read(f"ckpts/{RUN}/manifest.json"))
+        assert [entry["step"] for entry in manifest["checkpoints"]] == [2]
+        assert json.loads(s3_bucket.read(f"ckpts/{RUN}/latest"))["step"] == 2
+        assert not any("/step-00000001/" in key for key in s3_bucket.list_keys())
+
 
 class TestConstruction:
     def test_bad_destinations_fail_in_init(self) -> None:
