@@ -75,8 +75,10 @@ def _train(
     *,
     steps: int = 5,
     save: Callable[[LoopState, Path], None] = _save,
+    before: tuple[lb.Callback, ...] = (),
     **options: Any,
 ) -> lb.LoopArtifacts:
+    """Train `steps` steps with a checkpoint each; `before` run ahead of the uploader."""
     loop = lb.TrainLoop(
         _step,
         range(steps),
@@ -84,7 +86,7 @@ def _train(
         out_dir=tmp_path / "out",
         save=save,
         checkpoint_every=1,
-        callbacks=[uploader],
+        callbacks=[*before, uploader],
         run_name=RUN,
         on_drain_failure="warn",
         **options,
@@ -358,17 +360,7 @@ class TestFailures:
 
         remote = tmp_path / "remote"
         uploader = CheckpointUploader(str(remote))
-        loop = lb.TrainLoop(
-            _step,
-            range(1),
-            max_steps=1,
-            out_dir=tmp_path / "out",
-            save=save,
-            callbacks=[Tamper(), uploader],
-            run_name=RUN,
-            on_drain_failure="warn",
-        )
-        artifacts = loop.run()
+        artifacts = _train(tmp_path, uploader, steps=1, save=save, before=(Tamper(),))
         report = artifacts.drain_report
         assert report is not None
         assert len(report.failed) == 1
@@ -384,8 +376,8 @@ class TestFailures:
 
         class Tamper(lb.Callback):
             def on_checkpoint(self, state: LoopState, row: ManifestRow) -> None:
-                os.utime(row.path, ns=(1, 1))  # a clock tick later on any filesystem
                 row.path.write_bytes(b"tampered")
+                os.utime(row.path, ns=(1, 1))  # not the save's mtime, however coarse the clock
 
         def save(state: LoopState, path: Path) -> None:
             path.write_bytes(b"original")
@@ -393,17 +385,7 @@ class TestFailures:
         uploader = CheckpointUploader(
             f"s3://{s3_bucket.name}/ckpts", endpoint_url=s3_bucket.endpoint, snapshot=snapshot
         )
-        loop = lb.TrainLoop(
-            _step,
-            range(1),
-            max_steps=1,
-            out_dir=tmp_path / "out",
-            save=save,
-            callbacks=[Tamper(), uploader],
-            run_name=RUN,
-            on_drain_failure="warn",
-        )
-        report = loop.run().drain_report
+        report = _train(tmp_path, uploader, steps=1, save=save, before=(Tamper(),)).drain_report
         assert report is not None
         assert len(report.failed) == 1
         error = report.failed[0].exception
