@@ -1,8 +1,8 @@
 """Content digests of checkpoints: one file, or a directory of shards.
 
-A digest names its algorithm: `blake3:<hex>` for new ones (BLAKE3 hashes about four times
-faster than sha256 here, SHA extensions included, and is as strong), `sha256:<hex>` for those
-of older runs, which are still checked. A file's digest hashes its bytes. A directory's
+A digest names its algorithm: `blake3:<hex>` for new ones (BLAKE3, a cryptographic hash
+like sha256, hashes about four times faster here, SHA extensions included), `sha256:<hex>`
+for those of older runs, which are still checked. A file's digest hashes its bytes. A directory's
 hashes one line per file, `<relative posix path>\\t<size>\\t<hex>\\n`, sorted by path, with the
 files' algorithm, so an uploader that hashes each shard as it streams it can rebuild the
 directory digest without reading anything twice.
