@@ -17,7 +17,14 @@ from typing import Any
 from tests.fixtures.http import DashboardServer
 from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status, Throttle
-from tests.integration.torchrun_job import WAIT, TorchrunJob, put_count, resume_cli, sha256_of
+from tests.integration.torchrun_job import (
+    WAIT,
+    TorchrunJob,
+    logged_as_one_run,
+    put_count,
+    resume_cli,
+    sha256_of,
+)
 
 WORKER = Path(__file__).with_name("ranks_worker.py")
 RUN = "dist-run"
@@ -70,16 +77,9 @@ class TestRankZeroSaves:
             assert sha256_of(other) != sha256_of(local)
         assert len(fault_proxy.requests("PUT", r"/latest")) == 2
         assert not list(job.out_dir(1).glob("upload-journal*"))
-        # The dashboard: one run's rows, every step once.
-        runs = {post.json()["run"]["run_id"] for post in dashboard_server.posts()}
-        assert len(runs) == 1
-        steps = [e["step"] for e in dashboard_server.events() if e["type"] == "step"]
+        # One dashboard run with every step once, in order; one MLflow run.
+        steps = logged_as_one_run(dashboard_server, mlflow_server, experiment)
         assert steps == [1, 2, 3, 4]
-        # MLflow: one run in the experiment.
-        found = mlflow_server.api("experiments/get-by-name", experiment_name=experiment)
-        experiment_id = found["experiment"]["experiment_id"]
-        listed = mlflow_server.post("runs/search", {"experiment_ids": [experiment_id]})
-        assert [run["info"]["status"] for run in listed["runs"]] == ["FINISHED"]
         # The default JsonlLogger wrote on rank 0 only; every_rank() tags each rank's rows.
         assert (job.out_dir(0) / "events.jsonl").exists()
         assert not (job.out_dir(1) / "events.jsonl").exists()

@@ -21,7 +21,14 @@ from typing import Any
 from tests.fixtures.http import DashboardServer
 from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import FaultProxy, FaultRule, S3Bucket, Status, Throttle
-from tests.integration.torchrun_job import WAIT, TorchrunJob, put_count, resume_cli, sha256_of
+from tests.integration.torchrun_job import (
+    WAIT,
+    TorchrunJob,
+    logged_as_one_run,
+    put_count,
+    resume_cli,
+    sha256_of,
+)
 
 WORKER = Path(__file__).with_name("lightning_ranks_worker.py")
 RUN = "pl-ranks"
@@ -83,17 +90,10 @@ class TestRankZeroSaves:
         assert put_count(fault_proxy, f"ddp/lightning/{RUN}/latest") == 2
         assert json.loads(s3_bucket.read(f"ddp/lightning/{RUN}/latest"))["step"] == 4
         assert not list(job.out.glob("upload-journal.rank-*"))
-        # The dashboard: one run's rows, every step once.
-        runs = {post.json()["run"]["run_id"] for post in dashboard_server.posts()}
-        assert len(runs) == 1
-        steps = [e["step"] for e in dashboard_server.events() if e["type"] == "step"]
+        # One dashboard run with every step once; one MLflow run.
+        steps = logged_as_one_run(dashboard_server, mlflow_server, experiment)
         assert sorted(steps) == sorted(set(steps))
         assert len(steps) == 4
-        # MLflow: one run in the experiment.
-        found = mlflow_server.api("experiments/get-by-name", experiment_name=experiment)
-        experiment_id = found["experiment"]["experiment_id"]
-        listed = mlflow_server.post("runs/search", {"experiment_ids": [experiment_id]})
-        assert [run["info"]["status"] for run in listed["runs"]] == ["FINISHED"]
 
 
 class TestSharded:

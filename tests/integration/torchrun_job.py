@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.fixtures.http import DashboardServer
+from tests.fixtures.mlflow import MLflowServer
 from tests.fixtures.s3 import FaultProxy
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -100,6 +102,20 @@ def resume_cli(out_dir: Path) -> subprocess.CompletedProcess[str]:
         timeout=WAIT,
         check=False,
     )
+
+
+def logged_as_one_run(
+    dashboard: DashboardServer, mlflow: MLflowServer, experiment: str
+) -> list[int]:
+    """Check the ranks logged one dashboard run and one FINISHED MLflow run; return the
+    dashboard's step numbers, in the order posted."""
+    runs = {post.json()["run"]["run_id"] for post in dashboard.posts()}
+    assert len(runs) == 1
+    found = mlflow.api("experiments/get-by-name", experiment_name=experiment)
+    experiment_id = found["experiment"]["experiment_id"]
+    listed = mlflow.post("runs/search", {"experiment_ids": [experiment_id]})
+    assert [run["info"]["status"] for run in listed["runs"]] == ["FINISHED"]
+    return [e["step"] for e in dashboard.events() if e["type"] == "step"]
 
 
 def put_count(proxy: FaultProxy, key: str) -> int:
