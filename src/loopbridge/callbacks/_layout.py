@@ -37,6 +37,7 @@ __all__ = [
     "LatestPointer",
     "PublishedCheckpoint",
     "RemoteFile",
+    "encode_document",
     "file_entry",
     "read_files",
     "parse_latest",
@@ -51,6 +52,15 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 """A step directory's name; group 1 is the step."""
+
+
+def encode_document(data: Mapping[str, Any]) -> bytes:
+    """A marker, manifest or `latest` as stored: compact JSON, keys sorted.
+
+    Compact, so that the C encoder runs: an indent takes the pure-Python one, about five times
+    slower, on a manifest that grows with every checkpoint.
+    """
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 def step_dir(step: int) -> str:

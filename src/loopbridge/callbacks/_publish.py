@@ -21,7 +21,7 @@ from typing import Any
 from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import StoreError
 from loopbridge._types import ManifestRow
-from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER, file_entry
+from loopbridge.callbacks._layout import LATEST, MANIFEST, MARKER, encode_document, file_entry
 from loopbridge.stores import CleansStaleUploads, ObjectStore, put_in_order
 from loopbridge.stores.keys import join_key
 
@@ -122,9 +122,9 @@ class Publisher:
         await put_in_order(
             self.store,
             [
-                (join_key(run_prefix, step_dir, MARKER), _json(entry)),
-                (join_key(run_prefix, MANIFEST), _json(manifest)),
-                (join_key(run_prefix, LATEST), _json(latest)),
+                (join_key(run_prefix, step_dir, MARKER), encode_document(entry)),
+                (join_key(run_prefix, MANIFEST), encode_document(manifest)),
+                (join_key(run_prefix, LATEST), encode_document(latest)),
             ],
         )
         published[:] = entries
@@ -235,8 +235,3 @@ class Publisher:
 def _why(exc: BaseException) -> str:
     """A short reason for a failed clean-up step."""
     return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-
-
-def _json(data: dict[str, Any]) -> bytes:
-    """Encode a small JSON document for the store."""
-    return json.dumps(data, indent=1, sort_keys=True).encode()

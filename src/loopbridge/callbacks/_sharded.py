@@ -31,7 +31,7 @@ from loopbridge._digest import combine_shard_digests
 from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge._ranks import RankInfo
 from loopbridge._types import ManifestRow
-from loopbridge.callbacks._layout import read_files
+from loopbridge.callbacks._layout import encode_document, read_files
 from loopbridge.callbacks._upload_journal import resume_shortcut
 from loopbridge.stores import CleansStaleUploads, ObjectStore
 from loopbridge.stores.keys import join_key
@@ -126,7 +126,7 @@ class ShardedCommit:
             "finished_at": time.time(),
         }
         key = join_key(step_prefix, self.marker)
-        await store.put_bytes(key, _json(marker))
+        await store.put_bytes(key, encode_document(marker))
         sent.append(key)
 
     async def gather(
@@ -189,7 +189,7 @@ class ShardedCommit:
             }
             async with asyncio.timeout(_MARKER_TIMEOUT):
                 key = join_key(step_prefix, failed_marker(self.rank.rank))
-                await store.put_bytes(key, _json(failure))
+                await store.put_bytes(key, encode_document(failure))
         except Exception as exc:
             logger.warning(
                 "rank %d could not tell the publisher step %d failed: %s; it times out instead",
@@ -343,7 +343,3 @@ def _local_files(path: Path) -> list[str]:
 
 def _triples(files: Sequence[dict[str, Any]]) -> list[tuple[str, int, str]]:
     return [(str(f["path"]), int(f["size"]), str(f["digest"])) for f in files]
-
-
-def _json(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, indent=1, sort_keys=True).encode()
