@@ -88,7 +88,7 @@ class CheckpointTasks:
                 async with self._slots():
                     if is_part(row.path):
                         shards = await upload_part(self.store, row, step_prefix, sent, claim)
-                    elif await asyncio.to_thread(row.path.is_dir):
+                    elif row.path.is_dir():  # one stat, on the loop like the journal's writes
                         shards = await upload_dir(self.store, row, step_prefix, sent, claim)
                     else:
                         shards = await upload_file(self.store, row, step_prefix, sent, claim)
