@@ -80,3 +80,64 @@ class TestStoreOptions:
     def test_local_stores_need_nothing_but_their_url(self, tmp_path: Path) -> None:
         """A local store reopens from its file:// URL alone."""
         assert store_options(LocalStore(tmp_path)) == {}
+
+
+class _Boom(Exception):
+    pass
+
+
+def _save(state: object, path: Path) -> None:
+    path.write_bytes(b"w" * 64)
+
+
+def _run(tmp_path: Path, *, fail_at: int | None = None, preflight: bool = True) -> None:
+    """Train 3 steps with a checkpoint each, uploading to a local directory."""
+    import loopbridge as lb
+    from loopbridge.callbacks import CheckpointUploader
+
+    def step(state: lb.LoopState, batch: lb.TrainingBatch) -> dict[str, float]:
+        if state.step == fail_at:
+            raise _Boom
+        return {"loss": 1.0}
+
+    lb.TrainLoop(
+        step,
+        range(3),
+        out_dir=tmp_path / "out",
+        save=_save,
+        checkpoint_every=1,
+        callbacks=[CheckpointUploader(str(tmp_path / "remote"), preflight=preflight)],
+        run_name="run",
+        drain_timeout=30,
+    ).run()
+
+
+class TestJournalPerRun:
+    def test_opened_once_per_run_and_closed_after_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Opened at train start and held: the first checkpoint does not open it again."""
+        from loopbridge.callbacks import _upload_journal
+
+        opened: list[Path] = []
+
+        class Counted(UploadJournal):
+            def __init__(self, path: Path) -> None:
+                opened.append(path)
+                super().__init__(path)
+
+        monkeypatch.setattr(_upload_journal, "UploadJournal", Counted)
+        _run(tmp_path)
+        assert opened == [tmp_path / "out" / JOURNAL_FILE]
+        with UploadJournal(tmp_path / "out" / JOURNAL_FILE) as journal:  # let go of
+            assert [i.state for i in journal.intents()] == ["published"] * 3
+
+    @pytest.mark.parametrize("preflight", [True, False])
+    def test_a_run_failing_before_its_first_checkpoint_lets_go_of_it(
+        self, tmp_path: Path, preflight: bool
+    ) -> None:
+        """The journal held since train start is closed when the failed run's bridge shuts down."""
+        with pytest.raises(_Boom):
+            _run(tmp_path, fail_at=0, preflight=preflight)
+        with UploadJournal(tmp_path / "out" / JOURNAL_FILE) as journal:  # no JournalError
+            assert journal.intents() == []

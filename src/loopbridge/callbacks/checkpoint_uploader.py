@@ -258,17 +258,18 @@ class CheckpointUploader(Callback):
             self._publisher.supersede_after(self.run_prefix(state), state.step)
         if not self.journal:
             return
-        # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs.
+        # Opened here, before the first step: creating a journal can take ~20 ms of fsyncs,
+        # and opening it again at the first checkpoint ~1 ms of the training thread's time.
         found = self._journals.unfinished(state.out_dir, self.store.url, after=state.step)
         if isinstance(found, JournalError):
             self._report_journal_error(found)
             return
-        if not found:
-            # Created (the costly part) but not held open: a run that fails before its first
-            # checkpoint spawns nothing, so no bridge shutdown would ever close it.
-            self._journals.close(state.out_dir)
-            return
-        self._close_store_with(self._attached_bridge())
+        # Held open for the run: `on_train_end` closes it after the run's last upload, and if
+        # the run fails first, the bridge's shutdown does. The bridge is started for that
+        # (the first checkpoint's upload would start it anyway, on the training thread).
+        bridge = self._attached_bridge()
+        bridge.start()
+        self._close_store_with(bridge)
         for intent, entry in found:
             self._spawn_upload(intent.row, intent.run_prefix, entry, resume=True)
 
