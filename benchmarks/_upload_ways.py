@@ -235,10 +235,14 @@ class Timer(lb.Callback):
             self.train_cpu = -time.thread_time()
             self.train_queued = -run_queue_wait()
         self._count_stolen(now)
+        self._close_checkpoint(now)
+        self.step_starts.append(now)
+
+    def _close_checkpoint(self, now: float) -> None:
+        """The time since the last save() returned is that checkpoint's added time, once."""
         if self.saves and len(self.added_wall) < len(self.saves):
             self.added_wall.append(now - self.saves[-1][1])
             self.added_cpu.append(time.thread_time() - self.save_ended_cpu)
-        self.step_starts.append(now)
 
     def _count_stolen(self, now: float) -> None:
         """Close one interval; what it lost with no context switch at all is stolen."""
@@ -249,8 +253,11 @@ class Timer(lb.Callback):
         self._mark = (now, cpu, switches)
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        # Registered first, so this runs before a pool's wait at train end.
-        self._count_stolen(time.perf_counter())
+        # Registered first, so this runs before a pool's wait at train end, and right after
+        # the final checkpoint's hooks, which are that checkpoint's added time.
+        now = time.perf_counter()
+        self._close_checkpoint(now)
+        self._count_stolen(now)
         self.train_wall += time.perf_counter()
         self.train_cpu += time.thread_time()
         self.train_queued += run_queue_wait()

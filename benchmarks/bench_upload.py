@@ -19,10 +19,10 @@ minus the time it was runnable but waiting for a core, from Linux schedstat: the
 tenants' load does not explain; the GIL and I/O); upload MiB/s; client CPU seconds per GiB
 uploaded (this process's CPU minus the training thread's, plus its worker processes'; for
 `inline` the upload's CPU is on the training thread instead); the training thread's wall and
-CPU time added per checkpoint (from the end of save() to the next step); its wall time at
-train start, before the first step (the other callbacks' `on_train_start`: for loopbridge,
-its pre-flight check that the store can be written, a put and a delete, once per run); and
-the time stolen from it.
+CPU time added per checkpoint (from the end of save() to the next step, or to train end for
+the final one; the mean over the run's four); its wall time at train start, before the first
+step (the other callbacks' `on_train_start`: for loopbridge, its pre-flight check that the
+store can be written, a put and a delete, once per run); and the time stolen from it.
 
 Two things are printed on their own rather than folded into the shares:
 - The train-start time: a one-off cost which, in a run of seconds, would stand for far more
@@ -229,8 +229,10 @@ def run_way(
         blocked=(1 - (timer.train_cpu + timer.train_queued) / on_core) * 100,
         mb_s=mb_s,
         cpu_gib=client_cpu / (uploaded / GiB) if way != "none" else float("nan"),
-        added_ms=statistics.median(timer.added_wall) * 1e3,
-        added_cpu_ms=statistics.median(timer.added_cpu) * 1e3,
+        # The mean over the run's checkpoints, the first's one-off costs and the final one's
+        # included.
+        added_ms=statistics.fmean(timer.added_wall) * 1e3,
+        added_cpu_ms=statistics.fmean(timer.added_cpu) * 1e3,
         start_ms=timer.start_wall * 1e3,
         stolen_ms=timer.stolen * 1e3,
     )
