@@ -203,10 +203,8 @@ class Timer(lb.Callback):
     any step, which in a run of a few seconds would otherwise swamp the share.
 
     `stolen` is wall time lost between two step starts in which the thread never left its
-    core (no context switch, voluntary or not): the hypervisor running another guest on this
-    vCPU (steal in /proc/stat), which no client design causes or avoids. On this shared
-    machine it comes as single stalls of 10 to 30 ms in one run of three, as large as the
-    effect measured.
+    core (no context switch, voluntary or not): the hypervisor running something else on this
+    vCPU (steal in /proc/stat). Counted for the record; the shares keep it.
     """
 
     def __init__(self) -> None:
