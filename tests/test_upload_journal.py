@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import loopbridge as lb
 from loopbridge._exceptions import JournalError
 from loopbridge._types import ManifestRow
+from loopbridge.callbacks import CheckpointUploader, _upload_journal
 from loopbridge.callbacks._upload_journal import JournalBook, store_options
 from loopbridge.journal import JOURNAL_FILE, UploadJournal
 from loopbridge.stores import LocalStore, S3Store
@@ -86,14 +88,12 @@ class _Boom(Exception):
     pass
 
 
-def _save(state: object, path: Path) -> None:
+def _save(state: lb.LoopState, path: Path) -> None:
     path.write_bytes(b"w" * 64)
 
 
 def _run(tmp_path: Path, *, fail_at: int | None = None, preflight: bool = True) -> None:
     """Train 3 steps with a checkpoint each, uploading to a local directory."""
-    import loopbridge as lb
-    from loopbridge.callbacks import CheckpointUploader
 
     def step(state: lb.LoopState, batch: lb.TrainingBatch) -> dict[str, float]:
         if state.step == fail_at:
@@ -117,8 +117,6 @@ class TestJournalPerRun:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Opened at train start and held: the first checkpoint does not open it again."""
-        from loopbridge.callbacks import _upload_journal
-
         opened: list[Path] = []
 
         class Counted(UploadJournal):
