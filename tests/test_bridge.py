@@ -925,6 +925,18 @@ class TestClose:
         bridge.close(WAIT)
         assert seen == {"thread": "shutdown-loop", "work_done": True, "calls": 1}
 
+    def test_shutdown_callback_runs_though_nothing_was_spawned(self) -> None:
+        """A callback registered on a bridge that has not started still runs at close."""
+        bridge = Bridge(name="idle")
+        ran = threading.Event()
+
+        async def close_clients() -> None:
+            ran.set()
+
+        bridge.add_shutdown_callback(close_clients)
+        bridge.close(WAIT)
+        assert ran.is_set()
+
     def test_close_from_own_loop_refused(self, bridge: Bridge) -> None:
         """close on the bridge's own loop raises BridgeLoopThreadError."""
 

@@ -227,7 +227,12 @@ class Bridge:
                 work.close()
 
     def add_shutdown_callback(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Await `fn()` on the loop during close(), after the work is drained (close clients)."""
+        """Await `fn()` on the loop during close(), after the work is drained (close clients).
+
+        Starts the bridge if it has not started: close() runs the callbacks on the loop, and a
+        bridge that never started has none, so they would be dropped.
+        """
+        self.start()
         if fn not in self._shutdown_callbacks:
             self._shutdown_callbacks.append(fn)
 

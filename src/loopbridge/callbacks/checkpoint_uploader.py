@@ -265,11 +265,8 @@ class CheckpointUploader(Callback):
             self._report_journal_error(found)
             return
         # Held open for the run: `on_train_end` closes it after the run's last upload, and if
-        # the run fails first, the bridge's shutdown does. The bridge is started for that
-        # (the first checkpoint's upload would start it anyway, on the training thread).
-        bridge = self._attached_bridge()
-        bridge.start()
-        self._close_store_with(bridge)
+        # the run fails first, the bridge's shutdown does.
+        self._close_store_with(self._attached_bridge())
         for intent, entry in found:
             self._spawn_upload(intent.row, intent.run_prefix, entry, resume=True)
 
