@@ -256,7 +256,7 @@ class Timer(lb.Callback):
         now = time.perf_counter()
         self._close_checkpoint(now)
         self._count_stolen(now)
-        self.train_wall += time.perf_counter()
+        self.train_wall += now
         self.train_cpu += time.thread_time()
         self.train_queued += run_queue_wait()
         pin_training_thread(False)
