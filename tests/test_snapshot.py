@@ -12,6 +12,7 @@ import pytest
 from loopbridge import ManifestRow
 from loopbridge.callbacks._snapshot import (
     SNAPSHOT_DIR,
+    release_linked_snapshot,
     release_snapshot,
     snapshot_of,
     take_snapshot,
@@ -115,3 +116,59 @@ class TestRelease:
         assert original.exists()
         assert snapshot_of(original) is None
         assert os.path.exists(original)
+
+
+class TestReleaseLinked:
+    """The quick release, on the bridge's loop: only a file whose bytes stay linked elsewhere."""
+
+    def test_a_file_still_linked_is_released_inline(self, tmp_path: Path) -> None:
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        assert release_linked_snapshot(snap)
+        assert not snap.parent.exists()
+        assert not (tmp_path / SNAPSHOT_DIR).exists()
+        assert original.read_bytes() == b"weights"
+        assert release_linked_snapshot(snap)  # twice is harmless
+
+    def test_the_last_link_is_left_to_the_thorough_release(self, tmp_path: Path) -> None:
+        """The framework deleted its file: removing the snapshot frees the bytes, in a thread."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        original.unlink()
+        assert not release_linked_snapshot(snap)
+        assert snap.read_bytes() == b"weights"
+        release_snapshot(snap)
+        assert not snap.parent.exists()
+
+    def test_a_copied_snapshot_is_left_to_the_thorough_release(self, tmp_path: Path) -> None:
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original), link=False).path
+        assert not release_linked_snapshot(snap)
+        assert snap.exists()
+
+    def test_a_directory_is_left_to_the_thorough_release(self, tmp_path: Path) -> None:
+        original = tmp_path / "ckpt"
+        _shards(original)
+        snap = take_snapshot(_row(original)).path
+        assert not release_linked_snapshot(snap)
+        assert (snap / "a.bin").exists()
+
+    def test_a_holder_with_more_in_it_is_left_to_the_thorough_release(self, tmp_path: Path) -> None:
+        """The file goes, the holder stays; the thorough release then clears the holder."""
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original)).path
+        (snap.parent / "stray").write_bytes(b"")
+        assert not release_linked_snapshot(snap)
+        release_snapshot(snap)
+        assert not snap.parent.exists()
+        assert original.exists()
+
+    def test_a_path_that_is_no_snapshot_is_left_alone(self, tmp_path: Path) -> None:
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        assert release_linked_snapshot(original)
+        assert original.exists()

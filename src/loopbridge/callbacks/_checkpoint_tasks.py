@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import Future
+from pathlib import Path
 
 from loopbridge._exceptions import IntegrityError, StoreError
 from loopbridge._row_digest import PendingDigest
@@ -23,7 +24,7 @@ from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._rank_files import is_part, upload_part
 from loopbridge.callbacks._run_chain import wait_for
 from loopbridge.callbacks._sharded import ShardedCommit
-from loopbridge.callbacks._snapshot import release_snapshot
+from loopbridge.callbacks._snapshot import release_linked_snapshot, release_snapshot
 from loopbridge.callbacks._transfer import digest_known, upload_dir, upload_file
 from loopbridge.callbacks._upload_journal import JournalEntry, resume_shortcut
 from loopbridge.callbacks._upload_stats import UploadTally
@@ -115,7 +116,7 @@ class CheckpointTasks:
                 await self.publisher.publish(whole, run_prefix, step_name, shards)
             if entry is not None:
                 entry.published()
-            await asyncio.to_thread(release_snapshot, row.path)
+            await _release(row.path)
         except Exception as exc:
             if self.sharded is not None:
                 await self.sharded.report_failure(self.store, row, step_prefix, exc)
@@ -125,7 +126,7 @@ class CheckpointTasks:
                 with contextlib.suppress(Exception):
                     entry.digest_known(await asyncio.to_thread(claim.compute))
             if entry is None:  # nothing will retry it; an open journal intent keeps it
-                await asyncio.to_thread(release_snapshot, row.path)
+                await _release(row.path)
             if entry is not None:
                 entry.failed(exc)
             self.tally.failed(row.step, exc)
@@ -161,3 +162,13 @@ class CheckpointTasks:
         """The running loop's limit on checkpoints sending bytes at once."""
         loop = asyncio.get_running_loop()
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
+
+
+async def _release(path: Path) -> None:
+    """Remove the checkpoint's snapshot: on the loop when that frees no data, else in a thread.
+
+    The usual case (the framework's own file still there) is an unlink and two rmdirs; a trip
+    to a worker thread would wake two more threads of the training process.
+    """
+    if not release_linked_snapshot(path):
+        await asyncio.to_thread(release_snapshot, path)

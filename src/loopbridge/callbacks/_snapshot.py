@@ -25,13 +25,21 @@ import dataclasses
 import logging
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
 from loopbridge._digest import shard_files
 from loopbridge._types import ManifestRow
 
-__all__ = ["SNAPSHOT_DIR", "link_or_copy", "release_snapshot", "snapshot_of", "take_snapshot"]
+__all__ = [
+    "SNAPSHOT_DIR",
+    "link_or_copy",
+    "release_linked_snapshot",
+    "release_snapshot",
+    "snapshot_of",
+    "take_snapshot",
+]
 
 logger = logging.getLogger("loopbridge.callbacks.checkpoint_uploader")
 
@@ -90,6 +98,32 @@ def release_snapshot(path: Path) -> None:
         return
     with contextlib.suppress(OSError):  # only once empty; `_make_dir` retries if we race it
         holder.parent.rmdir()
+
+
+def release_linked_snapshot(path: Path) -> bool:
+    """Remove a one-file snapshot whose bytes are still linked elsewhere; False if it is not one.
+
+    Dropping a link that is not the last frees no data, so this is a few quick system calls,
+    fit to run on the bridge's loop. Anything else (a directory, the last link of a large
+    file, whose blocks the filesystem must free) returns False, for `release_snapshot` in a
+    thread.
+    """
+    holder = snapshot_of(path)
+    if holder is None:
+        return True
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink < 2:
+            return False
+        os.unlink(path)
+        os.rmdir(holder)
+    except FileNotFoundError:
+        return not holder.exists()
+    except OSError:
+        return False  # something else in the holder, or a refusal: the thorough way says
+    with contextlib.suppress(OSError):  # only once empty; `_make_dir` retries if we race it
+        holder.parent.rmdir()
+    return True
 
 
 def _make_dir(holder: Path) -> None:
