@@ -26,6 +26,7 @@ from loopbridge._exceptions import (
     StoreError,
 )
 from loopbridge.stores import ObjectStore, S3Store
+from loopbridge.stores._s3_multipart import plan_part_size
 from loopbridge.stores._source import hash_thread
 from tests.fixtures.s3 import (
     Delay,
@@ -298,6 +299,54 @@ class TestConcurrency:
         assert [r.digest for r in results] == [file_digest(s)[1] for s in sources]
         assert fault_proxy.peak_in_flight("PUT", "partNumber=") == 3
         assert len(fault_proxy.requests("PUT", "partNumber=")) == 6
+
+    async def test_a_small_file_is_spread_over_the_concurrency_slots(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """With the default 16 MiB parts, a 24 MiB file goes up as 3 parts of 8 MiB, not 2."""
+        source = tmp_path / "ckpt.bin"
+        sha = _random_file(source, 24 * MiB)
+        result = await make_store(part_size=16 * MiB, max_concurrency=8).put_file("c/k", source)
+        assert result.parts == 3
+        assert result.etag is not None
+        assert result.etag.endswith("-3")
+        sizes = sorted(int(r.headers["content-length"]) for r in fault_proxy.requests("PUT"))
+        assert sizes == [8 * MiB] * 3
+        assert s3_bucket.sha256("pre/c/k") == sha
+
+
+class TestPartPlan:
+    """`plan_part_size` over the whole range of sizes, part sizes and concurrencies."""
+
+    @pytest.mark.parametrize("part_size", [5 * MiB, 8 * MiB, 16 * MiB, 100 * MiB, 5 << 30])
+    @pytest.mark.parametrize("concurrency", [1, 3, 8, 64])
+    def test_invariants(self, part_size: int, concurrency: int) -> None:
+        sizes = [1, 5 * MiB, 8 * MiB + 1, 24 * MiB, 64 * MiB, 1 << 30, 10 << 30, 5 << 40]
+        sizes += [part_size * concurrency + d for d in (-1, 0, 1)]
+        for size in sizes:
+            part = plan_part_size(size, part_size, concurrency)
+            needed = -(-size // 10_000)  # S3's limit of 10,000 parts
+            assert -(-size // part) <= 10_000
+            assert part >= min(part_size, 8 * MiB)
+            if needed > part_size:  # only the limit makes a part larger than asked
+                assert part == needed
+                continue
+            assert part <= part_size
+            if size >= part_size * concurrency:  # enough to fill the slots: as asked
+                assert part == part_size
+            elif part < part_size:  # spread, never finer than filling the slots needs
+                assert part == max(8 * MiB, -(-size // concurrency))
+
+    def test_examples(self) -> None:
+        assert plan_part_size(64 * MiB, 16 * MiB, 8) == 8 * MiB
+        assert plan_part_size(96 * MiB, 16 * MiB, 8) == 12 * MiB
+        assert plan_part_size(10 << 30, 16 * MiB, 8) == 16 * MiB
+        assert plan_part_size(64 * MiB, 5 * MiB, 8) == 5 * MiB
+        assert plan_part_size(200 << 30, 16 * MiB, 8) == -(-(200 << 30) // 10_000)
 
 
 class TestRetries:

@@ -11,7 +11,9 @@ parts of `part_size`, read from disk in order (hashing as they go) and sent up t
 `part_size * max_concurrency` however many files upload at once (128 MiB by default). A
 failed or cancelled multipart upload is aborted. Parts are 16 MiB by default, not boto3's 8:
 each request costs about a millisecond of client CPU (signing, botocore's hooks, parsing),
-and S3 bills requests, so half as many per GiB is cheaper both ways.
+and S3 bills requests, so half as many per GiB is cheaper both ways. A file too small to fill
+`max_concurrency` such parts is spread over smaller ones, down to 8 MiB (`plan_part_size`): a
+64 MiB checkpoint goes up as 8 parts at once, not 4.
 
 Each byte of a file is read once and hashed once per algorithm, in the same worker-thread
 pass: SHA-256 of the whole file (the checkpoint digest) and the checksum the server checks
