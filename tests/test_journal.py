@@ -133,6 +133,24 @@ class TestDurability:
             ]
 
 
+class TestOpenStartsTheWal:
+    """Opening writes the WAL's header, whose first write SQLite fdatasyncs even at NORMAL:
+    the first intent (on the training thread, at the first checkpoint) then only appends."""
+
+    def test_a_new_journal(self, tmp_path: Path) -> None:
+        path = tmp_path / JOURNAL_FILE
+        with UploadJournal(path):
+            assert path.with_name(JOURNAL_FILE + "-wal").stat().st_size > 0
+
+    def test_a_reopened_journal(self, tmp_path: Path) -> None:
+        path = tmp_path / JOURNAL_FILE
+        with UploadJournal(path) as journal:
+            journal.record_intent("file:///r", "run", _row(3, tmp_path))
+        with UploadJournal(path) as journal:
+            assert path.with_name(JOURNAL_FILE + "-wal").stat().st_size > 0
+            assert [i.row.step for i in journal.open_intents()] == [3]
+
+
 class TestRefusals:
     def test_garbage_bytes_are_a_journal_error_naming_the_file(self, tmp_path: Path) -> None:
         """A corrupt file is refused with its path and what to do, not a sqlite3 traceback."""

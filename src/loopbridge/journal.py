@@ -161,6 +161,9 @@ class UploadJournal:
             db.execute(f"PRAGMA application_id={_APPLICATION_ID_OPEN}")
         # Into the main file, so that a copy of it alone shows it was open (see _OURS).
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The first commit into an empty WAL writes its header and fdatasyncs it (even at
+        # NORMAL): done now, at open, rather than by the first intent on the training thread.
+        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     def __enter__(self) -> UploadJournal:
         return self
