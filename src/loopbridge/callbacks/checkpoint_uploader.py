@@ -140,7 +140,7 @@ class CheckpointUploader(Callback):
         keep_last: int | None = None,
         store: ObjectStore | None = None,
         part_size: int = 16 * MiB,
-        max_concurrency: int = 8,
+        max_concurrency: int = 10,
         endpoint_url: str | None = None,
         region: str | None = None,
         call_timeout: float = 120.0,

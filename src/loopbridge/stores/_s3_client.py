@@ -93,7 +93,7 @@ class S3Connection(ClosingStore):
         addressing_style: Literal["auto", "path", "virtual"] | None = None,
         part_size: int = 16 * MiB,
         multipart_threshold: int | None = None,
-        max_concurrency: int = 8,
+        max_concurrency: int = 10,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         call_timeout: float = 120.0,

@@ -8,7 +8,7 @@ The store opens one client per running event loop, on first use, and reuses it; 
 closes the client of the loop it runs on. Files larger than `multipart_threshold` go up in
 parts of `part_size`, read from disk in order (hashing as they go) and sent up to
 `max_concurrency` at a time across all the store's uploads on a loop, so memory stays within
-`part_size * max_concurrency` however many files upload at once (128 MiB by default). A
+`part_size * max_concurrency` however many files upload at once (160 MiB by default). A
 failed or cancelled multipart upload is aborted. Parts are 16 MiB by default, not boto3's 8:
 each request costs about a millisecond of client CPU (signing, botocore's hooks, parsing),
 and S3 bills requests, so half as many per GiB is cheaper both ways. A file too small to fill
@@ -16,7 +16,7 @@ and S3 bills requests, so half as many per GiB is cheaper both ways. A file too 
 64 MiB checkpoint goes up as 8 parts at once, not 4.
 
 Each byte of a file is read once and hashed once per algorithm, in the same worker-thread
-pass: SHA-256 of the whole file (the checkpoint digest) and the checksum the server checks
+pass: the whole file's digest (BLAKE3, the checkpoint digest) and the checksum the server checks
 each body against. By default that is a CRC32C (`x-amz-checksum-crc32c`, computed in
 hardware by google-crc32c, about twice as fast as zlib's CRC32; `checksum="crc32"` sends
 the CRC32 boto3 sends, and is the default where google-crc32c has no C implementation), per
