@@ -40,7 +40,9 @@ With no training, boto3 upload_file alone and loopbridge alone give the throughp
 client CPU per GiB baselines: after one untimed pair (the server's first uploads are
 slower), `ALONE_PAIRS` back-to-back pairs per repeat, in alternating order, each pair giving
 one ratio; the targets take the median ratio, and the spread is printed. Medians over
-repeats, ways interleaved.
+repeats, ways interleaved, their order rotated by one each repeat: a way does not always run
+at the same point of the sequence (right after the same other way, the same time after the
+"alone" uploads), so what that point brings falls on every way in turn.
 
 The S3 server (moto) runs in its own process, pinned to the other core and at nice 19; the
 training thread is pinned to its own core while it trains, and each client's background
@@ -344,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 ways = [("boto3", boto3_alone), ("loopbridge", loopbridge_alone)]
                 for name, alone_way in ways if pair % 2 == 0 else ways[::-1]:
                     alone[name].append(alone_way(endpoint, payload, Path(tmp), 4))
+            order = WAYS[repeat % len(WAYS) :] + WAYS[: repeat % len(WAYS)]
             for kind, step_fn in kinds.items():
-                for way in WAYS:
+                for way in order:
                     tag = f"r{repeat}-{kind}-{way.replace(' ', '-')}"
                     one = run_way(
                         way, step_fn, endpoint=endpoint, payload=payload, tmp=Path(tmp), tag=tag
