@@ -30,11 +30,12 @@ cost which, in a run of seconds, would stand for far more than it costs a run of
 Stolen time is printed too, and stays in the shares: wall time lost in a step in which the
 training thread never left its core (no context switch at all, so neither the GIL, nor
 I/O, nor another thread of the guest), which /proc/stat shows as steal on CPU 0: the
-hypervisor running something else on this vCPU. It comes as single stalls of 9 to 30 ms.
-Were it the host's noise alone it could be set aside, but it is not spread evenly: over
-runs on 30 November it fell mostly on the loopbridge (process) rows, the torch step above
-all (two runs of five, about 19 ms each), and almost never on the others. Until that is
-understood it is counted against loopbridge.
+hypervisor running something else on this vCPU. It comes as single stalls of 9 to 30 ms,
+in the middle of an upload, not at a checkpoint's hooks. It is not spread evenly: here the
+torch step's loopbridge row has one of about 9 ms in most runs, even with the ways' order
+rotated, and the other rows rarely. Yet with uploads made from a separate process beside the
+same torch steps, loopbridge's store and boto3 drew as much steal as each other (see
+docs/performance.md). Until that is understood it is counted against loopbridge.
 
 With no training, boto3 upload_file alone and loopbridge alone give the throughput and
 client CPU per GiB baselines: after one untimed pair (the server's first uploads are
