@@ -15,16 +15,18 @@ from typing import Any, Protocol
 
 from loopbridge._exceptions import MissingExtraError
 
+LIGHTNING_MISSING = (
+    "loopbridge.integrations.lightning needs Lightning: pip install 'loopbridge[lightning]' "
+    "(install torch for your platform first)"
+)
+"""What importing the Lightning integration without Lightning says."""
+
 try:
     from lightning.pytorch.plugins.io import CheckpointIO
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
-    _msg = (
-        "loopbridge.integrations.lightning needs Lightning: pip install 'loopbridge[lightning]' "
-        "(install torch for your platform first)"
-    )
-    raise MissingExtraError(_msg) from exc
+    raise MissingExtraError(LIGHTNING_MISSING) from exc
 
-__all__ = ["ObservedCheckpointIO", "SaveListener", "StrategySaveWatch"]
+__all__ = ["LIGHTNING_MISSING", "ObservedCheckpointIO", "SaveListener", "StrategySaveWatch"]
 
 
 class SaveListener(Protocol):

@@ -41,7 +41,11 @@ from loopbridge._profile import HookProfiler
 from loopbridge._report import DrainReport
 from loopbridge._run_policy import DrainPolicy
 from loopbridge._types import LoopArtifacts, LoopState
-from loopbridge.integrations._lightning_saves import ObservedCheckpointIO, StrategySaveWatch
+from loopbridge.integrations._lightning_saves import (
+    LIGHTNING_MISSING,
+    ObservedCheckpointIO,
+    StrategySaveWatch,
+)
 from loopbridge.integrations._run import (
     ForeignRun,
     check_ranks_agree,
@@ -53,11 +57,7 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
-    _msg = (
-        "loopbridge.integrations.lightning needs Lightning: pip install 'loopbridge[lightning]' "
-        "(install torch for your platform first)"
-    )
-    raise MissingExtraError(_msg) from exc
+    raise MissingExtraError(LIGHTNING_MISSING) from exc
 
 __all__ = ["LoopbridgeCallback"]
 
