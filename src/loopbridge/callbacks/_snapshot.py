@@ -101,12 +101,13 @@ def release_snapshot(path: Path) -> None:
 
 
 def release_linked_snapshot(path: Path) -> bool:
-    """Remove a one-file snapshot whose bytes are still linked elsewhere; False if it is not one.
+    """Remove a one-file snapshot whose bytes are still linked elsewhere; True once nothing
+    is left to remove (a path that is no snapshot included).
 
     Dropping a link that is not the last frees no data, so this is a few quick system calls,
-    fit to run on the bridge's loop. Anything else (a directory, the last link of a large
-    file, whose blocks the filesystem must free) returns False, for `release_snapshot` in a
-    thread.
+    fit to run on the bridge's loop. Anything else (a directory, a copy, the last link of a
+    large file, whose blocks the filesystem must free) returns False, for `release_snapshot`
+    in a thread.
     """
     holder = snapshot_of(path)
     if holder is None:

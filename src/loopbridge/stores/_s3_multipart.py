@@ -20,6 +20,7 @@ from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
     _ABORT_TIMEOUT,
     _MAX_PARTS,
+    MiB,
     S3Connection,
     _Counter,
     _etag,
@@ -33,7 +34,7 @@ __all__ = ["Multipart", "plan_part_size"]
 
 logger = logging.getLogger(__name__)
 
-_SPREAD_FLOOR = 8 * 1024 * 1024  # boto3's part size: no smaller, to spread a small file
+_SPREAD_FLOOR = 8 * MiB  # boto3's part size: no smaller, to spread a small file
 
 
 def plan_part_size(size: int, part_size: int, concurrency: int) -> int:
