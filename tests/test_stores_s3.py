@@ -319,6 +319,58 @@ class TestConcurrency:
         assert s3_bucket.sha256("pre/c/k") == sha
 
 
+class TestPartBufferReuse:
+    """Parts are read into buffers kept from earlier parts; what goes up is still the file."""
+
+    async def test_files_with_more_parts_than_slots_arrive_intact(
+        self, make_store: StoreFactory, s3_bucket: S3Bucket, tmp_path: Path
+    ) -> None:
+        """Three files of 5 parts (the last one short) through 2 slots: each part reuses a
+        buffer that held another part, of this file or the one before, and every byte is right.
+        """
+        store = make_store(max_concurrency=2)
+        for index, size in enumerate((23 * MiB, 21 * MiB + 17, 25 * MiB)):
+            source = tmp_path / f"ckpt-{index}.bin"
+            sha = _random_file(source, size)
+            result = await store.put_file(f"c/{index}", source, expected_digest=None)
+            assert result.parts == 5
+            assert result.digest == file_digest(source)[1]
+            assert s3_bucket.sha256(f"pre/c/{index}") == sha
+        buffers = store._part_buffers[asyncio.get_running_loop()]
+        assert buffers.kept == 2  # one per slot, kept for the next upload
+
+    async def test_after_a_failed_request_its_uploads_buffers_are_not_reused(
+        self,
+        make_store: StoreFactory,
+        s3_bucket: S3Bucket,
+        fault_proxy: FaultProxy,
+        tmp_path: Path,
+    ) -> None:
+        """A part answered with a 500 is retried from its buffer, and no buffer of that upload
+        is kept: a failed attempt's connection may still hold a view of one."""
+        fault_proxy.add(FaultRule((INTERNAL,), method="PUT", path="partNumber=2", times=1))
+        source = tmp_path / "ckpt.bin"
+        sha = _random_file(source, 12 * MiB)
+        store = make_store(max_concurrency=2)
+        result = await store.put_file("c/k", source)
+        assert result.retries == 1
+        assert s3_bucket.sha256("pre/c/k") == sha
+        assert store._part_buffers[asyncio.get_running_loop()].kept == 0
+
+    @pytest.mark.parametrize(
+        "size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 5 * MiB + 3]
+    )
+    def test_crc32c_of_a_view_equals_that_of_the_bytes(self, size: int) -> None:
+        """CRC32C over a view of a reused buffer (fed in pieces) is the CRC32C of its bytes."""
+        from loopbridge.stores._checksums import CRC32, CRC32C
+
+        data = os.urandom(size)
+        buffer = bytearray(data + b"tail that is not part of the view")
+        view = memoryview(buffer)[:size].toreadonly()
+        for crc in (CRC32C, CRC32):
+            assert crc.header(view) == crc.header(data)
+
+
 class TestPartPlan:
     """`plan_part_size` over the whole range of sizes, part sizes and concurrencies."""
 

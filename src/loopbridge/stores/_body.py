@@ -29,7 +29,7 @@ class PartBody:
     piece: ClassVar[int | None] = None
     """Send bodies in writes of this many bytes, in this process; None: one write each."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
         self._view = memoryview(data)
         self._pos = 0
@@ -69,7 +69,7 @@ class _PartBodyPayload(payload.Payload):
         return len(self._value)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return self._value.data.decode(encoding, errors)
+        return bytes(self._value.data).decode(encoding, errors)
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loopbridge._exceptions import IntegrityError, MissingExtraError
 from loopbridge.stores._checksums import ChecksumName, Checksums, resolve_checksum
+from loopbridge.stores._part_buffers import PartBuffers
 from loopbridge.stores._retry import RetryPolicy, call_with_retries, error_code
 from loopbridge.stores.keys import join_key, normalize_prefix
 from loopbridge.stores.protocol import ClosingStore, ObjectInfo
@@ -171,6 +172,7 @@ class S3Connection(ClosingStore):
         self._client_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         # Parts in flight per loop, across every upload of this store: the memory bound.
         self._part_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._part_buffers: dict[asyncio.AbstractEventLoop, PartBuffers] = {}
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r})"
@@ -260,6 +262,7 @@ class S3Connection(ClosingStore):
         loop = asyncio.get_running_loop()
         self._client_locks.pop(loop, None)
         self._part_slots.pop(loop, None)
+        self._part_buffers.pop(loop, None)
         entry = self._clients.pop(loop, None)
         if entry is not None:
             await entry[1].aclose()
@@ -296,7 +299,7 @@ class S3Connection(ClosingStore):
             on_retry=on_retry,
         )
 
-    def _checksums(self, data: bytes) -> Checksums:
+    def _checksums(self, data: bytes | memoryview) -> Checksums:
         """The checksums this store sends `data` with (CPU work: call it on a worker thread)."""
         md5 = hashlib.md5(data, usedforsecurity=False).digest() if self._send_md5 else None
         crc = self._crc

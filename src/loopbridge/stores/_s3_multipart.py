@@ -16,6 +16,7 @@ import anyio
 
 from loopbridge._exceptions import PermanentStoreError
 from loopbridge.stores._checksums import Checksums, Crc
+from loopbridge.stores._part_buffers import PartBuffers
 from loopbridge.stores._retry import error_code
 from loopbridge.stores._s3_client import (
     _ABORT_TIMEOUT,
@@ -202,9 +203,11 @@ class Multipart(S3Connection):
         """
         loop = asyncio.get_running_loop()
         slots = self._part_slots.setdefault(loop, asyncio.Semaphore(self._max_concurrency))
+        buffers = self._part_buffers.setdefault(loop, PartBuffers(self._max_concurrency))
         sent: dict[int, tuple[dict[str, Any], Checksums]] = {}
 
-        async def send(number: int, data: bytes, sums: Checksums) -> None:
+        async def send(number: int, buffer: bytearray, data: memoryview, sums: Checksums) -> None:
+            reuse = False
             try:
                 # Shielded: a part cancelled here must not cancel the creation it waits for.
                 upload_id = str((await asyncio.shield(created))["UploadId"])
@@ -227,7 +230,11 @@ class Multipart(S3Connection):
                 if sums.crc is not None:
                     part[sums.crc_field] = sums.crc
                 sent[number] = (part, sums)
+                reuse = counter.retries == 0
             finally:
+                # Reused only when no request of this upload failed: a failed attempt's
+                # connection may still hold a view of its body while it closes.
+                buffers.give_back(buffer, reuse=reuse)
                 slots.release()
 
         try:
@@ -236,17 +243,20 @@ class Multipart(S3Connection):
                 while True:
                     # The slot is taken before the read: at most max_concurrency parts are held.
                     await slots.acquire()
+                    buffer = buffers.take(part_size)
                     try:
                         # One pass: read, the file's digest, and the part's checksums.
-                        data, sums = await source.read_part(part_size, self._checksums)
+                        data, sums = await source.read_part_into(buffer, self._checksums)
                     except BaseException:
+                        buffers.give_back(buffer, reuse=False)
                         slots.release()
                         raise
                     if not data and number > 0:
+                        buffers.give_back(buffer, reuse=True)
                         slots.release()
                         break
                     number += 1
-                    parts.start_soon(send, number, data, sums)
+                    parts.start_soon(send, number, buffer, data, sums)
                     if len(data) < part_size:
                         break
         except BaseExceptionGroup as group:

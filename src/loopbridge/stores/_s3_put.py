@@ -14,7 +14,7 @@ from loopbridge.stores.protocol import PutResult
 __all__ = ["SinglePut"]
 
 
-def _body(data: bytes) -> Any:
+def _body(data: bytes | memoryview) -> Any:
     """A request body aiohttp sends in one write (aiohttp comes with the s3 extra)."""
     from loopbridge.stores._body import PartBody
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -83,7 +84,9 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 class SourceFile:
     """An open local file whose bytes are hashed (a digest) in order as they are read."""
 
-    def __init__(self, path: Path, key: str, handle: BinaryIO, algorithm: str = ALGORITHM) -> None:
+    def __init__(
+        self, path: Path, key: str, handle: io.BufferedIOBase, algorithm: str = ALGORITHM
+    ) -> None:
         self.path = path
         self.key = key
         self._handle = handle
@@ -127,6 +130,29 @@ class SourceFile:
     async def read_part(self, size: int, checksums: Callable[[bytes], T]) -> tuple[bytes, T]:
         """The next `size` bytes (fewer at the end), with `checksums(data)` computed as read."""
         return await hash_thread(self._read_part, size, checksums)
+
+    def _read_part_into(
+        self, buffer: bytearray, checksums: Callable[[memoryview], T]
+    ) -> tuple[memoryview, T]:
+        """Fill `buffer` (less at the end) and hash what was read, as `_read_part` does."""
+        view = memoryview(buffer)
+        filled = 0
+        while filled < len(view):
+            got = self._handle.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+        data = view[:filled].toreadonly()
+        self._hasher.update(data)
+        self._read += filled
+        return data, checksums(data)
+
+    async def read_part_into(
+        self, buffer: bytearray, checksums: Callable[[memoryview], T]
+    ) -> tuple[memoryview, T]:
+        """The next `len(buffer)` bytes read into `buffer` (fewer at the end), as a read-only
+        view of it, with `checksums(data)` computed as read."""
+        return await hash_thread(self._read_part_into, buffer, checksums)
 
     def _problem(self, expected_digest: str | None) -> str | None:
         """What changed since the file was opened, or None."""
