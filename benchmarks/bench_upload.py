@@ -50,7 +50,11 @@ training thread is pinned to its own core while it trains, and each client's bac
 threads and worker processes to the server's core: identically for every way (the "alone"
 runs are not pinned). Only the loopbridge ways compute checkpoint digests (in the upload's
 own read pass); `none` and the boto3 ways run with `hash_checkpoints=False`, since they need
-none, so no way pays for a cost that only loopbridge imposes.
+none, so no way pays for a cost that only loopbridge imposes. Before training, each way's
+client makes one upload of a checkpoint's size, untimed: a long job's state after its first
+checkpoint (models loaded, connections open, loopbridge's part buffers allocated). A cold
+worker's first checkpoint faults its part buffers in; on this VM that drew 9-30 ms stalls of
+hypervisor steal on the training core (docs/performance.md).
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 5] [--quick]
 Exit status 1 when a target fails.
@@ -91,7 +95,6 @@ from loopbridge.callbacks import CheckpointUploader
 from loopbridge.stores._process import ProcessStore
 
 GiB = 1 << 30
-WARM_BYTES = 9 * MiB  # over both clients' 8 MiB multipart threshold
 ALONE_PAIRS = 3  # no-training pairs per repeat; the throughput and CPU targets use these
 WAYS = ["none", "loopbridge", "loopbridge thread", "inline", "thread pool", "process pool"]
 
@@ -146,10 +149,11 @@ def run_way(
     """Train once with `way` of uploading, and measure."""
     steps, every = 200, 50
     timer = Timer()
-    # Every way's client is warmed with one multipart-sized upload before training, as a long
-    # job's would be: botocore loads each operation's model on first use, once per process.
+    # Every way's client is warmed with one checkpoint-sized upload before training, as a
+    # long job's is after its first checkpoint: botocore loads each operation's model on first
+    # use, once per process, and loopbridge's store allocates the part buffers it then keeps.
     warm = tmp / f"{tag}-warm"
-    warm.write_bytes(b"w" * WARM_BYTES)
+    warm.write_bytes(b"w" * len(payload))
     uploader: CheckpointUploader | None = None
     boto: InlineBoto3 | PoolBoto3 | None = None
     client = s3_client(endpoint)
@@ -254,7 +258,7 @@ def _files(tmp: Path, payload: bytes, count: int, name: str) -> list[Path]:
 def boto3_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> tuple[float, float]:
     """(MiB/s, client CPU s per GiB) of boto3 upload_file with its defaults, no training."""
     client = s3_client(endpoint)
-    client.upload_file(str(_files(tmp, b"w" * WARM_BYTES, 1, "alone-warm")[0]), BUCKET, "warm")
+    client.upload_file(str(_files(tmp, b"w" * len(payload), 1, "alone-warm")[0]), BUCKET, "warm")
     paths = _files(tmp, payload, count, "alone")
     cpu, started = time.process_time(), time.perf_counter()
     for path in paths:
@@ -274,7 +278,7 @@ def loopbridge_alone(endpoint: str, payload: bytes, tmp: Path, count: int) -> tu
     with lb.Bridge(name="bench-alone") as bridge:
         uploader = CheckpointUploader(f"s3://{BUCKET}/alone", endpoint_url=endpoint)
         callbacks = lb.CallbackList([uploader], bridge=bridge)
-        bridge.call(_warm_up(uploader, _files(tmp, b"w" * WARM_BYTES, 1, "lb-warm")[0]))
+        bridge.call(_warm_up(uploader, _files(tmp, b"w" * len(payload), 1, "lb-warm")[0]))
         pids = _worker_pids(uploader, None)
         paths = _files(tmp, payload, count, "lb-alone")
         workers = sum(proc_cpu(pid) for pid in pids)

@@ -1,30 +1,23 @@
-"""Part buffers kept for reuse while uploads run, so that parts are read into warm memory.
+"""Part buffers kept for reuse, so that each part is read into memory an earlier part used.
 
 A fresh buffer per part is fresh memory each time: the kernel faults in and zeroes its pages
-as the part is read into it, and takes them back when it is freed. That churn was about a
-quarter of the upload worker's CPU per GiB (bench_upload.py). Kept buffers skip it. They are
-freed once no part has been in flight for `idle` seconds, so a job that checkpoints every
-few minutes does not hold part-sized memory between its checkpoints.
+as the part is read into it, and takes them back when it is freed. Against moto that churn
+was about a quarter of the client CPU per GiB (1.6 s against 1.2 s), and on a VM that hands
+freed memory back to its host, faulting it in again drew hypervisor steal on the training
+core (bench_upload.py, docs/performance.md). Kept buffers skip both after the first upload.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-__all__ = ["IDLE_SECONDS", "PartBuffers"]
-
-IDLE_SECONDS = 10.0
+__all__ = ["PartBuffers"]
 
 
 class PartBuffers:
     """Up to `keep` free buffers, handed out by size, for the parts of one event loop."""
 
-    def __init__(self, keep: int, idle: float = IDLE_SECONDS) -> None:
+    def __init__(self, keep: int) -> None:
         self._keep = keep
-        self._idle = idle
         self._free: list[bytearray] = []
-        self._out = 0
-        self._release: asyncio.TimerHandle | None = None
 
     @property
     def kept(self) -> int:
@@ -33,10 +26,6 @@ class PartBuffers:
 
     def take(self, size: int) -> bytearray:
         """A buffer of exactly `size` bytes: a kept one, or a new one. Give it back later."""
-        self._out += 1
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
         while self._free:
             buffer = self._free.pop()
             if len(buffer) == size:
@@ -49,9 +38,5 @@ class PartBuffers:
         Pass `reuse=False` when something may still read it: a failed request's connection
         can hold a view of its body while it closes.
         """
-        self._out -= 1
         if reuse and len(self._free) < self._keep:
             self._free.append(buffer)
-        if self._out == 0 and self._free:
-            loop = asyncio.get_running_loop()
-            self._release = loop.call_later(self._idle, self._free.clear)

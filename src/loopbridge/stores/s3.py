@@ -9,9 +9,9 @@ closes the client of the loop it runs on. Files larger than `multipart_threshold
 parts of `part_size`, read from disk in order (hashing as they go) and sent up to
 `max_concurrency` at a time across all the store's uploads on a loop, so memory stays within
 `part_size * max_concurrency` however many files upload at once (160 MiB by default). Parts
-are read into buffers kept from earlier parts, which are freed 10 s after the last part on
-that loop ended: no fresh memory to fault in per part. A failed or cancelled multipart upload
-is aborted. Parts are 16 MiB by default, not boto3's 8:
+are read into buffers kept from earlier parts (up to `max_concurrency` of them, until the
+store closes on that loop), so after the first large upload no part needs fresh memory. A
+failed or cancelled multipart upload is aborted. Parts are 16 MiB by default, not boto3's 8:
 each request costs about a millisecond of client CPU (signing, botocore's hooks, parsing),
 and S3 bills requests, so half as many per GiB is cheaper both ways. A file too small to fill
 `max_concurrency` such parts is spread over smaller ones, down to 8 MiB (`plan_part_size`): a
