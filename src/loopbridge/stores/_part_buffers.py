@@ -13,11 +13,13 @@ __all__ = ["PartBuffers"]
 
 
 class PartBuffers:
-    """Up to `keep` free buffers, handed out by size, for the parts of one event loop."""
+    """Buffers for the parts of one event loop: those taken and those kept number `keep` at
+    most, so memory stays within the store's bound (`keep` is its `max_concurrency`)."""
 
     def __init__(self, keep: int) -> None:
         self._keep = keep
-        self._free: list[bytearray] = []
+        self._free: list[bytearray] = []  # the longest unused first
+        self._out = 0
 
     @property
     def kept(self) -> int:
@@ -26,10 +28,12 @@ class PartBuffers:
 
     def take(self, size: int) -> bytearray:
         """A buffer of exactly `size` bytes: a kept one, or a new one. Give it back later."""
-        while self._free:
-            buffer = self._free.pop()
-            if len(buffer) == size:
-                return buffer
+        self._out += 1
+        for index in range(len(self._free) - 1, -1, -1):
+            if len(self._free[index]) == size:
+                return self._free.pop(index)
+        # None fits: free the longest unused, so that kept and taken stay within `keep`.
+        del self._free[: max(0, len(self._free) + self._out - self._keep)]
         return bytearray(size)
 
     def give_back(self, buffer: bytearray, *, reuse: bool) -> None:
@@ -38,5 +42,6 @@ class PartBuffers:
         Pass `reuse=False` when something may still read it: a failed request's connection
         can hold a view of its body while it closes.
         """
-        if reuse and len(self._free) < self._keep:
+        self._out -= 1
+        if reuse:
             self._free.append(buffer)
