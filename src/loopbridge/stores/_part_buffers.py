@@ -2,9 +2,9 @@
 
 A fresh buffer per part is fresh memory each time: the kernel faults in and zeroes its pages
 as the part is read into it, and takes them back when it is freed. Against moto that churn
-was about a quarter of the client CPU per GiB (1.6 s against 1.2 s), and on a VM that hands
-freed memory back to its host, faulting it in again drew hypervisor steal on the training
-core (bench_upload.py, docs/performance.md). Kept buffers skip both after the first upload.
+was about a quarter of the client CPU per GiB (1.6 s against 1.2 s); on a VM that hands
+freed memory back to its host, it also came with hypervisor steal on the training core
+(docs/performance.md). Kept buffers skip it after the first upload.
 """
 
 from __future__ import annotations
