@@ -440,7 +440,26 @@ def report(
             f"INFO  {kind}: blocked share (off-CPU minus run-queue wait: the GIL, I/O) vs "
             f"thread pool: {lbr['blocked']:.1f}% vs {pool['blocked']:.1f}% ({ratio:.3f}x)"
         )
+        anchor = rows[(kind, "process pool")]["off_cpu"] / pool["off_cpu"]
+        spreads = ", ".join(
+            f"{way} {_spread(results[(kind, way)], 'off_cpu')}%"
+            for way in ("loopbridge", "process pool", "thread pool")
+        )
+        print(
+            f"INFO  {kind}: off-CPU share over the repeats: {spreads}; the process-pool "
+            f"anchor's median is {anchor:.3f}x the thread pool's"
+        )
+        print(
+            f"INFO  {kind}: training-thread ms per checkpoint over the repeats: loopbridge "
+            f"{_spread(results[(kind, 'loopbridge')], 'added_ms')}"
+        )
     return 1 if failed else 0
+
+
+def _spread(runs: list[Result], field: str) -> str:
+    """`low-high` of one column over a way's repeats."""
+    values = [getattr(run, field) for run in runs]
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 if __name__ == "__main__":
