@@ -53,8 +53,9 @@ own read pass); `none` and the boto3 ways run with `hash_checkpoints=False`, sin
 none, so no way pays for a cost that only loopbridge imposes. Before training, each way's
 client makes one upload of a checkpoint's size, untimed: a long job's state after its first
 checkpoint (models loaded, connections open, loopbridge's part buffers allocated). A cold
-worker's first checkpoint faults its part buffers in; on this VM that drew 9-30 ms stalls of
-hypervisor steal on the training core (docs/performance.md).
+worker's first checkpoint faults its part buffers in; on this VM, stalls of 9-30 ms of
+hypervisor steal on the training core came most often during that upload
+(docs/performance.md).
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 5] [--quick]
 Exit status 1 when a target fails.
