@@ -148,3 +148,68 @@ def test_rows_with_a_pending_digest_copy_and_pickle(tmp_path: Path) -> None:
     digest = row.wait_digest(timeout=10)
     assert digest == _blake3(path)
     assert pickle.loads(pickle.dumps(row)).digest == digest
+
+
+class TestFollowSnapshot:
+    """A pending digest reads the snapshot only when it holds the bytes stamped at save time."""
+
+    @staticmethod
+    def _pending(path: Path) -> _row_digest.PendingDigest:
+        row = ManifestRow.for_checkpoint(path, step=1)
+        assert row._pending is not None
+        return row._pending
+
+    def test_a_link_to_the_unchanged_file_is_followed(self, tmp_path: Path) -> None:
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        pending = self._pending(original)
+        stamps = pending.stamps
+        snap = tmp_path / "snap" / "ckpt"
+        snap.parent.mkdir()
+        snap.hardlink_to(original)
+        pending.follow(snap)
+        assert pending.path == snap
+        assert pending.stamps == stamps
+
+    def test_a_copy_of_the_unchanged_file_is_followed_with_its_own_stamps(
+        self, tmp_path: Path
+    ) -> None:
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        pending = self._pending(original)
+        snap = tmp_path / "snap" / "ckpt"
+        snap.parent.mkdir()
+        snap.write_bytes(b"weights")
+        pending.follow(snap)
+        assert pending.path == snap
+        assert pending.stamps == _row_digest.stamp_path(snap)
+
+    @pytest.mark.parametrize("how", ["rewritten in place", "replaced", "deleted"])
+    def test_a_file_changed_before_its_snapshot_is_not_followed(
+        self, tmp_path: Path, how: str
+    ) -> None:
+        """The upload keeps checking the original, which then reports the change."""
+        import os
+
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        pending = self._pending(original)
+        snap = tmp_path / "snap" / "ckpt"
+        snap.parent.mkdir()
+        if how == "rewritten in place":
+            original.write_bytes(b"WEIGHTS")
+            os.utime(original, ns=(1, 1))
+            snap.hardlink_to(original)
+        elif how == "replaced":  # a new inode of the same size and mtime
+            stamp = pending.stamps[0]
+            fresh = tmp_path / "fresh"
+            fresh.write_bytes(b"WEIGHTS")
+            os.utime(fresh, ns=(stamp.mtime_ns, stamp.mtime_ns))
+            fresh.replace(original)
+            snap.hardlink_to(original)
+        else:
+            snap.write_bytes(b"weights")
+            original.unlink()
+        pending.follow(snap)
+        assert pending.path == original
+        assert pending.changed() is not None

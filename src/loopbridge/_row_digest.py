@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -59,16 +60,16 @@ class FileStamp(NamedTuple):
     mtime_ns: int
 
 
-def _stamp(file: Path, rel: str) -> FileStamp:
-    st = file.stat()
+def _stamp(st: os.stat_result, rel: str) -> FileStamp:
     return FileStamp(rel, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def stamp_path(path: Path) -> tuple[FileStamp, ...]:
     """Stamps of a checkpoint file, or of every file of a directory of shards (sorted)."""
-    if path.is_dir():
-        return tuple(_stamp(f, f.relative_to(path).as_posix()) for f in shard_files(path))
-    return (_stamp(path, path.name),)
+    st = os.stat(path)  # one system call for a file: this runs on the training thread
+    if stat.S_ISDIR(st.st_mode):
+        return tuple(_stamp(f.stat(), f.relative_to(path).as_posix()) for f in shard_files(path))
+    return (_stamp(st, path.name),)
 
 
 class PendingDigest:
@@ -105,6 +106,11 @@ class PendingDigest:
         if snapshot == self.path:
             return
         try:
+            # A one-file snapshot that is a link to the very file stamped at save time,
+            # unchanged since: one stat shows it.
+            if self.stamps == (_stamp(os.stat(snapshot), snapshot.name),):
+                self.path = snapshot
+                return
             if self.changed() is None:
                 self.stamps = stamp_path(snapshot)
                 self.path = snapshot
