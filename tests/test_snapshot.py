@@ -12,6 +12,7 @@ import pytest
 from loopbridge import ManifestRow
 from loopbridge.callbacks._snapshot import (
     SNAPSHOT_DIR,
+    SnapshotHolders,
     release_linked_snapshot,
     release_snapshot,
     snapshot_of,
@@ -95,6 +96,110 @@ class TestTake:
             assert take_snapshot(row) is row
         assert "no snapshot of" in caplog.text
         assert not any((tmp_path / SNAPSHOT_DIR).rglob("*"))
+
+
+class TestHoldersMadeAhead:
+    """The next snapshot's directory, made off the training thread after each checkpoint."""
+
+    def test_the_next_snapshot_goes_into_the_directory_made_ahead(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        holders = SnapshotHolders()
+        first = tmp_path / "ckpt-1"
+        first.write_bytes(b"one")
+        snap = take_snapshot(_row(first, 1), holders=holders).path
+        holders.prepare_after(snap)
+        ahead = [p for p in (tmp_path / SNAPSHOT_DIR).iterdir() if p != snap.parent]
+        assert len(ahead) == 1
+        assert not any(ahead[0].iterdir())
+        second = tmp_path / "ckpt-2"
+        second.write_bytes(b"two")
+        made: list[object] = []
+        real_mkdir = Path.mkdir
+
+        def spy(self: Path, *args: object, **kwargs: object) -> None:
+            made.append(self)
+            real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "mkdir", spy)
+        snap2 = take_snapshot(_row(second, 2), holders=holders).path
+        assert made == []  # a link only
+        assert snap2 == ahead[0] / "ckpt-2"
+        assert snap2.read_bytes() == b"two"
+        assert holders.take(tmp_path) is None  # used up
+
+    def test_each_checkpoint_dir_gets_its_own(self, tmp_path: Path) -> None:
+        holders = SnapshotHolders()
+        snaps = {}
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "ckpt").write_bytes(name.encode())
+            snaps[name] = take_snapshot(_row(tmp_path / name / "ckpt"), holders=holders).path
+            holders.prepare_after(snaps[name])
+            holders.prepare_after(snaps[name])  # a second call makes no second directory
+        for name in ("a", "b"):
+            ahead = holders.take(tmp_path / name)
+            assert ahead is not None
+            assert ahead.parent == tmp_path / name / SNAPSHOT_DIR
+            assert sorted((tmp_path / name / SNAPSHOT_DIR).iterdir()) == sorted(
+                [ahead, snaps[name].parent]
+            )
+
+    def test_a_directory_made_ahead_then_removed_is_made_again(self, tmp_path: Path) -> None:
+        """Someone cleaned `.loopbridge-snapshots` by hand: the snapshot is still taken."""
+        holders = SnapshotHolders()
+        first = tmp_path / "ckpt-1"
+        first.write_bytes(b"one")
+        release_snapshot(take_snapshot(_row(first, 1), holders=holders).path)
+        holders.prepare_after(tmp_path / SNAPSHOT_DIR / "x" / "ckpt-1")
+        for path in sorted((tmp_path / SNAPSHOT_DIR).rglob("*"), reverse=True):
+            path.rmdir()
+        second = tmp_path / "ckpt-2"
+        second.write_bytes(b"two")
+        snap = take_snapshot(_row(second, 2), holders=holders).path
+        assert snapshot_of(snap) is not None
+        assert snap.read_bytes() == b"two"
+        assert snap.stat().st_ino == second.stat().st_ino
+
+    def test_a_checkpoint_gone_before_its_snapshot_still_gets_its_row_back(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With a directory made ahead too: nothing left behind, a warning says why."""
+        holders = SnapshotHolders()
+        first = tmp_path / "ckpt-1"
+        first.write_bytes(b"one")
+        snap = take_snapshot(_row(first, 1), holders=holders).path
+        holders.prepare_after(snap)
+        release_snapshot(snap)
+        row = _row(tmp_path / "gone", 2)
+        with caplog.at_level(logging.WARNING):
+            assert take_snapshot(row, holders=holders) is row
+        assert "no snapshot of" in caplog.text
+        assert not (tmp_path / SNAPSHOT_DIR).exists()
+
+    def test_discard_leaves_no_directory_behind(self, tmp_path: Path) -> None:
+        """After the last release and the discard, `.loopbridge-snapshots` is gone."""
+        holders = SnapshotHolders()
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original), holders=holders).path
+        holders.prepare_after(snap)
+        assert release_linked_snapshot(snap)
+        assert (tmp_path / SNAPSHOT_DIR).exists()  # the directory made ahead is in it
+        holders.discard()
+        assert not (tmp_path / SNAPSHOT_DIR).exists()
+        assert original.read_bytes() == b"weights"
+
+    def test_discard_keeps_snapshots_still_held(self, tmp_path: Path) -> None:
+        """A snapshot kept for a journaled retry stays; only the directory made ahead goes."""
+        holders = SnapshotHolders()
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original), holders=holders).path
+        holders.prepare_after(snap)
+        holders.discard()
+        assert list((tmp_path / SNAPSHOT_DIR).iterdir()) == [snap.parent]
+        assert snap.read_bytes() == b"weights"
 
 
 class TestRelease:

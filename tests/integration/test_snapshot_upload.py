@@ -69,6 +69,34 @@ class TestRotationMidUpload:
         assert _snapshot_files(tmp_path) == []
 
 
+class TestNothingLeftBehind:
+    def test_a_run_leaves_no_snapshot_directory(self, tmp_path: Path) -> None:
+        """Each checkpoint after the first is linked into a directory made ahead on the
+        bridge's loop; after the run neither those nor `.loopbridge-snapshots` remain."""
+        remote = tmp_path / "remote"
+
+        def save(state: lb.LoopState, path: Path) -> None:
+            path.write_bytes(f"weights {state.step}".encode())
+
+        uploader = CheckpointUploader(str(remote))
+        artifacts = lb.TrainLoop(
+            _step,
+            range(4),
+            max_steps=4,
+            out_dir=tmp_path / "out",
+            save=save,
+            checkpoint_every=1,
+            callbacks=[uploader],
+            run_name=RUN,
+        ).run()
+        assert artifacts.drain_report is not None
+        assert artifacts.drain_report.ok
+        assert uploader.summary.uploaded == 4
+        assert list(tmp_path.rglob(SNAPSHOT_DIR)) == []
+        published = remote / RUN / "step-00000004" / "step-00000004"
+        assert published.read_bytes() == b"weights 4"
+
+
 class TestResumeReadsTheSnapshot:
     def test_a_failed_upload_keeps_its_snapshot_for_resume(self, tmp_path: Path) -> None:
         """The journal points at the snapshot; resume publishes it after rotation, then drops it."""

@@ -24,7 +24,11 @@ from loopbridge.callbacks._publish import MARKER, Publisher, Shard
 from loopbridge.callbacks._rank_files import is_part, upload_part
 from loopbridge.callbacks._run_chain import wait_for
 from loopbridge.callbacks._sharded import ShardedCommit
-from loopbridge.callbacks._snapshot import release_linked_snapshot, release_snapshot
+from loopbridge.callbacks._snapshot import (
+    SnapshotHolders,
+    release_linked_snapshot,
+    release_snapshot,
+)
 from loopbridge.callbacks._transfer import digest_known, upload_dir, upload_file
 from loopbridge.callbacks._upload_journal import JournalEntry, resume_shortcut
 from loopbridge.callbacks._upload_stats import UploadTally
@@ -47,11 +51,13 @@ class CheckpointTasks:
         publisher: Publisher,
         sharded: ShardedCommit | None,
         tally: UploadTally,
+        holders: SnapshotHolders,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.sharded = sharded
         self.tally = tally
+        self.holders = holders
         self._pipeline: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     async def upload(
@@ -70,6 +76,9 @@ class CheckpointTasks:
         Returns the bytes sent.
         """
         self.tally.busy(+1)
+        if not resume and not is_part(row.path):
+            # Here, not on the training thread: the next checkpoint's snapshot then only links.
+            self.holders.prepare_after(row.path)
         step_name = step_dir(row.step)
         step_prefix = join_key(run_prefix, step_name)
         sent: list[str] = []

@@ -78,7 +78,7 @@ from loopbridge.callbacks._publish import Publisher
 from loopbridge.callbacks._rank_files import take_part
 from loopbridge.callbacks._run_chain import RunChains, wait_for
 from loopbridge.callbacks._sharded import RankMode, ShardedCommit
-from loopbridge.callbacks._snapshot import take_snapshot
+from loopbridge.callbacks._snapshot import SnapshotHolders, take_snapshot
 from loopbridge.callbacks._store_options import open_upload_store
 from loopbridge.callbacks._upload_journal import (
     JournalBook,
@@ -200,7 +200,10 @@ class CheckpointUploader(Callback):
         self._bridge_with_close: Bridge | None = None
         self._tally = UploadTally()
         # The background half: each checkpoint's upload task, on the bridge's loop.
-        self._tasks = CheckpointTasks(store, self._publisher, self._sharded, self._tally)
+        self._holders = SnapshotHolders()
+        self._tasks = CheckpointTasks(
+            store, self._publisher, self._sharded, self._tally, self._holders
+        )
         # The last link of each run's chain (training thread only).
         self._chains = RunChains()
         self._retries_at_start = store.retries
@@ -282,7 +285,8 @@ class CheckpointUploader(Callback):
                     claim.release()
                 row, claim = part, claim_digest(part)
             elif self.snapshot:
-                row = take_snapshot(row)  # the upload and the journal read the snapshot
+                # The upload and the journal read the snapshot.
+                row = take_snapshot(row, holders=self._holders)
                 if claim is not None:
                     claim.follow(row.path)
             self._record_and_spawn(state, row, claim)
@@ -381,6 +385,7 @@ class CheckpointUploader(Callback):
         """Have the bridge close our store's client on its own loop when it shuts down."""
         if bridge is not self._bridge_with_close:
             bridge.add_shutdown_callback(self.store.aclose)
+            bridge.add_shutdown_callback(self._discard_holders)
             bridge.add_shutdown_callback(self._journals.aclose_all)
             self._bridge_with_close = bridge
 
@@ -412,4 +417,9 @@ class CheckpointUploader(Callback):
         """Log the uploader's summary once a run's uploads are done."""
         if previous is not None:
             await wait_for(previous)
+        self._holders.discard()
         logger.info("checkpoint uploads to %s (%s): %s", self.store.url, run_prefix, self.summary)
+
+    async def _discard_holders(self) -> None:
+        """Remove the snapshot directories made ahead (at bridge close, after a crash too)."""
+        self._holders.discard()
