@@ -51,6 +51,23 @@ class TestIntents:
         assert (intent.state, intent.attempts, intent.error) == ("pending", 0, None)
         assert intent.store_options == {"endpoint_url": "http://127.0.0.1:9"}
 
+    def test_each_intent_keeps_the_store_options_it_was_given(self, tmp_path: Path) -> None:
+        """Options that change between intents (the same dict changed, a new one, none) are
+        stored as each intent had them."""
+        options = {"endpoint_url": "http://127.0.0.1:9"}
+        given: list[dict[str, str] | None] = []
+        with UploadJournal(tmp_path / JOURNAL_FILE) as journal:
+            for step in range(1, 6):
+                if step == 2:
+                    options["region"] = "eu-west-1"  # the same dict, changed
+                if step == 3:
+                    options = {"endpoint_url": "http://127.0.0.1:8"}
+                current = None if step == 5 else options
+                given.append(None if current is None else dict(current))
+                journal.record_intent("s3://b/p", "p", _row(step, tmp_path), current)
+            stored = [intent.store_options for intent in journal.intents()]
+        assert stored == [g or {} for g in given]
+
     def test_states_move_from_pending_to_failed_to_published(self, tmp_path: Path) -> None:
         """A failed intent stays open with its error; a published one leaves the open list."""
         with UploadJournal(tmp_path / JOURNAL_FILE) as journal:

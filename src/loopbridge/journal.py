@@ -102,6 +102,7 @@ class UploadJournal:
     def __init__(self, path: Path, *, exclusive: bool = True, holder: str | None = None) -> None:
         self.path = path = Path(path).absolute()
         self._dir_prefix = os.path.join(str(path.parent), "")  # with its trailing separator
+        self._last_options: tuple[dict[str, str], str] | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         # Held while open, so `loopbridge resume` cannot abort the uploads of a live run;
         # the kernel lets go of it when the process dies, even by SIGKILL.
@@ -193,7 +194,7 @@ class UploadJournal:
         store_options: Mapping[str, str] | None = None,
     ) -> int:
         """Durably record that `row` is to be uploaded to `dest`; return the intent's id."""
-        options = json.dumps(dict(store_options), sort_keys=True) if store_options else "{}"
+        options = self._options_json(store_options)
         cursor = self._execute(
             "record an upload intent",
             "INSERT INTO intents (dest, run_prefix, step, path, size_bytes, digest,"
@@ -217,6 +218,18 @@ class UploadJournal:
         if intent_id is None:  # pragma: no cover - sqlite always sets it after an INSERT
             raise JournalError(f"{self.path}: the intent was not recorded")
         return intent_id
+
+    def _options_json(self, store_options: Mapping[str, str] | None) -> str:
+        """The store options as stored; an uploader's are the same each time, so kept."""
+        if not store_options:
+            return "{}"
+        last = self._last_options
+        if last is not None and last[0] == store_options:
+            return last[1]
+        options = dict(store_options)
+        text = json.dumps(options, sort_keys=True)
+        self._last_options = (options, text)
+        return text
 
     def _stored_path(self, path: Path) -> str:
         """`path` relative to the journal's directory when under it, else absolute.

@@ -463,3 +463,10 @@ class TestConstruction:
         )
         state = LoopState(run_name="r0", run_id="x", max_steps=1, out_dir=tmp_path)
         assert uploader.run_prefix(state) == "exp%201/lr%2F0.1/r0"
+        # The next arm, then no experiment at all: each asked again, each its own prefix.
+        uploader.on_run_start(lb.LogContext(experiment_name="exp 1", arm_name="big"))
+        assert uploader.run_prefix(state) == "exp%201/big/r0"
+        uploader.on_run_end(lb.LogContext(experiment_name="exp 1"), None, None)  # type: ignore[arg-type]
+        assert uploader.run_prefix(state) == "r0"
+        other = LoopState(run_name="r1", run_id="y", max_steps=1, out_dir=tmp_path)
+        assert uploader.run_prefix(other) == "r1"

@@ -197,6 +197,7 @@ class CheckpointUploader(Callback):
         self.store: ObjectStore = store
         self._publisher = Publisher(store, keep_last)
         self._ctx: LogContext | None = None
+        self._run_prefixes: dict[tuple[str | None, ...], str] = {}
         self._bridge_with_close: Bridge | None = None
         self._tally = UploadTally()
         # The background half: each checkpoint's upload task, on the bridge's loop.
@@ -376,10 +377,15 @@ class CheckpointUploader(Callback):
     def run_prefix(self, state: LoopState) -> str:
         """The key prefix of this run's checkpoints: `<prefix>/<experiment>/<arm>/<run>`."""
         ctx = self._ctx
-        names: list[str | None] = [state.run_name]
+        names: tuple[str | None, ...] = (state.run_name,)
         if ctx is not None and ctx.experiment_name:
-            names = [ctx.experiment_name, ctx.arm_name, ctx.run_name or state.run_name]
-        return join_key(self._prefix, *(escape_segment(n) for n in names if n))
+            names = (ctx.experiment_name, ctx.arm_name, ctx.run_name or state.run_name)
+        # Asked for on the training thread at each checkpoint: built once per set of names.
+        cached = self._run_prefixes.get(names)
+        if cached is None:
+            cached = join_key(self._prefix, *(escape_segment(n) for n in names if n))
+            self._run_prefixes[names] = cached
+        return cached
 
     def _close_store_with(self, bridge: Bridge) -> None:
         """Have the bridge close our store's client on its own loop when it shuts down."""
