@@ -59,6 +59,8 @@ def _resolve(link: Future[None]) -> None:
 
 async def wait_for(link: Future[None]) -> None:
     """Wait for a link to end, without cancelling it if this waiter is cancelled."""
+    if link.done():
+        return
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -67,7 +69,16 @@ async def wait_for(link: Future[None]) -> None:
             waiter.set_result(None)
 
     def wake(_: Future[None]) -> None:
-        loop.call_soon_threadsafe(settle)
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            # Ended by a task of this loop (the usual case): no wake-up through the loop's
+            # socket, whose write and read each give up the training process's GIL.
+            loop.call_soon(settle)
+        else:
+            loop.call_soon_threadsafe(settle)
 
     link.add_done_callback(wake)
     await waiter
