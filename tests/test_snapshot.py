@@ -190,6 +190,29 @@ class TestHoldersMadeAhead:
         assert not (tmp_path / SNAPSHOT_DIR).exists()
         assert original.read_bytes() == b"weights"
 
+    def test_a_release_beside_a_directory_made_ahead_tries_no_rmdir_of_the_parent(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The parent cannot be empty then: the system call, which gives up the GIL, is
+        skipped."""
+        holders = SnapshotHolders()
+        original = tmp_path / "ckpt"
+        original.write_bytes(b"weights")
+        snap = take_snapshot(_row(original), holders=holders).path
+        assert not holders.beside(snap)
+        holders.prepare_after(snap)
+        assert holders.beside(snap)
+        removed: list[str] = []
+        real_rmdir = os.rmdir
+
+        def spy(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+            removed.append(os.fspath(path))
+            real_rmdir(path)
+
+        monkeypatch.setattr(os, "rmdir", spy)
+        assert release_linked_snapshot(snap, keep_parent=holders.beside(snap))
+        assert removed == [os.fspath(snap.parent)]
+
     def test_discard_keeps_snapshots_still_held(self, tmp_path: Path) -> None:
         """A snapshot kept for a journaled retry stays; only the directory made ahead goes."""
         holders = SnapshotHolders()

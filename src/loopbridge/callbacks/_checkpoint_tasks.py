@@ -125,7 +125,7 @@ class CheckpointTasks:
                 await self.publisher.publish(whole, run_prefix, step_name, shards)
             if entry is not None:
                 entry.published()
-            await _release(row.path)
+            await _release(row.path, keep_parent=self.holders.beside(row.path))
         except Exception as exc:
             if self.sharded is not None:
                 await self.sharded.report_failure(self.store, row, step_prefix, exc)
@@ -173,11 +173,11 @@ class CheckpointTasks:
         return self._pipeline.setdefault(loop, asyncio.Semaphore(_CHECKPOINTS_IN_FLIGHT))
 
 
-async def _release(path: Path) -> None:
+async def _release(path: Path, *, keep_parent: bool = False) -> None:
     """Remove the checkpoint's snapshot: on the loop when that frees no data, else in a thread.
 
-    The usual case (the framework's own file still there) is an unlink and two rmdirs; a trip
-    to a worker thread would wake two more threads of the training process.
+    The usual case (the framework's own file still there) is an unlink and an rmdir or two; a
+    trip to a worker thread would wake two more threads of the training process.
     """
-    if not release_linked_snapshot(path):
+    if not release_linked_snapshot(path, keep_parent=keep_parent):
         await asyncio.to_thread(release_snapshot, path)

@@ -115,6 +115,11 @@ class SnapshotHolders:
         self._ready: dict[Path, Path] = {}
         self._lock = threading.Lock()
 
+    def beside(self, snapshot: Path) -> bool:
+        """Whether a directory made ahead lies beside `snapshot` (so its parent is not empty)."""
+        with self._lock:
+            return snapshot.parent.parent.parent in self._ready
+
     def take(self, checkpoint_dir: Path) -> Path | None:
         """The directory made ahead for snapshots of `checkpoint_dir`'s checkpoints, if any."""
         with self._lock:
@@ -171,14 +176,15 @@ def release_snapshot(path: Path) -> None:
         holder.parent.rmdir()
 
 
-def release_linked_snapshot(path: Path) -> bool:
+def release_linked_snapshot(path: Path, *, keep_parent: bool = False) -> bool:
     """Remove a one-file snapshot whose bytes are still linked elsewhere; True once nothing
     is left to remove (a path that is no snapshot included).
 
     Dropping a link that is not the last frees no data, so this is a few quick system calls,
     fit to run on the bridge's loop. Anything else (a directory, a copy, the last link of a
     large file, whose blocks the filesystem must free) returns False, for `release_snapshot`
-    in a thread.
+    in a thread. `keep_parent`: `.loopbridge-snapshots` is known not to be empty (a
+    directory made ahead is in it), so no rmdir is tried.
     """
     holder = snapshot_of(path)
     if holder is None:
@@ -193,8 +199,9 @@ def release_linked_snapshot(path: Path) -> bool:
         return not holder.exists()
     except OSError:
         return False  # something else in the holder, or a refusal: the thorough way says
-    with contextlib.suppress(OSError):  # only once empty; `_make_dir` retries if we race it
-        holder.parent.rmdir()
+    if not keep_parent:
+        with contextlib.suppress(OSError):  # only once empty; `_make_dir` retries if we race it
+            holder.parent.rmdir()
     return True
 
 
