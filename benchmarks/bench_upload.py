@@ -45,8 +45,12 @@ repeats, ways interleaved, their order rotated by one each repeat: a way does no
 at the same point of the sequence (right after the same other way, the same time after the
 "alone" uploads), so what that point brings falls on every way in turn.
 
-The S3 server (moto) runs in its own process, pinned to the other core and at nice 19; the
-training thread is pinned to its own core while it trains, and each client's background
+The S3 server (moto) runs in its own process, pinned to the other core and at nice 19, with
+its objects kept in memory and its freed memory kept by its allocator (left to itself, moto
+writes each part over 5 MiB to a temporary file, and glibc hands each request's buffers back
+to the kernel: seconds of the server's system time per GiB, in page faults, that no client
+caused and that varied from run to run); the training thread is pinned to its own core while
+it trains, and each client's background
 threads and worker processes to the server's core: identically for every way (the "alone"
 runs are not pinned). Only the loopbridge ways compute checkpoint digests (in the upload's
 own read pass); `none` and the boto3 ways run with `hash_checkpoints=False`, since they need
