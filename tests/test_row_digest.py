@@ -154,18 +154,19 @@ class TestFollowSnapshot:
     """A pending digest reads the snapshot only when it holds the bytes stamped at save time."""
 
     @staticmethod
-    def _pending(path: Path) -> _row_digest.PendingDigest:
-        row = ManifestRow.for_checkpoint(path, step=1)
-        assert row._pending is not None
-        return row._pending
-
-    def test_a_link_to_the_unchanged_file_is_followed(self, tmp_path: Path) -> None:
+    def _saved(tmp_path: Path) -> tuple[Path, _row_digest.PendingDigest, Path]:
+        """A checkpoint just saved, its pending digest, and where its snapshot will go."""
         original = tmp_path / "ckpt"
         original.write_bytes(b"weights")
-        pending = self._pending(original)
-        stamps = pending.stamps
+        row = ManifestRow.for_checkpoint(original, step=1)
+        assert row._pending is not None
         snap = tmp_path / "snap" / "ckpt"
         snap.parent.mkdir()
+        return original, row._pending, snap
+
+    def test_a_link_to_the_unchanged_file_is_followed(self, tmp_path: Path) -> None:
+        original, pending, snap = self._saved(tmp_path)
+        stamps = pending.stamps
         snap.hardlink_to(original)
         pending.follow(snap)
         assert pending.path == snap
@@ -174,11 +175,7 @@ class TestFollowSnapshot:
     def test_a_copy_of_the_unchanged_file_is_followed_with_its_own_stamps(
         self, tmp_path: Path
     ) -> None:
-        original = tmp_path / "ckpt"
-        original.write_bytes(b"weights")
-        pending = self._pending(original)
-        snap = tmp_path / "snap" / "ckpt"
-        snap.parent.mkdir()
+        _, pending, snap = self._saved(tmp_path)
         snap.write_bytes(b"weights")
         pending.follow(snap)
         assert pending.path == snap
@@ -191,11 +188,7 @@ class TestFollowSnapshot:
         """The upload keeps checking the original, which then reports the change."""
         import os
 
-        original = tmp_path / "ckpt"
-        original.write_bytes(b"weights")
-        pending = self._pending(original)
-        snap = tmp_path / "snap" / "ckpt"
-        snap.parent.mkdir()
+        original, pending, snap = self._saved(tmp_path)
         if how == "rewritten in place":
             original.write_bytes(b"WEIGHTS")
             os.utime(original, ns=(1, 1))

@@ -101,14 +101,22 @@ class TestTake:
 class TestHoldersMadeAhead:
     """The next snapshot's directory, made off the training thread after each checkpoint."""
 
+    @staticmethod
+    def _snapshot_then_one_ahead(
+        tmp_path: Path, name: str = "ckpt", data: bytes = b"weights", step: int = 3
+    ) -> tuple[SnapshotHolders, Path, Path]:
+        """A checkpoint written and snapshotted, and the next one's directory made ahead."""
+        holders = SnapshotHolders()
+        original = tmp_path / name
+        original.write_bytes(data)
+        snap = take_snapshot(_row(original, step), holders=holders).path
+        holders.prepare_after(snap)
+        return holders, original, snap
+
     def test_the_next_snapshot_goes_into_the_directory_made_ahead(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        holders = SnapshotHolders()
-        first = tmp_path / "ckpt-1"
-        first.write_bytes(b"one")
-        snap = take_snapshot(_row(first, 1), holders=holders).path
-        holders.prepare_after(snap)
+        holders, _, snap = self._snapshot_then_one_ahead(tmp_path, "ckpt-1", b"one", 1)
         ahead = [p for p in (tmp_path / SNAPSHOT_DIR).iterdir() if p != snap.parent]
         assert len(ahead) == 1
         assert not any(ahead[0].iterdir())
@@ -165,11 +173,7 @@ class TestHoldersMadeAhead:
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
         """With a directory made ahead too: nothing left behind, a warning says why."""
-        holders = SnapshotHolders()
-        first = tmp_path / "ckpt-1"
-        first.write_bytes(b"one")
-        snap = take_snapshot(_row(first, 1), holders=holders).path
-        holders.prepare_after(snap)
+        holders, _, snap = self._snapshot_then_one_ahead(tmp_path, "ckpt-1", b"one", 1)
         release_snapshot(snap)
         row = _row(tmp_path / "gone", 2)
         with caplog.at_level(logging.WARNING):
@@ -179,11 +183,7 @@ class TestHoldersMadeAhead:
 
     def test_discard_leaves_no_directory_behind(self, tmp_path: Path) -> None:
         """After the last release and the discard, `.loopbridge-snapshots` is gone."""
-        holders = SnapshotHolders()
-        original = tmp_path / "ckpt"
-        original.write_bytes(b"weights")
-        snap = take_snapshot(_row(original), holders=holders).path
-        holders.prepare_after(snap)
+        holders, original, snap = self._snapshot_then_one_ahead(tmp_path)
         assert release_linked_snapshot(snap)
         assert (tmp_path / SNAPSHOT_DIR).exists()  # the directory made ahead is in it
         holders.discard()
@@ -215,11 +215,7 @@ class TestHoldersMadeAhead:
 
     def test_discard_keeps_snapshots_still_held(self, tmp_path: Path) -> None:
         """A snapshot kept for a journaled retry stays; only the directory made ahead goes."""
-        holders = SnapshotHolders()
-        original = tmp_path / "ckpt"
-        original.write_bytes(b"weights")
-        snap = take_snapshot(_row(original), holders=holders).path
-        holders.prepare_after(snap)
+        holders, _, snap = self._snapshot_then_one_ahead(tmp_path)
         holders.discard()
         assert list((tmp_path / SNAPSHOT_DIR).iterdir()) == [snap.parent]
         assert snap.read_bytes() == b"weights"
