@@ -50,16 +50,15 @@ its objects kept in memory and its freed memory kept by its allocator (left to i
 writes each part over 5 MiB to a temporary file, and glibc hands each request's buffers back
 to the kernel: seconds of the server's system time per GiB, in page faults, that no client
 caused and that varied from run to run); the training thread is pinned to its own core while
-it trains, and each client's background
-threads and worker processes to the server's core: identically for every way (the "alone"
-runs are not pinned). Only the loopbridge ways compute checkpoint digests (in the upload's
-own read pass); `none` and the boto3 ways run with `hash_checkpoints=False`, since they need
-none, so no way pays for a cost that only loopbridge imposes. Before training, each way's
-client makes one upload of a checkpoint's size, untimed: a long job's state after its first
-checkpoint (models loaded, connections open, loopbridge's part buffers allocated). A cold
-worker's first checkpoint faults its part buffers in; on this VM, stalls of 9-30 ms of
-hypervisor steal on the training core came most often during that upload
-(docs/performance.md).
+it trains, and each client's background threads and worker processes to the server's core:
+identically for every way (the "alone" runs are not pinned). Only the loopbridge ways
+compute checkpoint digests (in the upload's own read pass); `none` and the boto3 ways run
+with `hash_checkpoints=False`, since they need none, so no way pays for a cost that only
+loopbridge imposes. Before training, each way's client makes one upload of a checkpoint's
+size, untimed: a long job's state after its first checkpoint (models loaded, connections
+open, loopbridge's part buffers allocated). A cold worker's first checkpoint faults its part
+buffers in; on this VM, stalls of 9-30 ms of hypervisor steal on the training core came most
+often during that upload (docs/performance.md).
 
 Run: .venv/bin/python benchmarks/bench_upload.py [--repeats 5] [--quick]
 Exit status 1 when a target fails.
